@@ -1,0 +1,327 @@
+//! Types and constants shared by the XDP program (`lb-ebpf`) and the daemon (`lb-userspace`).
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy`, has explicit padding fields and a compile-time
+//! size check: the verifier and the kernel's hash functions see every byte of a key, so a key must
+//! never carry an implicit hole with stale stack bytes in it.
+//!
+//! Addresses and ports are stored in network byte order, exactly as they sit in the packet, so the
+//! datapath compares and copies them without swapping.
+#![no_std]
+
+pub mod csum;
+pub mod hash;
+
+/// Bumped whenever a map's key or value layout, a map's meaning, or a map name changes. Stored in
+/// `CONFIG[0].layout_version`; a daemon refuses to adopt pinned state of another version.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as the XDP program declares them and as they are pinned under `datapath.pin_path`.
+pub mod maps {
+    /// Array[1] of [`crate::GlobalConfig`].
+    pub const CONFIG: &str = "CONFIG";
+    /// Hash [`crate::ServiceKey`] -> [`crate::Service`].
+    pub const SERVICES: &str = "SERVICES";
+    /// Array[max_backends] of [`crate::Backend`], indexed by backend id.
+    pub const BACKENDS: &str = "BACKENDS";
+    /// Array[max_services * 2 * maglev_m] of backend ids: each service owns two tables (double
+    /// buffer); `Service::table` names the live one.
+    pub const MAGLEV: &str = "MAGLEV";
+    /// LRU hash [`crate::AffinityKey`] -> [`crate::AffinityValue`].
+    pub const AFFINITY: &str = "AFFINITY";
+    /// Hash [`crate::ServiceKey`] (a backend's address, port, protocol) -> [`crate::Reverse`].
+    pub const REVERSE: &str = "REVERSE";
+    /// Hash u32 (an IPv4 address of the balancer itself, network order) -> u32 (unused, 1):
+    /// replies addressed to these are the balancer's own traffic (health checks) and are never
+    /// reverse-translated.
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    /// Per-CPU array[max_services] of [`crate::Counters`].
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    /// Per-CPU array[max_backends] of [`crate::Counters`].
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// Per-CPU array[`crate::stat::COUNT`] of u64, indexed by [`crate::stat`] codes.
+    pub const STATS: &str = "STATS";
+}
+
+/// The XDP program's name (the function carrying `#[xdp]`).
+pub const PROGRAM_NAME: &str = "lb_xdp";
+
+/// Default capacities. The daemon sets the real ones at load time (`datapath.max_services`,
+/// `datapath.max_backends`, `datapath.maglev_table_size`, `datapath.affinity_entries`).
+pub const DEFAULT_MAX_SERVICES: u32 = 64;
+pub const DEFAULT_MAX_BACKENDS: u32 = 1024;
+pub const DEFAULT_MAGLEV_M: u32 = 65537;
+pub const DEFAULT_AFFINITY_ENTRIES: u32 = 1 << 20;
+
+/// `last_seen` of an affinity entry is refreshed only when it is older than this, so that a busy
+/// client does not write the same cache line from every CPU on every packet.
+pub const LAST_SEEN_REFRESH_NS: u64 = 1_000_000_000;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Global settings, `CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    pub layout_version: u32,
+    /// Seed for hashing a client prefix onto a Maglev slot. The same on every node of a cluster,
+    /// so that all nodes pick the same backend for a client.
+    pub hash_seed: u32,
+    /// Maglev table size M (a prime); 0 means the daemon has not configured the datapath yet.
+    pub maglev_m: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
+
+/// (address, port, protocol): a service's VIP, or a backend's endpoint in `REVERSE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// IPv4 address, network order.
+    pub addr: u32,
+    /// Port, network order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+impl ServiceKey {
+    /// Builds a key from host-order values.
+    pub const fn new(addr: u32, port: u16, proto: u8) -> Self {
+        Self { addr: addr.to_be(), port: port.to_be(), proto, _pad: 0 }
+    }
+}
+
+/// A service as the datapath sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index into `SERVICE_STATS` and the service's region of `MAGLEV`.
+    pub id: u32,
+    pub flags: u32,
+    /// Sliding idle timeout of an affinity entry, in nanoseconds of CLOCK_MONOTONIC.
+    pub timeout_ns: u64,
+    /// Cap on an affinity entry's total age (0: none).
+    pub max_age_ns: u64,
+    /// IPv4 client mask (network order) applied before the affinity lookup and the Maglev hash.
+    pub v4_mask: u32,
+    /// Which of the service's two Maglev tables is live (0 or 1).
+    pub table: u32,
+    /// IPv6 client mask, network order words.
+    pub v6_mask: [u32; 4],
+    /// Number of distinct backends in the live table; 0 means no backend can take new clients.
+    pub backend_count: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 56);
+
+/// Backend state flags (`Backend::flags`).
+pub const BACKEND_F_UP: u16 = 1;
+/// Draining: keeps its pinned clients, takes no new ones.
+pub const BACKEND_F_DRAINING: u16 = 2;
+
+/// A backend, `BACKENDS[id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Address, network order words; IPv4 uses `addr[0]`.
+    pub addr: [u32; 4],
+    /// Port, network order.
+    pub port: u16,
+    pub flags: u16,
+    /// The service this backend belongs to.
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+
+/// Affinity table key: a service and a client prefix (address masked to the service's prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    /// Masked client address, network order words; IPv4 uses `addr[0]`, the rest stay 0.
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC ns of the last packet (refreshed at most every `LAST_SEEN_REFRESH_NS`).
+    pub last_seen_ns: u64,
+    /// CLOCK_MONOTONIC ns when the pin was made.
+    pub created_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 24);
+
+/// What a reply from a backend is translated back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reverse {
+    /// VIP, network order.
+    pub vip: u32,
+    /// Service port, network order.
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Reverse>() == 16);
+
+/// Per service and per backend counters (per CPU in the maps; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets forwarded toward this service/backend (client to backend direction).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Affinity entries created (a client got a backend from the Maglev table).
+    pub new_pins: u64,
+    /// Packets whose client had a live affinity entry.
+    pub hits: u64,
+    /// Affinity entries found past the idle timeout (or max age) and re-selected.
+    pub expired: u64,
+    /// Affinity entries pointing at a backend that can no longer take traffic, re-selected.
+    pub failovers: u64,
+    /// Reply packets translated back to the VIP.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counters>() == 64);
+
+impl Counters {
+    /// Adds another CPU's counters into this one.
+    pub fn add(&mut self, o: &Counters) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.new_pins += o.new_pins;
+        self.hits += o.hits;
+        self.expired += o.expired;
+        self.failovers += o.failovers;
+        self.reply_packets += o.reply_packets;
+        self.reply_bytes += o.reply_bytes;
+    }
+}
+
+/// Verdict and reason counters: indices into `STATS`.
+pub mod stat {
+    /// Not ours (not IPv4, not to a VIP, not a reply from a backend): passed untouched.
+    pub const PASS_NOT_OURS: u32 = 0;
+    /// Too short or malformed to tell whether it is ours: passed untouched (the kernel drops it).
+    pub const PASS_MALFORMED: u32 = 1;
+    /// To a VIP or from a backend, but malformed (bad IHL, truncated L4 header): dropped.
+    pub const DROP_MALFORMED: u32 = 2;
+    /// To a VIP whose service has no backend that can take a new client: dropped.
+    pub const DROP_NO_BACKEND: u32 = 3;
+    /// Rewritten and sent back out of the interface it came in on.
+    pub const TX: u32 = 4;
+    /// Rewritten and redirected to another interface.
+    pub const REDIRECT: u32 = 5;
+    /// Rewritten and passed to the kernel, which forwards it (next hop not resolved yet).
+    pub const PASS_FIB: u32 = 6;
+    /// Rewritten, but the FIB says the destination is unreachable/blackholed: dropped.
+    pub const DROP_FIB: u32 = 7;
+    /// An IPv4 fragment to a VIP (fragment handling arrives with the datapath-breadth issue).
+    pub const DROP_FRAGMENT: u32 = 8;
+    /// An internal inconsistency (a map entry missing that the daemon should have written).
+    pub const ABORTED: u32 = 9;
+    /// Reply from a backend translated back to the VIP (counted besides its forwarding verdict).
+    pub const REPLY: u32 = 10;
+    /// Packets to a VIP (counted besides their forwarding verdict).
+    pub const TO_VIP: u32 = 11;
+    /// Number of codes.
+    pub const COUNT: u32 = 12;
+
+    /// Names of the codes, by index, for status output and metrics.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_ours",
+        "pass_malformed",
+        "drop_malformed",
+        "drop_no_backend",
+        "tx",
+        "redirect",
+        "pass_fib",
+        "drop_fib",
+        "drop_fragment",
+        "aborted",
+        "reply",
+        "to_vip",
+    ];
+}
+
+/// Index of a Maglev slot in the `MAGLEV` array.
+#[inline(always)]
+pub const fn maglev_index(service_id: u32, table: u32, m: u32, slot: u32) -> u32 {
+    (service_id * 2 + (table & 1)) * m + slot
+}
+
+/// IPv4 mask for a prefix length, network order (`prefix` is clamped to 32).
+#[inline(always)]
+pub const fn v4_mask(prefix: u32) -> u32 {
+    let p = if prefix > 32 { 32 } else { prefix };
+    let host = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+    host.to_be()
+}
+
+/// IPv6 mask for a prefix length, as network order words (`prefix` is clamped to 128).
+pub const fn v6_mask(prefix: u32) -> [u32; 4] {
+    let p = if prefix > 128 { 128 } else { prefix };
+    let mut out = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        let bits = p as i64 - (i as i64) * 32;
+        out[i] = if bits >= 32 {
+            u32::MAX.to_be()
+        } else if bits <= 0 {
+            0
+        } else {
+            (u32::MAX << (32 - bits as u32)).to_be()
+        };
+        i += 1;
+    }
+    out
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with explicit padding.
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for Reverse {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks() {
+        assert_eq!(v4_mask(32), u32::MAX);
+        assert_eq!(v4_mask(0), 0);
+        assert_eq!(v4_mask(24).to_ne_bytes(), [255, 255, 255, 0]);
+        assert_eq!(v4_mask(33), u32::MAX);
+        let m = v6_mask(64);
+        assert_eq!(m, [u32::MAX, u32::MAX, 0, 0]);
+        let m = v6_mask(56);
+        assert_eq!(m[1].to_ne_bytes(), [255, 255, 255, 0]);
+        assert_eq!(v6_mask(0), [0; 4]);
+        assert_eq!(v6_mask(128), [u32::MAX; 4]);
+    }
+
+    #[test]
+    fn maglev_regions_do_not_overlap() {
+        let m = 7;
+        assert_eq!(maglev_index(0, 0, m, 6), 6);
+        assert_eq!(maglev_index(0, 1, m, 0), 7);
+        assert_eq!(maglev_index(1, 0, m, 0), 14);
+    }
+}

@@ -1,0 +1,1 @@
+//! Shared helpers for the datapath and end-to-end tests.
