@@ -1,1 +1,9 @@
-
+//! lb: a sticky (client-IP affinity) XDP layer-4 load balancer. The library holds everything the
+//! `lb` binary does, so the tests can drive the same code.
+pub mod bpffs;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod maglev;
+pub mod plan;

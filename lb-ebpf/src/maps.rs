@@ -1,0 +1,57 @@
+//! Every map of the XDP program, one line each on what it holds. Names are `lb_common::maps`
+//! constants; the daemon resizes them at load time and pins them itself (by name) under
+//! `datapath.pin_path`.
+
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, Counters, DEFAULT_AFFINITY_ENTRIES, DEFAULT_MAGLEV_M,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, GlobalConfig, Reverse, Service, ServiceKey, stat,
+};
+
+/// Global settings (layout version, Maglev M, client hash seed), one entry.
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+/// (VIP, port, protocol) -> service.
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Backend id -> backend (address, port, state).
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Two Maglev tables per service (double buffer), `maglev_index(service, table, m, slot)` ->
+/// backend id. Memory-mappable: the daemon writes a whole table with one copy, not M syscalls.
+#[map(name = "MAGLEV")]
+pub static MAGLEV: Array<u32> =
+    Array::with_max_entries(DEFAULT_MAX_SERVICES * 2 * DEFAULT_MAGLEV_M, BPF_F_MMAPABLE);
+
+/// (service, client prefix) -> (backend, last seen, created): the sticky-session table. LRU with
+/// the common free list (fewer early evictions than per-CPU lists on small machines).
+#[map(name = "AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
+
+/// (backend address, port, protocol) -> (VIP, port): reply translation in NAT mode.
+#[map(name = "REVERSE")]
+pub static REVERSE: HashMap<ServiceKey, Reverse> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// The balancer's own IPv4 addresses: replies to them are its own traffic, never translated.
+#[map(name = "LOCAL_ADDRS")]
+pub static LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
+
+/// Per-service counters, by service id.
+#[map(name = "SERVICE_STATS")]
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Per-backend counters, by backend id.
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Verdict and reason counters, by `lb_common::stat` code.
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

@@ -1,0 +1,1510 @@
+//! The TOML configuration: a raw serde model, validated once into typed runtime values before
+//! anything touches the kernel.
+//!
+//! The raw model is deliberately loose (optional fields, integers as `i64`, enums, addresses and
+//! durations as strings) so that validation, not deserialization, judges values: that way every
+//! problem in a file is reported at once, each naming its field path
+//! (`services[1].backends[0].port`), what is wrong and how to fix it. Only TOML syntax errors,
+//! wrong value types and unknown fields stop early, as one error carrying toml's own message.
+//!
+//! Field names are a contract with operators' files: extend, never rename.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::maglev::is_prime;
+
+/// Where `lb run` pins its maps and link unless told otherwise.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+/// The control socket `lb run` listens on and the CLI talks to unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
+
+/// Issue that brings DSR and IPv6 to the datapath; named in errors so operators know it is
+/// planned, not forgotten.
+const BREADTH_ISSUE: &str = "the datapath-breadth issue";
+
+const DEFAULT_WEIGHT: u32 = 100;
+const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
+/// Cap on the `MAGLEV` array (`max_services * 2 * maglev_table_size` u32 slots): beyond this the
+/// map is more memory than any sane deployment wants locked in the kernel.
+const MAX_MAGLEV_BYTES: u64 = 1 << 30;
+
+// ------------------------------------------------------------------------------------------------
+// Validated, typed configuration.
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub datapath: DatapathConfig,
+    pub control: ControlConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatapathConfig {
+    /// Interfaces the XDP program is attached to.
+    pub interfaces: Vec<String>,
+    pub mode: Mode,
+    pub xdp_mode: XdpMode,
+    /// Capacity of the `AFFINITY` LRU map (size it to about twice the active clients).
+    pub affinity_entries: u32,
+    /// bpffs directory holding the pinned maps and link.
+    pub pin_path: PathBuf,
+    pub max_services: u32,
+    /// Capacity of `BACKENDS`: total over all services.
+    pub max_backends: u32,
+    /// Maglev table size M, a prime.
+    pub maglev_table_size: u32,
+    /// Seed for hashing clients onto Maglev slots; the same on every node of a cluster.
+    pub hash_seed: u32,
+}
+
+/// Forwarding mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Rewrite the destination to the backend; replies come back through the balancer.
+    Nat,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode where the driver supports it, generic (skb) mode otherwise.
+    Auto,
+    Native,
+    Skb,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ControlConfig {
+    /// Unix socket of the control API.
+    pub socket: PathBuf,
+    /// Prometheus listener; none when absent.
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub affinity: AffinityConfig,
+    pub health: HealthConfig,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number, as in the IPv4 header and `ServiceKey::proto`.
+    pub fn number(&self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AffinityConfig {
+    /// Idle time after which a client's pin counts as gone. Make it longer than the
+    /// application's own session timeout.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Clients sharing this many leading address bits share a backend.
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+}
+
+impl Default for AffinityConfig {
+    fn default() -> Self {
+        Self { timeout: DEFAULT_AFFINITY_TIMEOUT, ipv4_prefix: 32, ipv6_prefix: 64 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    /// Request path (HTTP checks only).
+    pub path: String,
+    /// Host header (HTTP checks only); the backend address when absent.
+    pub host: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a backend up.
+    pub rise: u32,
+    /// Consecutive failures that take a backend down.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::Tcp,
+            path: "/".to_owned(),
+            host: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP GET expecting a 2xx or 3xx status.
+    Http,
+    /// No checks: backends are always up.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackendConfig {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+macro_rules! display_as_serde_name {
+    ($($ty:ty { $($variant:ident => $name:literal),* $(,)? })*) => {$(
+        impl $ty {
+            /// The name used in the config file and in status output.
+            pub fn as_str(&self) -> &'static str {
+                match self { $(Self::$variant => $name),* }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+
+display_as_serde_name! {
+    Mode { Nat => "nat" }
+    XdpMode { Auto => "auto", Native => "native", Skb => "skb" }
+    Protocol { Tcp => "tcp", Udp => "udp" }
+    HealthKind { Tcp => "tcp", Http => "http", None => "none" }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Errors.
+
+/// One problem in a config: the field path (`services[0].backends[1].weight`) and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Every problem found in a config, in file order (datapath, control, then services).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Parses and validates a config; reports every problem found, not just the first.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        parse_from(text, "config")
+    }
+
+    /// Reads, parses and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![FieldError {
+                field: path.display().to_string(),
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?;
+        parse_from(&text, &path.display().to_string())
+    }
+}
+
+/// `origin` names the source in a TOML syntax error, which has no field path of its own.
+fn parse_from(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        ConfigErrors(vec![FieldError { field: origin.to_owned(), message: e.to_string().trim_end().to_owned() }])
+    })?;
+    validate(raw)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Raw model: what the file says, before judging it.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    datapath: RawDatapath,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatapath {
+    interfaces: Option<Vec<String>>,
+    mode: Option<String>,
+    xdp_mode: Option<String>,
+    affinity_entries: Option<i64>,
+    pin_path: Option<String>,
+    max_services: Option<i64>,
+    max_backends: Option<i64>,
+    maglev_table_size: Option<i64>,
+    hash_seed: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<String>,
+    metrics: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    vip: Option<String>,
+    port: Option<i64>,
+    protocol: Option<String>,
+    #[serde(default)]
+    affinity: RawAffinity,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAffinity {
+    timeout: Option<String>,
+    ipv4_prefix: Option<i64>,
+    ipv6_prefix: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<String>,
+    path: Option<String>,
+    host: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<i64>,
+    fall: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Option<String>,
+    port: Option<i64>,
+    weight: Option<i64>,
+}
+
+// ------------------------------------------------------------------------------------------------
+// Validation. Each check returns `None` after recording an error; later cross-checks only look at
+// values that passed, so one mistake is reported once rather than echoed by every rule after it.
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(FieldError { field: field.to_owned(), message: message.into() });
+    }
+
+    /// `value` (or `default` when absent) if it lies in `lo..=hi`.
+    fn int<T: TryFrom<i64>>(&mut self, field: &str, value: Option<i64>, default: T, lo: i64, hi: i64) -> Option<T> {
+        match value {
+            None => Some(default),
+            Some(v) => self.range(field, v, lo, hi),
+        }
+    }
+
+    /// A required integer in `lo..=hi`; `example` shows how to set it.
+    fn required_int<T: TryFrom<i64>>(
+        &mut self,
+        field: &str,
+        value: Option<i64>,
+        lo: i64,
+        hi: i64,
+        example: &str,
+    ) -> Option<T> {
+        match value {
+            None => self.missing(field, example),
+            Some(v) => self.range(field, v, lo, hi),
+        }
+    }
+
+    fn range<T: TryFrom<i64>>(&mut self, field: &str, v: i64, lo: i64, hi: i64) -> Option<T> {
+        if (lo..=hi).contains(&v) {
+            T::try_from(v).ok()
+        } else {
+            self.push(field, format!("must be {lo}..={hi}, got {v}"));
+            None
+        }
+    }
+
+    fn missing<T>(&mut self, field: &str, example: &str) -> Option<T> {
+        self.push(field, format!("is required, e.g. `{example}`"));
+        None
+    }
+
+    /// One of `choices` (variant, name as written in the file), or `default` when absent.
+    fn choice<T: Copy>(&mut self, field: &str, value: Option<&str>, default: T, choices: &[(T, &str)]) -> Option<T> {
+        let Some(v) = value else { return Some(default) };
+        if let Some((t, _)) = choices.iter().find(|(_, name)| *name == v) {
+            return Some(*t);
+        }
+        let names: Vec<String> = choices.iter().map(|(_, n)| format!("\"{n}\"")).collect();
+        self.push(field, format!("must be one of {}, got \"{v}\"", names.join(", ")));
+        None
+    }
+
+    fn duration(&mut self, field: &str, value: Option<&str>, default: Duration) -> Option<Duration> {
+        let Some(v) = value else { return Some(default) };
+        match humantime::parse_duration(v) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.push(field, format!("\"{v}\" is not a duration ({e}); write e.g. \"30m\", \"1s\", \"500ms\""));
+                None
+            }
+        }
+    }
+
+    fn absolute_path(&mut self, field: &str, value: Option<&str>, default: &str) -> Option<PathBuf> {
+        let v = value.unwrap_or(default);
+        if Path::new(v).is_absolute() {
+            Some(PathBuf::from(v))
+        } else {
+            self.push(field, format!("must be an absolute path, got \"{v}\""));
+            None
+        }
+    }
+
+    /// An IPv4 address a packet can be sent to (VIPs and backends).
+    fn unicast_v4(&mut self, field: &str, value: Option<&str>, example: &str) -> Option<Ipv4Addr> {
+        let Some(v) = value else { return self.missing(field, example) };
+        let a = match v.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => a,
+            Ok(IpAddr::V6(_)) => {
+                self.push(
+                    field,
+                    format!("IPv6 ({v}) is not supported yet; it arrives with {BREADTH_ISSUE}. Use an IPv4 address"),
+                );
+                return None;
+            }
+            Err(_) => {
+                self.push(field, format!("\"{v}\" is not an IPv4 address; write e.g. `{example}`"));
+                return None;
+            }
+        };
+        let what = if a.is_unspecified() {
+            "unspecified"
+        } else if a.is_multicast() {
+            "multicast"
+        } else if a.is_broadcast() {
+            "broadcast"
+        } else {
+            return Some(a);
+        };
+        self.push(field, format!("{a} is a {what} address; use a unicast address"));
+        None
+    }
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+    let mut e = Errors::default();
+    let datapath = validate_datapath(&mut e, raw.datapath);
+    let control = validate_control(&mut e, raw.control);
+    let counts = Counts { services: raw.services.len(), backends: raw.services.iter().map(|s| s.backends.len()).sum() };
+    let services: Vec<_> = raw.services.into_iter().enumerate().map(|(i, s)| validate_service(&mut e, i, s)).collect();
+    cross_check(&mut e, datapath.as_ref(), &services, counts);
+
+    if !e.0.is_empty() {
+        return Err(ConfigErrors(e.0));
+    }
+    // No error was recorded, so every part validated.
+    let parts = (|| {
+        Some(Config { datapath: datapath?, control: control?, services: services.into_iter().collect::<Option<_>>()? })
+    })();
+    Ok(parts.expect("a part failed validation without recording an error"))
+}
+
+fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
+    let interfaces = match r.interfaces {
+        None => e.missing("datapath.interfaces", r#"interfaces = ["eth0"]"#),
+        Some(list) if list.is_empty() => {
+            e.push("datapath.interfaces", r#"must name at least one interface, e.g. `interfaces = ["eth0"]`"#);
+            None
+        }
+        Some(list) => {
+            let mut ok = true;
+            for (i, name) in list.iter().enumerate() {
+                let field = format!("datapath.interfaces[{i}]");
+                if let Some(why) = ifname_problem(name) {
+                    e.push(&field, format!("\"{}\" is not a valid interface name: {why}", name.escape_debug()));
+                    ok = false;
+                } else if let Some(first) = list[..i].iter().position(|n| n == name) {
+                    e.push(
+                        &field,
+                        format!("\"{name}\" is already listed as interfaces[{first}]; list each interface once"),
+                    );
+                    ok = false;
+                }
+            }
+            ok.then_some(list)
+        }
+    };
+
+    let mode = match r.mode.as_deref() {
+        Some("dsr") => {
+            e.push(
+                "datapath.mode",
+                format!("\"dsr\" is not supported yet; it arrives with {BREADTH_ISSUE}. Use \"nat\""),
+            );
+            None
+        }
+        other => e.choice("datapath.mode", other, Mode::Nat, &[(Mode::Nat, "nat")]),
+    };
+    let xdp_mode = e.choice(
+        "datapath.xdp_mode",
+        r.xdp_mode.as_deref(),
+        XdpMode::Auto,
+        &[(XdpMode::Auto, "auto"), (XdpMode::Native, "native"), (XdpMode::Skb, "skb")],
+    );
+    let affinity_entries =
+        e.int("datapath.affinity_entries", r.affinity_entries, lb_common::DEFAULT_AFFINITY_ENTRIES, 1024, 1 << 27);
+    let pin_path = e.absolute_path("datapath.pin_path", r.pin_path.as_deref(), DEFAULT_PIN_PATH);
+    let max_services = e.int("datapath.max_services", r.max_services, lb_common::DEFAULT_MAX_SERVICES, 1, 4096);
+    let max_backends = e.int("datapath.max_backends", r.max_backends, lb_common::DEFAULT_MAX_BACKENDS, 1, 65536);
+    let hash_seed = e.int("datapath.hash_seed", r.hash_seed, 0u32, 0, u32::MAX.into());
+
+    let field = "datapath.maglev_table_size";
+    let mut maglev_table_size = e.int(field, r.maglev_table_size, lb_common::DEFAULT_MAGLEV_M, 7, 1_000_003);
+    if let Some(m) = maglev_table_size {
+        if !is_prime(m) {
+            let (below, above) = neighbour_primes(m);
+            e.push(field, format!("must be prime (Maglev fills its table by prime strides), got {m}; nearest primes are {below} and {above}"));
+            maglev_table_size = None;
+        } else if let Some(s) = max_services {
+            let bytes = u64::from(s) * 2 * u64::from(m) * 4;
+            if bytes > MAX_MAGLEV_BYTES {
+                e.push(
+                    field,
+                    format!(
+                        "the MAGLEV map would need max_services ({s}) * 2 tables * {m} slots * 4 bytes = {bytes} bytes, \
+                         over the 1 GiB limit; lower maglev_table_size or datapath.max_services"
+                    ),
+                );
+                maglev_table_size = None;
+            }
+        }
+    }
+
+    Some(DatapathConfig {
+        interfaces: interfaces?,
+        mode: mode?,
+        xdp_mode: xdp_mode?,
+        affinity_entries: affinity_entries?,
+        pin_path: pin_path?,
+        max_services: max_services?,
+        max_backends: max_backends?,
+        maglev_table_size: maglev_table_size?,
+        hash_seed: hash_seed?,
+    })
+}
+
+/// Why Linux would refuse `name` as an interface name (`dev_valid_name` in net/core/dev.c).
+fn ifname_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > 15 {
+        Some("must be 1 to 15 bytes long")
+    } else if name == "." || name == ".." {
+        Some("\".\" and \"..\" are reserved")
+    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+        Some("must not contain '/', ':', whitespace or control characters")
+    } else {
+        None
+    }
+}
+
+/// The primes just below and just above `n`, for the "must be prime" hint.
+fn neighbour_primes(n: u32) -> (u32, u32) {
+    let below = (2..n).rev().find(|p| is_prime(*p)).unwrap_or(2);
+    let above = (n + 1..).find(|p| is_prime(*p)).unwrap_or(n);
+    (below, above)
+}
+
+fn validate_control(e: &mut Errors, r: RawControl) -> Option<ControlConfig> {
+    let socket = e.absolute_path("control.socket", r.socket.as_deref(), DEFAULT_SOCKET);
+    let metrics = match r.metrics.as_deref() {
+        None => Some(None),
+        Some(v) => match v.parse::<SocketAddr>() {
+            Ok(a) => Some(Some(a)),
+            Err(_) => {
+                e.push(
+                    "control.metrics",
+                    format!("\"{v}\" is not an address:port; write e.g. \"127.0.0.1:9940\" or \"[::1]:9940\""),
+                );
+                None
+            }
+        },
+    };
+    Some(ControlConfig { socket: socket?, metrics: metrics? })
+}
+
+/// Checks one service on its own; `None` if anything in it is invalid.
+fn validate_service(e: &mut Errors, i: usize, r: RawService) -> Option<ServiceConfig> {
+    let p = format!("services[{i}]");
+    let name = match r.name {
+        None => e.missing(&format!("{p}.name"), r#"name = "web""#),
+        Some(n)
+            if n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) =>
+        {
+            e.push(
+                &format!("{p}.name"),
+                format!("\"{}\" is not a valid name: use 1 to 64 of A-Z a-z 0-9 _ . -", n.escape_debug()),
+            );
+            None
+        }
+        Some(n) => Some(n),
+    };
+    let vip = e.unicast_v4(&format!("{p}.vip"), r.vip.as_deref(), r#"vip = "10.0.0.100""#);
+    let port = e.required_int(&format!("{p}.port"), r.port, 1, 65535, "port = 80");
+    let protocol = e.choice(
+        &format!("{p}.protocol"),
+        r.protocol.as_deref(),
+        Protocol::Tcp,
+        &[(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")],
+    );
+    let affinity = validate_affinity(e, &p, r.affinity);
+    let health = validate_health(e, &p, r.health);
+
+    if r.backends.is_empty() {
+        e.push(
+            &format!("{p}.backends"),
+            "a service needs at least one [[services.backends]] with an address and a port",
+        );
+    }
+    let backends: Vec<_> = r
+        .backends
+        .into_iter()
+        .enumerate()
+        .map(|(j, b)| validate_backend(e, &format!("{p}.backends[{j}]"), b))
+        .collect();
+    // Duplicates within the service, among the backends that parsed.
+    let mut unique = true;
+    for (j, b) in backends.iter().enumerate() {
+        let Some(b) = b else { continue };
+        let same = |o: &Option<BackendConfig>| o.as_ref().is_some_and(|o| (o.address, o.port) == (b.address, b.port));
+        if let Some(first) = backends[..j].iter().position(same) {
+            e.push(
+                &format!("{p}.backends[{j}]"),
+                format!("{}:{} is already listed as backends[{first}]; list each backend once", b.address, b.port),
+            );
+            unique = false;
+        }
+    }
+
+    Some(ServiceConfig {
+        name: name?,
+        vip: vip?,
+        port: port?,
+        protocol: protocol?,
+        affinity: affinity?,
+        health: health?,
+        backends: backends.into_iter().collect::<Option<Vec<_>>>().filter(|b| unique && !b.is_empty())?,
+    })
+}
+
+fn validate_affinity(e: &mut Errors, p: &str, r: RawAffinity) -> Option<AffinityConfig> {
+    let d = AffinityConfig::default();
+    let field = format!("{p}.affinity.timeout");
+    let timeout = e.duration(&field, r.timeout.as_deref(), d.timeout).and_then(|t| {
+        if t.is_zero() || t > MAX_AFFINITY_TIMEOUT {
+            e.push(&field, format!("must be more than 0 and at most 30 days, got {}", humantime::format_duration(t)));
+            None
+        } else {
+            Some(t)
+        }
+    });
+    let ipv4_prefix = e.int(&format!("{p}.affinity.ipv4_prefix"), r.ipv4_prefix, d.ipv4_prefix, 0, 32);
+    let ipv6_prefix = e.int(&format!("{p}.affinity.ipv6_prefix"), r.ipv6_prefix, d.ipv6_prefix, 0, 128);
+    Some(AffinityConfig { timeout: timeout?, ipv4_prefix: ipv4_prefix?, ipv6_prefix: ipv6_prefix? })
+}
+
+fn validate_health(e: &mut Errors, p: &str, r: RawHealth) -> Option<HealthConfig> {
+    let d = HealthConfig::default();
+    let kind = e.choice(
+        &format!("{p}.health.kind"),
+        r.kind.as_deref(),
+        d.kind,
+        &[(HealthKind::Tcp, "tcp"), (HealthKind::Http, "http"), (HealthKind::None, "none")],
+    );
+    // Path and host go into an HTTP request line and header: no whitespace or control bytes.
+    let bad_char = |s: &str| s.chars().any(|c| c.is_whitespace() || c.is_control());
+    let path = match r.path {
+        None => Some(d.path),
+        Some(v) if !v.starts_with('/') || bad_char(&v) => {
+            e.push(
+                &format!("{p}.health.path"),
+                format!("\"{}\" must start with '/' and contain no whitespace, e.g. \"/healthz\"", v.escape_debug()),
+            );
+            None
+        }
+        Some(v) => Some(v),
+    };
+    let host = match r.host {
+        Some(v) if v.is_empty() || bad_char(&v) => {
+            e.push(
+                &format!("{p}.health.host"),
+                format!(
+                    "\"{}\" must be a non-empty host name without whitespace, e.g. \"www.example.com\"",
+                    v.escape_debug()
+                ),
+            );
+            None
+        }
+        v => Some(v),
+    };
+    let field = format!("{p}.health.interval");
+    let interval = e.duration(&field, r.interval.as_deref(), d.interval).and_then(|i| {
+        if i < MIN_HEALTH_INTERVAL {
+            e.push(&field, format!("must be at least 10ms, got {}", humantime::format_duration(i)));
+            None
+        } else {
+            Some(i)
+        }
+    });
+    let field = format!("{p}.health.timeout");
+    let timeout = e.duration(&field, r.timeout.as_deref(), d.timeout).and_then(|t| {
+        if t.is_zero() {
+            e.push(&field, "must be more than 0");
+            None
+        } else if interval.is_some_and(|i| t > i) {
+            e.push(
+                &field,
+                format!(
+                    "{} is longer than health.interval ({}); make it at most the interval",
+                    humantime::format_duration(t),
+                    humantime::format_duration(interval.unwrap_or_default())
+                ),
+            );
+            None
+        } else {
+            Some(t)
+        }
+    });
+    let rise = e.int(&format!("{p}.health.rise"), r.rise, d.rise, 1, 100);
+    let fall = e.int(&format!("{p}.health.fall"), r.fall, d.fall, 1, 100);
+    Some(HealthConfig {
+        kind: kind?,
+        path: path?,
+        host: host?,
+        interval: interval?,
+        timeout: timeout?,
+        rise: rise?,
+        fall: fall?,
+    })
+}
+
+fn validate_backend(e: &mut Errors, p: &str, r: RawBackend) -> Option<BackendConfig> {
+    let address = e.unicast_v4(&format!("{p}.address"), r.address.as_deref(), r#"address = "10.1.0.11""#);
+    let port = e.required_int(&format!("{p}.port"), r.port, 1, 65535, "port = 8080");
+    let weight = e.int(&format!("{p}.weight"), r.weight, DEFAULT_WEIGHT, 1, 65535);
+    Some(BackendConfig { address: address?, port: port?, weight: weight? })
+}
+
+/// How many services and backends the file lists, valid or not (capacity checks count them all).
+struct Counts {
+    services: usize,
+    backends: usize,
+}
+
+/// Rules that span services. Only services that passed their own checks take part, so a broken
+/// service does not also trigger "duplicate" noise.
+fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Option<ServiceConfig>], counts: Counts) {
+    let valid = || services.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
+    let label = |i: usize| format!("services[{i}] (\"{}\")", services[i].as_ref().map_or("?", |s| s.name.as_str()));
+
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut vips: HashMap<(Ipv4Addr, u16, Protocol), usize> = HashMap::new();
+    for (i, s) in valid() {
+        if let Some(&first) = names.get(s.name.as_str()) {
+            e.push(
+                &format!("services[{i}].name"),
+                format!("\"{}\" is already the name of services[{first}]; names must be unique", s.name),
+            );
+        } else {
+            names.insert(&s.name, i);
+        }
+        let key = (s.vip, s.port, s.protocol);
+        if let Some(&first) = vips.get(&key) {
+            e.push(
+                &format!("services[{i}].vip"),
+                format!(
+                    "{}:{}/{} is already the address of {}; each (vip, port, protocol) must be unique",
+                    s.vip,
+                    s.port,
+                    s.protocol,
+                    label(first)
+                ),
+            );
+        } else {
+            vips.insert(key, i);
+        }
+    }
+
+    // A backend must not be a VIP (any port): traffic to it would be balanced again.
+    let mut vip_owner: HashMap<Ipv4Addr, usize> = HashMap::new();
+    for (i, s) in valid() {
+        vip_owner.entry(s.vip).or_insert(i);
+    }
+    // A backend endpoint in two services would make reply translation ambiguous: REVERSE maps
+    // (address, port, protocol) to exactly one VIP.
+    let mut endpoints: HashMap<(Ipv4Addr, u16, Protocol), (usize, usize)> = HashMap::new();
+    for (i, s) in valid() {
+        for (j, b) in s.backends.iter().enumerate() {
+            let field = format!("services[{i}].backends[{j}]");
+            if let Some(&owner) = vip_owner.get(&b.address) {
+                e.push(
+                    &format!("{field}.address"),
+                    format!("{} is the VIP of {}; a backend must not be a VIP", b.address, label(owner)),
+                );
+            }
+            let key = (b.address, b.port, s.protocol);
+            match endpoints.get(&key) {
+                Some(&(oi, oj)) if oi != i => e.push(
+                    &field,
+                    format!(
+                        "{}:{}/{} is also services[{oi}].backends[{oj}] of {}; NAT reply translation would be \
+                         ambiguous (a reply from it could belong to either service). Give each service its own backend port",
+                        b.address,
+                        b.port,
+                        s.protocol,
+                        label(oi)
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    endpoints.insert(key, (i, j));
+                }
+            }
+        }
+    }
+
+    let Some(d) = datapath else { return };
+    if counts.services > d.max_services as usize {
+        e.push(
+            "services",
+            format!(
+                "{} services exceed datapath.max_services = {}; raise it (at most 4096) or remove services",
+                counts.services, d.max_services
+            ),
+        );
+    }
+    if counts.backends > d.max_backends as usize {
+        e.push(
+            "services",
+            format!(
+                "{} backends in total exceed datapath.max_backends = {}; raise it (at most 65536) or remove backends",
+                counts.backends, d.max_backends
+            ),
+        );
+    }
+    // Maglev can give every backend a slot only if there are no more backends than slots.
+    for (i, s) in valid() {
+        if s.backends.len() > d.maglev_table_size as usize {
+            e.push(
+                &format!("services[{i}].backends"),
+                format!(
+                    "{} backends do not fit a Maglev table of datapath.maglev_table_size = {}; raise it (to a prime \
+                     at least 100 times the backend count for even balance)",
+                    s.backends.len(),
+                    d.maglev_table_size
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example from the config contract, every field set.
+    const FULL: &str = r#"
+[datapath]
+interfaces = ["eth0", "eth1"]
+mode = "nat"
+xdp_mode = "auto"
+affinity_entries = 1048576
+pin_path = "/sys/fs/bpf/lb"
+max_services = 64
+max_backends = 1024
+maglev_table_size = 65537
+hash_seed = 0
+
+[control]
+socket = "/run/lb/lb.sock"
+metrics = "127.0.0.1:9940"
+
+[[services]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+
+[services.affinity]
+timeout = "30m"
+ipv4_prefix = 32
+ipv6_prefix = 64
+
+[services.health]
+kind = "http"
+path = "/healthz"
+host = "www.example.com"
+interval = "1s"
+timeout = "500ms"
+rise = 2
+fall = 3
+
+[[services.backends]]
+address = "10.1.0.11"
+port = 8080
+weight = 100
+"#;
+
+    /// Only what is required: everything else takes its default.
+    const MINIMAL: &str = r#"
+[datapath]
+interfaces = ["eth0"]
+
+[[services]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+
+[[services.backends]]
+address = "10.1.0.11"
+port = 8080
+"#;
+
+    /// MINIMAL with a second service (`dns`, UDP, two backends) appended.
+    fn two_services(extra: &str) -> String {
+        format!(
+            r#"{MINIMAL}
+[[services]]
+name = "dns"
+vip = "10.0.0.53"
+port = 53
+protocol = "udp"
+{extra}
+[[services.backends]]
+address = "10.1.0.21"
+port = 5353
+
+[[services.backends]]
+address = "10.1.0.22"
+port = 5353
+"#
+        )
+    }
+
+    /// `base` with each `(from, to)` replaced once; `from` must occur (guards against typos that
+    /// would silently test the unedited config).
+    fn edit(base: &str, edits: &[(&str, &str)]) -> String {
+        let mut s = base.to_owned();
+        for (from, to) in edits {
+            assert!(s.contains(from), "test bug: {from:?} not in config");
+            s = s.replacen(from, to, 1);
+        }
+        s
+    }
+
+    fn errors(text: &str) -> Vec<FieldError> {
+        match Config::parse(text) {
+            Ok(c) => panic!("expected errors, got {c:#?}\nfrom:\n{text}"),
+            Err(e) => e.0,
+        }
+    }
+
+    /// Asserts that `text` is rejected with an error on exactly `field` whose message contains
+    /// `needle`.
+    #[track_caller]
+    fn rejects(text: &str, field: &str, needle: &str) {
+        let errs = errors(text);
+        assert!(
+            errs.iter().any(|e| e.field == field && e.message.contains(needle)),
+            "expected `{field}: ...{needle}...`, got:\n{}",
+            ConfigErrors(errs.clone())
+        );
+    }
+
+    #[track_caller]
+    fn rejects_minimal(edits: &[(&str, &str)], field: &str, needle: &str) {
+        rejects(&edit(MINIMAL, edits), field, needle);
+    }
+
+    /// Adds `line` to the [datapath] table of MINIMAL.
+    fn datapath(line: &str) -> String {
+        edit(MINIMAL, &[("interfaces = [\"eth0\"]", &format!("interfaces = [\"eth0\"]\n{line}"))])
+    }
+
+    /// Adds `lines` to services[0] of MINIMAL (as keys, or as a sub-table before the backends).
+    fn service(lines: &str) -> String {
+        edit(MINIMAL, &[("port = 80\n", &format!("port = 80\n{lines}\n"))])
+    }
+
+    /// Adds `line` to services[0].backends[0] of MINIMAL.
+    fn backend(line: &str) -> String {
+        edit(MINIMAL, &[("port = 8080", &format!("port = 8080\n{line}"))])
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::parse(FULL).unwrap();
+        assert_eq!(
+            c,
+            Config {
+                datapath: DatapathConfig {
+                    interfaces: vec!["eth0".into(), "eth1".into()],
+                    mode: Mode::Nat,
+                    xdp_mode: XdpMode::Auto,
+                    affinity_entries: 1_048_576,
+                    pin_path: "/sys/fs/bpf/lb".into(),
+                    max_services: 64,
+                    max_backends: 1024,
+                    maglev_table_size: 65537,
+                    hash_seed: 0,
+                },
+                control: ControlConfig {
+                    socket: "/run/lb/lb.sock".into(),
+                    metrics: Some("127.0.0.1:9940".parse().unwrap()),
+                },
+                services: vec![ServiceConfig {
+                    name: "web".into(),
+                    vip: Ipv4Addr::new(10, 0, 0, 100),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    affinity: AffinityConfig { timeout: Duration::from_secs(1800), ipv4_prefix: 32, ipv6_prefix: 64 },
+                    health: HealthConfig {
+                        kind: HealthKind::Http,
+                        path: "/healthz".into(),
+                        host: Some("www.example.com".into()),
+                        interval: Duration::from_secs(1),
+                        timeout: Duration::from_millis(500),
+                        rise: 2,
+                        fall: 3,
+                    },
+                    backends: vec![BackendConfig { address: Ipv4Addr::new(10, 1, 0, 11), port: 8080, weight: 100 }],
+                }],
+            }
+        );
+    }
+
+    #[test]
+    fn minimal_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        let d = &c.datapath;
+        assert_eq!(d.interfaces, ["eth0"]);
+        assert_eq!((d.mode, d.xdp_mode), (Mode::Nat, XdpMode::Auto));
+        assert_eq!(d.affinity_entries, 1 << 20);
+        assert_eq!(d.pin_path, Path::new(DEFAULT_PIN_PATH));
+        assert_eq!((d.max_services, d.max_backends, d.maglev_table_size, d.hash_seed), (64, 1024, 65537, 0));
+        assert_eq!(c.control, ControlConfig { socket: DEFAULT_SOCKET.into(), metrics: None });
+        let s = &c.services[0];
+        assert_eq!(s.protocol, Protocol::Tcp);
+        assert_eq!(
+            s.affinity,
+            AffinityConfig { timeout: Duration::from_secs(30 * 60), ipv4_prefix: 32, ipv6_prefix: 64 }
+        );
+        assert_eq!(
+            s.health,
+            HealthConfig {
+                kind: HealthKind::Tcp,
+                path: "/".into(),
+                host: None,
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(500),
+                rise: 2,
+                fall: 3,
+            }
+        );
+        assert_eq!(s.backends, [BackendConfig { address: Ipv4Addr::new(10, 1, 0, 11), port: 8080, weight: 100 }]);
+    }
+
+    #[test]
+    fn two_services_parse_and_other_values() {
+        let text = edit(
+            &two_services("[services.affinity]\nipv4_prefix = 24\ntimeout = \"2h\"\n"),
+            &[(
+                "interfaces = [\"eth0\"]",
+                "interfaces = [\"eth0\", \"veth-lb.1\"]\nxdp_mode = \"skb\"\nhash_seed = 4294967295",
+            )],
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.datapath.xdp_mode, XdpMode::Skb);
+        assert_eq!(c.datapath.hash_seed, u32::MAX);
+        let dns = &c.services[1];
+        assert_eq!((dns.protocol, dns.protocol.number(), dns.protocol.to_string()), (Protocol::Udp, 17, "udp".into()));
+        assert_eq!(c.services[0].protocol.number(), 6);
+        assert_eq!(dns.affinity.ipv4_prefix, 24);
+        assert_eq!(dns.affinity.timeout, Duration::from_secs(7200));
+        assert_eq!(dns.backends.len(), 2);
+    }
+
+    #[test]
+    fn serializes_lowercase_and_humantime() {
+        let v = serde_json::to_value(Config::parse(FULL).unwrap()).unwrap();
+        assert_eq!(v["datapath"]["mode"], "nat");
+        assert_eq!(v["datapath"]["xdp_mode"], "auto");
+        assert_eq!(v["services"][0]["protocol"], "tcp");
+        assert_eq!(v["services"][0]["health"]["kind"], "http");
+        assert_eq!(v["services"][0]["affinity"]["timeout"], "30m");
+        assert_eq!(v["services"][0]["vip"], "10.0.0.100");
+        assert_eq!(v["control"]["metrics"], "127.0.0.1:9940");
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_an_unreadable_one() {
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lb.toml");
+        std::fs::write(&file, MINIMAL).unwrap();
+        assert_eq!(Config::load(&file).unwrap(), Config::parse(MINIMAL).unwrap());
+        std::fs::write(&file, "[datapath\n").unwrap();
+        let errs = Config::load(&file).unwrap_err().0;
+        assert_eq!(errs[0].field, file.display().to_string());
+        let missing = dir.join("nope.toml");
+        let errs = Config::load(&missing).unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].field, missing.display().to_string());
+        assert!(errs[0].message.contains("cannot read"), "{}", errs[0]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // ---- TOML-level errors: one error, toml's own message.
+
+    #[test]
+    fn unknown_fields_are_rejected_by_name() {
+        for (text, name) in [
+            (datapath("colour = 1"), "colour"),
+            (service("vipp = \"1.2.3.4\""), "vipp"),
+            (backend("wieght = 3"), "wieght"),
+            (service("[services.affinity]\nprefix = 24"), "prefix"),
+            (service("[services.health]\nretries = 3"), "retries"),
+            (format!("{MINIMAL}\n[control]\nsockett = \"/x\""), "sockett"),
+            (format!("{MINIMAL}\n[extra]\n"), "extra"),
+        ] {
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(errs[0].message.contains(&format!("unknown field `{name}`")), "{}", errs[0]);
+            assert!(errs[0].message.contains("line"), "toml's message names the line: {}", errs[0]);
+        }
+    }
+
+    #[test]
+    fn toml_syntax_and_type_errors_keep_tomls_message() {
+        let errs = errors("[datapath\n");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].field, "config");
+        assert!(errs[0].message.contains("TOML parse error at line 1"), "{}", errs[0]);
+        let errs = errors(&datapath("max_services = \"many\""));
+        assert!(errs[0].message.contains("invalid type"), "{}", errs[0]);
+    }
+
+    // ---- datapath
+
+    #[test]
+    fn interfaces_required_and_non_empty() {
+        rejects_minimal(&[("interfaces = [\"eth0\"]", "")], "datapath.interfaces", "required");
+        rejects_minimal(&[("interfaces = [\"eth0\"]", "interfaces = []")], "datapath.interfaces", "at least one");
+        // No [datapath] table at all.
+        rejects_minimal(&[("[datapath]\ninterfaces = [\"eth0\"]", "")], "datapath.interfaces", "required");
+    }
+
+    #[test]
+    fn interface_names_are_linux_names() {
+        for bad in ["", "a-name-of-16-byt", "eth/0", "eth0:1", "eth 0", "eth\t0", ".", ".."] {
+            let text = edit(MINIMAL, &[("[\"eth0\"]", &format!("[\"eth0\", {bad:?}]"))]);
+            rejects(&text, "datapath.interfaces[1]", "not a valid interface name");
+        }
+        let ok = edit(MINIMAL, &[("[\"eth0\"]", "[\"a-name-of-15byt\"]")]);
+        assert!(Config::parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn interfaces_unique() {
+        rejects_minimal(
+            &[("[\"eth0\"]", "[\"eth0\", \"eth1\", \"eth0\"]")],
+            "datapath.interfaces[2]",
+            "already listed",
+        );
+    }
+
+    #[test]
+    fn mode_nat_only_dsr_names_the_issue() {
+        rejects(&datapath("mode = \"dsr\""), "datapath.mode", "datapath-breadth issue");
+        rejects(&datapath("mode = \"tunnel\""), "datapath.mode", "must be one of \"nat\"");
+    }
+
+    #[test]
+    fn xdp_mode_choices() {
+        for ok in ["auto", "native", "skb"] {
+            assert!(Config::parse(&datapath(&format!("xdp_mode = \"{ok}\""))).is_ok());
+        }
+        rejects(&datapath("xdp_mode = \"driver\""), "datapath.xdp_mode", "\"auto\", \"native\", \"skb\"");
+    }
+
+    #[test]
+    fn affinity_entries_range() {
+        rejects(
+            &datapath("affinity_entries = 1023"),
+            "datapath.affinity_entries",
+            "must be 1024..=134217728, got 1023",
+        );
+        rejects(&datapath("affinity_entries = 134217729"), "datapath.affinity_entries", "got 134217729");
+        assert!(Config::parse(&datapath("affinity_entries = 1024")).is_ok());
+        assert!(Config::parse(&datapath("affinity_entries = 134217728")).is_ok());
+    }
+
+    #[test]
+    fn pin_path_and_socket_absolute() {
+        rejects(&datapath("pin_path = \"bpf/lb\""), "datapath.pin_path", "absolute path");
+        rejects(&format!("{MINIMAL}\n[control]\nsocket = \"lb.sock\""), "control.socket", "absolute path");
+    }
+
+    #[test]
+    fn max_services_range() {
+        rejects(&datapath("max_services = 0"), "datapath.max_services", "must be 1..=4096, got 0");
+        rejects(&datapath("max_services = 4097"), "datapath.max_services", "got 4097");
+    }
+
+    #[test]
+    fn max_backends_range() {
+        rejects(&datapath("max_backends = 0"), "datapath.max_backends", "must be 1..=65536, got 0");
+        rejects(&datapath("max_backends = 65537"), "datapath.max_backends", "got 65537");
+    }
+
+    #[test]
+    fn maglev_table_size_prime_in_range_and_bounded_memory() {
+        rejects(&datapath("maglev_table_size = 65536"), "datapath.maglev_table_size", "65521 and 65537");
+        rejects(&datapath("maglev_table_size = 5"), "datapath.maglev_table_size", "must be 7..=1000003, got 5");
+        rejects(&datapath("maglev_table_size = 1000033"), "datapath.maglev_table_size", "got 1000033");
+        assert!(Config::parse(&datapath("maglev_table_size = 7")).is_ok());
+        // 4096 services * 2 * 65537 * 4 bytes is 2 GiB.
+        rejects(&datapath("max_services = 4096"), "datapath.maglev_table_size", "1 GiB");
+        assert!(Config::parse(&datapath("max_services = 1024")).is_ok());
+        assert!(Config::parse(&datapath("maglev_table_size = 1000003\nmax_services = 134")).is_ok());
+    }
+
+    #[test]
+    fn hash_seed_is_u32() {
+        rejects(&datapath("hash_seed = -1"), "datapath.hash_seed", "must be 0..=4294967295, got -1");
+        rejects(&datapath("hash_seed = 4294967296"), "datapath.hash_seed", "got 4294967296");
+    }
+
+    // ---- control
+
+    #[test]
+    fn metrics_is_a_socket_address() {
+        let ok = Config::parse(&format!("{MINIMAL}\n[control]\nmetrics = \"[::1]:9940\"")).unwrap();
+        assert_eq!(ok.control.metrics, Some("[::1]:9940".parse().unwrap()));
+        rejects(&format!("{MINIMAL}\n[control]\nmetrics = \"localhost\""), "control.metrics", "not an address:port");
+    }
+
+    // ---- services
+
+    #[test]
+    fn service_required_fields() {
+        rejects_minimal(&[("name = \"web\"\n", "")], "services[0].name", "required");
+        rejects_minimal(&[("vip = \"10.0.0.100\"\n", "")], "services[0].vip", "required");
+        rejects_minimal(&[("port = 80\n", "")], "services[0].port", "required");
+    }
+
+    #[test]
+    fn service_name_charset_and_length() {
+        for bad in ["", "web site", "web/1", "wéb", &"x".repeat(65)] {
+            rejects_minimal(&[("name = \"web\"", &format!("name = {bad:?}"))], "services[0].name", "not a valid name");
+        }
+        assert!(Config::parse(&edit(MINIMAL, &[("\"web\"", &format!("\"A-z_0.9{}\"", "x".repeat(57)))])).is_ok());
+    }
+
+    #[test]
+    fn service_names_unique() {
+        rejects(
+            &edit(&two_services(""), &[("name = \"dns\"", "name = \"web\"")]),
+            "services[1].name",
+            "already the name of services[0]",
+        );
+    }
+
+    #[test]
+    fn vip_ipv4_unicast_only() {
+        rejects_minimal(&[("10.0.0.100", "fd00::100")], "services[0].vip", "datapath-breadth issue");
+        rejects_minimal(&[("10.0.0.100", "10.0.0")], "services[0].vip", "not an IPv4 address");
+        rejects_minimal(&[("10.0.0.100", "0.0.0.0")], "services[0].vip", "unspecified");
+        rejects_minimal(&[("10.0.0.100", "224.0.0.1")], "services[0].vip", "multicast");
+        rejects_minimal(&[("10.0.0.100", "255.255.255.255")], "services[0].vip", "broadcast");
+    }
+
+    #[test]
+    fn service_port_range() {
+        rejects_minimal(&[("port = 80", "port = 0")], "services[0].port", "must be 1..=65535, got 0");
+        rejects_minimal(&[("port = 80", "port = 65536")], "services[0].port", "got 65536");
+    }
+
+    #[test]
+    fn protocol_choices() {
+        rejects(&service("protocol = \"sctp\""), "services[0].protocol", "\"tcp\", \"udp\"");
+    }
+
+    #[test]
+    fn vip_port_protocol_unique() {
+        let same =
+            edit(&two_services(""), &[("10.0.0.53", "10.0.0.100"), ("port = 53", "port = 80"), ("\"udp\"", "\"tcp\"")]);
+        rejects(&same, "services[1].vip", "10.0.0.100:80/tcp is already the address of services[0] (\"web\")");
+        // The same VIP and port over another protocol is another service.
+        let other_proto = edit(&two_services(""), &[("10.0.0.53", "10.0.0.100"), ("port = 53", "port = 80")]);
+        assert!(Config::parse(&other_proto).is_ok());
+    }
+
+    #[test]
+    fn affinity_fields() {
+        let aff = |l: &str| service(&format!("[services.affinity]\n{l}"));
+        rejects(&aff("timeout = \"0s\""), "services[0].affinity.timeout", "more than 0");
+        rejects(&aff("timeout = \"31days\""), "services[0].affinity.timeout", "at most 30 days");
+        rejects(&aff("timeout = \"soon\""), "services[0].affinity.timeout", "not a duration");
+        assert!(Config::parse(&aff("timeout = \"30days\"")).is_ok());
+        rejects(&aff("ipv4_prefix = 33"), "services[0].affinity.ipv4_prefix", "must be 0..=32, got 33");
+        rejects(&aff("ipv6_prefix = 129"), "services[0].affinity.ipv6_prefix", "must be 0..=128, got 129");
+        assert!(Config::parse(&aff("ipv4_prefix = 0\nipv6_prefix = 128")).is_ok());
+    }
+
+    #[test]
+    fn health_fields() {
+        let h = |l: &str| service(&format!("[services.health]\n{l}"));
+        rejects(&h("kind = \"icmp\""), "services[0].health.kind", "\"tcp\", \"http\", \"none\"");
+        rejects(&h("path = \"healthz\""), "services[0].health.path", "must start with '/'");
+        rejects(&h("path = \"/a b\""), "services[0].health.path", "no whitespace");
+        rejects(&h("host = \"\""), "services[0].health.host", "non-empty");
+        rejects(&h("interval = \"9ms\""), "services[0].health.interval", "at least 10ms");
+        rejects(&h("interval = \"often\""), "services[0].health.interval", "not a duration");
+        rejects(&h("timeout = \"0s\""), "services[0].health.timeout", "more than 0");
+        rejects(&h("interval = \"1s\"\ntimeout = \"2s\""), "services[0].health.timeout", "longer than health.interval");
+        rejects(&h("rise = 0"), "services[0].health.rise", "must be 1..=100, got 0");
+        rejects(&h("fall = 101"), "services[0].health.fall", "must be 1..=100, got 101");
+        let ok = Config::parse(&h("kind = \"none\"\ninterval = \"10ms\"\ntimeout = \"10ms\"\nrise = 100\nfall = 1"))
+            .unwrap();
+        assert_eq!(ok.services[0].health.kind, HealthKind::None);
+    }
+
+    // ---- backends
+
+    #[test]
+    fn at_least_one_backend() {
+        rejects_minimal(
+            &[("[[services.backends]]\naddress = \"10.1.0.11\"\nport = 8080\n", "")],
+            "services[0].backends",
+            "at least one",
+        );
+    }
+
+    #[test]
+    fn backend_required_fields() {
+        rejects_minimal(&[("address = \"10.1.0.11\"\n", "")], "services[0].backends[0].address", "required");
+        rejects_minimal(&[("port = 8080", "")], "services[0].backends[0].port", "required");
+    }
+
+    #[test]
+    fn backend_address_ipv4_unicast_only() {
+        rejects_minimal(&[("10.1.0.11", "fd00::11")], "services[0].backends[0].address", "datapath-breadth issue");
+        rejects_minimal(&[("10.1.0.11", "backend1")], "services[0].backends[0].address", "not an IPv4 address");
+        rejects_minimal(&[("10.1.0.11", "0.0.0.0")], "services[0].backends[0].address", "unspecified");
+        rejects_minimal(&[("10.1.0.11", "239.1.1.1")], "services[0].backends[0].address", "multicast");
+        rejects_minimal(&[("10.1.0.11", "255.255.255.255")], "services[0].backends[0].address", "broadcast");
+    }
+
+    #[test]
+    fn backend_port_and_weight_ranges() {
+        rejects_minimal(&[("port = 8080", "port = 0")], "services[0].backends[0].port", "must be 1..=65535, got 0");
+        rejects_minimal(&[("port = 8080", "port = 70000")], "services[0].backends[0].port", "got 70000");
+        rejects(&backend("weight = 0"), "services[0].backends[0].weight", "must be 1..=65535, got 0");
+        rejects(&backend("weight = 65536"), "services[0].backends[0].weight", "got 65536");
+    }
+
+    #[test]
+    fn backend_is_not_a_vip() {
+        // A backend of `dns` at the VIP of `web`.
+        let text = edit(&two_services(""), &[("10.1.0.21", "10.0.0.100")]);
+        rejects(&text, "services[1].backends[0].address", "is the VIP of services[0] (\"web\")");
+        // Its own VIP, too.
+        rejects_minimal(&[("10.1.0.11", "10.0.0.100")], "services[0].backends[0].address", "is the VIP of services[0]");
+    }
+
+    #[test]
+    fn backends_unique_within_a_service() {
+        rejects(
+            &two_services("").replacen("10.1.0.22", "10.1.0.21", 1),
+            "services[1].backends[1]",
+            "already listed as backends[0]",
+        );
+        // Same address, another port: fine.
+        assert!(
+            Config::parse(&two_services("").replacen("10.1.0.22", "10.1.0.21", 1).replacen(
+                "port = 5353",
+                "port = 5354",
+                1
+            ))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn backend_endpoint_not_shared_between_services() {
+        // dns's first backend becomes web's backend endpoint, and both services use TCP.
+        let text = edit(
+            &two_services(""),
+            &[("\"udp\"", "\"tcp\""), ("10.1.0.21\"\nport = 5353", "10.1.0.11\"\nport = 8080")],
+        );
+        rejects(&text, "services[1].backends[0]", "ambiguous");
+        // Over different protocols, replies are told apart.
+        let text = edit(&two_services(""), &[("10.1.0.21\"\nport = 5353", "10.1.0.11\"\nport = 8080")]);
+        assert!(Config::parse(&text).is_ok());
+    }
+
+    // ---- capacities
+
+    #[test]
+    fn number_of_services_bounded() {
+        let text = edit(&two_services(""), &[("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nmax_services = 1")]);
+        rejects(&text, "services", "2 services exceed datapath.max_services = 1");
+    }
+
+    #[test]
+    fn total_backends_bounded() {
+        let text = edit(&two_services(""), &[("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nmax_backends = 2")]);
+        rejects(&text, "services", "3 backends in total exceed datapath.max_backends = 2");
+    }
+
+    #[test]
+    fn backends_fit_the_maglev_table() {
+        let mut text = datapath("maglev_table_size = 7");
+        for i in 0..7 {
+            text.push_str(&format!("\n[[services.backends]]\naddress = \"10.1.1.{i}\"\nport = 80\n"));
+        }
+        rejects(&text, "services[0].backends", "8 backends do not fit");
+    }
+
+    // ---- all at once
+
+    #[test]
+    fn reports_every_error() {
+        let text = r#"
+[datapath]
+interfaces = ["eth0", "eth0"]
+mode = "dsr"
+maglev_table_size = 100
+
+[control]
+metrics = "nowhere"
+
+[[services]]
+name = "bad name"
+vip = "::1"
+port = 0
+
+[services.health]
+rise = 0
+
+[[services.backends]]
+address = "10.1.0.11"
+port = 0
+weight = 0
+
+[[services]]
+name = "ok"
+vip = "10.0.0.1"
+port = 80
+
+[[services.backends]]
+address = "10.1.0.12"
+port = 80
+
+[[services.backends]]
+address = "10.1.0.12"
+port = 80
+"#;
+        let errs = Config::parse(text).unwrap_err();
+        let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "datapath.interfaces[1]",
+                "datapath.mode",
+                "datapath.maglev_table_size",
+                "control.metrics",
+                "services[0].name",
+                "services[0].vip",
+                "services[0].port",
+                "services[0].health.rise",
+                "services[0].backends[0].port",
+                "services[0].backends[0].weight",
+                "services[1].backends[1]",
+            ],
+            "\n{errs}"
+        );
+        // Display: one "field: message" per line.
+        let shown = errs.to_string();
+        assert_eq!(shown.lines().count(), fields.len());
+        assert!(shown.lines().next().unwrap().starts_with("datapath.interfaces[1]: "));
+    }
+}

@@ -1,0 +1,414 @@
+//! Datapath fixtures: crafted frames through the loaded XDP program with BPF_PROG_TEST_RUN,
+//! asserting the exact verdict and output bytes. Each test loads its own program and maps and runs
+//! inside its own network namespace (the FIB lookups read that namespace's routes and neighbours).
+//! Needs root.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb::{
+    config::Config,
+    datapath::{Capacity, Datapath},
+    plan::Plan,
+};
+use lb_common::{AffinityKey, AffinityValue, hash::client_slot};
+use tests::{
+    FixtureNs, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, Pkt, assert_frame_eq,
+    checksums_valid, decode, monotonic_ns,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const VIP_MULTI: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const BACKEND1: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 11);
+const BACKEND_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 12);
+
+/// web: one backend with a resolved neighbour (exact-bytes cases); multi: three backends for
+/// the affinity cases; dns: UDP; noarp: a backend without a neighbour entry; short: 2s timeout.
+const CONFIG: &str = r#"
+[datapath]
+interfaces = ["cl", "bk"]
+affinity_entries = 1024
+max_services = 8
+max_backends = 32
+maglev_table_size = 251
+hash_seed = 7
+
+[[services]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+[[services.backends]]
+address = "10.1.0.11"
+port = 8080
+
+[[services]]
+name = "dns"
+vip = "10.0.0.100"
+port = 53
+protocol = "udp"
+[[services.backends]]
+address = "10.1.0.11"
+port = 5353
+
+[[services]]
+name = "multi"
+vip = "10.0.0.101"
+port = 80
+[services.affinity]
+timeout = "2s"
+[[services.backends]]
+address = "10.1.0.11"
+port = 8081
+[[services.backends]]
+address = "10.1.0.12"
+port = 8081
+[[services.backends]]
+address = "10.1.0.13"
+port = 8081
+
+[[services]]
+name = "noarp"
+vip = "10.0.0.102"
+port = 80
+[[services.backends]]
+address = "10.1.0.12"
+port = 9000
+"#;
+
+struct Fixture {
+    dp: Datapath,
+    plan: Plan,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        assert!(nix::unistd::geteuid().is_root(), "datapath tests need root (BPF_PROG_TEST_RUN)");
+        let cfg = Config::parse(CONFIG).unwrap_or_else(|e| panic!("fixture config: {e}"));
+        let mut dp = Datapath::load(Capacity::from_config(&cfg.datapath), None).expect("loading the XDP program");
+        let plan = Plan::new(&cfg);
+        plan.apply(&mut dp).expect("writing the maps");
+        Self { dp, plan }
+    }
+
+    /// Runs one frame arriving on `ingress`; returns the verdict and the output frame.
+    fn run(&mut self, frame: &[u8], ingress: &str) -> (u32, Vec<u8>) {
+        let ifindex = FixtureNs::ifindex(ingress);
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        };
+        let r = self.dp.program().test_run(opts).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.dp.stats().expect("reading STATS")[name]
+    }
+
+    fn service(&self, name: &str) -> &lb::plan::PlannedService {
+        self.plan.services.iter().find(|s| s.config.name == name).expect("fixture service")
+    }
+
+    /// The backend address Maglev gives `client` in service `name`.
+    fn maglev_pick(&self, name: &str, client: Ipv4Addr) -> Ipv4Addr {
+        let s = self.service(name);
+        let masked = u32::from_ne_bytes(client.octets()) & s.entry.v4_mask;
+        let slot = client_slot(self.plan.global.hash_seed, &[masked, 0, 0, 0], self.plan.global.maglev_m);
+        let id = s.table[slot as usize];
+        s.backends.iter().find(|b| b.id == id).expect("backend of the table").config.address
+    }
+
+    fn backend_id(&self, name: &str, addr: Ipv4Addr) -> u32 {
+        self.service(name).backends.iter().find(|b| b.config.address == addr).expect("fixture backend").id
+    }
+
+    fn affinity_of(&self, name: &str, client: Ipv4Addr) -> Option<AffinityValue> {
+        let id = self.service(name).entry.id;
+        let key = AffinityKey { service_id: id, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
+        self.dp.affinity_entries().expect("reading AFFINITY").into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+}
+
+fn in_fixture(tag: &str, f: impl FnOnce(&mut Fixture) + Send) {
+    let ns = FixtureNs::new(tag);
+    ns.run(|| {
+        let mut fx = Fixture::new();
+        f(&mut fx);
+    });
+}
+
+/// What the balancer must send toward backend 1 for `p`: destination rewritten, TTL - 1,
+/// MACs of the backend-side hop, checksums valid.
+fn expected_to_backend1(p: &Pkt, port: u16) -> Vec<u8> {
+    Pkt {
+        dst: BACKEND1,
+        dport: port,
+        ttl: p.ttl - 1,
+        eth_dst: MAC_BACKEND1,
+        eth_src: MAC_LB_BACKEND_SIDE,
+        ..p.clone()
+    }
+    .bytes()
+}
+
+#[test]
+fn tcp_to_vip_is_rewritten_and_redirected() {
+    in_fixture("tcp", |fx| {
+        let p = Pkt::tcp(CLIENT, 40000, VIP, 80);
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        assert_eq!(v, XDP_REDIRECT, "{}", decode(&out));
+        assert_frame_eq(&out, &expected_to_backend1(&p, 8080), "TCP to VIP");
+        checksums_valid(&out).unwrap();
+        assert_eq!(fx.stat("redirect"), 1);
+        assert_eq!(fx.stat("to_vip"), 1);
+        let web = fx.service("web").entry.id;
+        let c = fx.dp.service_counters(web).unwrap();
+        assert_eq!((c.packets, c.bytes, c.new_pins, c.hits), (1, p.bytes().len() as u64, 1, 0));
+    });
+}
+
+#[test]
+fn udp_to_vip_is_rewritten_and_zero_checksum_stays_zero() {
+    in_fixture("udp", |fx| {
+        let p = Pkt::udp(CLIENT, 40001, VIP, 53);
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        assert_eq!(v, XDP_REDIRECT);
+        assert_frame_eq(&out, &expected_to_backend1(&p, 5353), "UDP to VIP");
+
+        let p0 = Pkt { udp_no_checksum: true, ..Pkt::udp(CLIENT, 40002, VIP, 53) };
+        let (v, out) = fx.run(&p0.bytes(), "cl");
+        assert_eq!(v, XDP_REDIRECT);
+        assert_frame_eq(&out, &expected_to_backend1(&p0, 5353), "UDP without checksum");
+        let l4 = 14 + 20;
+        assert_eq!(out[l4 + 6..l4 + 8], [0, 0], "a zero UDP checksum must stay zero");
+    });
+}
+
+#[test]
+fn reply_from_backend_gets_the_vip_back() {
+    in_fixture("reply", |fx| {
+        for (proto_pkt, vport) in [(Pkt::tcp(BACKEND1, 8080, CLIENT, 40000), 80), (Pkt::udp(BACKEND1, 5353, CLIENT, 40001), 53)] {
+            let p = Pkt { eth_dst: MAC_LB_BACKEND_SIDE, eth_src: MAC_BACKEND1, ..proto_pkt };
+            let (v, out) = fx.run(&p.bytes(), "bk");
+            assert_eq!(v, XDP_REDIRECT, "{}", decode(&out));
+            let want = Pkt {
+                src: VIP,
+                sport: vport,
+                ttl: p.ttl - 1,
+                eth_dst: MAC_CLIENT,
+                eth_src: MAC_LB_CLIENT_SIDE,
+                ..p.clone()
+            };
+            assert_frame_eq(&out, &want.bytes(), "reply");
+        }
+        assert_eq!(fx.stat("reply"), 2);
+        let web = fx.service("web").entry.id;
+        assert_eq!(fx.dp.service_counters(web).unwrap().reply_packets, 1);
+    });
+}
+
+#[test]
+fn reply_to_the_balancer_itself_is_not_translated() {
+    in_fixture("local", |fx| {
+        fx.dp.set_local_addrs(&[Ipv4Addr::new(10, 1, 0, 1)]).unwrap();
+        let p = Pkt::tcp(BACKEND1, 8080, Ipv4Addr::new(10, 1, 0, 1), 33000);
+        let (v, out) = fx.run(&p.bytes(), "bk");
+        assert_eq!(v, XDP_PASS);
+        assert_frame_eq(&out, &p.bytes(), "health-check reply");
+        assert_eq!(fx.stat("reply"), 0);
+    });
+}
+
+#[test]
+fn traffic_that_is_not_ours_passes_untouched() {
+    in_fixture("other", |fx| {
+        let mut frames: Vec<(&str, Vec<u8>)> = vec![
+            ("TCP to a non-VIP", Pkt::tcp(CLIENT, 40000, Ipv4Addr::new(10, 0, 0, 1), 22).bytes()),
+            ("VIP, port without a service", Pkt::tcp(CLIENT, 40000, VIP, 443).bytes()),
+            ("VIP, UDP port of the TCP service", Pkt::udp(CLIENT, 40000, VIP, 80).bytes()),
+            ("from a backend port that is not a service's", Pkt::tcp(BACKEND1, 22, CLIENT, 40000).bytes()),
+        ];
+        let mut icmp = Pkt::tcp(CLIENT, 0, VIP, 0).bytes();
+        icmp[23] = 1; // ICMP: not handled by this issue's datapath
+        frames.push(("ICMP to the VIP", icmp));
+        let mut arp = vec![0xffu8; 6];
+        arp.extend_from_slice(&MAC_CLIENT);
+        arp.extend_from_slice(&[0x08, 0x06]);
+        arp.extend_from_slice(&[0u8; 28]);
+        frames.push(("ARP", arp));
+        let mut v6 = Pkt::tcp(CLIENT, 1, VIP, 80).bytes();
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        frames.push(("IPv6 ethertype", v6));
+        for (what, f) in &frames {
+            let (v, out) = fx.run(f, "cl");
+            assert_eq!(v, XDP_PASS, "{what}");
+            assert_frame_eq(&out, f, what);
+        }
+        assert_eq!(fx.stat("pass_not_ours"), frames.len() as u64);
+        assert_eq!(fx.stat("to_vip"), 0);
+    });
+}
+
+#[test]
+fn ipv4_options_are_skipped_and_kept() {
+    in_fixture("opts", |fx| {
+        for opts in [vec![1, 1, 1, 0], vec![0x94, 0x04, 0, 0, 1, 1, 1, 1], vec![1; 40]] {
+            let p = Pkt { options: opts.clone(), ..Pkt::tcp(CLIENT, 40000, VIP, 80) };
+            let (v, out) = fx.run(&p.bytes(), "cl");
+            assert_eq!(v, XDP_REDIRECT, "options {opts:?}");
+            assert_frame_eq(&out, &expected_to_backend1(&p, 8080), "IPv4 with options");
+        }
+    });
+}
+
+#[test]
+fn truncated_packets_are_never_forwarded_and_always_counted() {
+    in_fixture("trunc", |fx| {
+        for (what, p) in [
+            ("TCP", Pkt { payload: vec![], ..Pkt::tcp(CLIENT, 40000, VIP, 80) }),
+            ("UDP", Pkt { payload: vec![], ..Pkt::udp(CLIENT, 40000, VIP, 53) }),
+            ("TCP with options", Pkt { payload: vec![], options: vec![1; 8], ..Pkt::tcp(CLIENT, 40000, VIP, 80) }),
+            ("reply", Pkt { payload: vec![], ..Pkt::tcp(BACKEND1, 8080, CLIENT, 40000) }),
+        ] {
+            let full = p.bytes();
+            for len in 14..full.len() {
+                let before: u64 = fx.dp.stats().unwrap().iter().filter(|(k, _)| !matches!(**k, "to_vip" | "reply")).map(|(_, v)| v).sum();
+                let (v, out) = fx.run(&full[..len], "cl");
+                assert!(v == XDP_PASS || v == XDP_DROP, "{what} truncated to {len} bytes: verdict {v}");
+                if v == XDP_PASS {
+                    assert_frame_eq(&out, &full[..len], &format!("{what} truncated to {len} bytes, passed"));
+                }
+                let after: u64 = fx.dp.stats().unwrap().iter().filter(|(k, _)| !matches!(**k, "to_vip" | "reply")).map(|(_, v)| v).sum();
+                assert_eq!(after, before + 1, "{what} truncated to {len} bytes: exactly one verdict counted");
+                // Once the ports are there, a packet to a VIP or from a backend is ours: dropped.
+                let l4 = 14 + p.ihl_bytes();
+                if len >= l4 + 4 {
+                    assert_eq!(v, XDP_DROP, "{what} truncated to {len} bytes (ports present) must be dropped");
+                }
+            }
+        }
+        assert!(fx.stat("drop_malformed") > 0 && fx.stat("pass_malformed") > 0);
+        assert_eq!(fx.stat("redirect") + fx.stat("tx") + fx.stat("pass_fib"), 0);
+    });
+}
+
+#[test]
+fn bad_ihl_and_bad_total_length_are_dropped() {
+    in_fixture("badlen", |fx| {
+        let good = Pkt::tcp(CLIENT, 40000, VIP, 80).bytes();
+        let mut ihl4 = good.clone();
+        ihl4[14] = 0x44; // IHL 16 bytes: invalid
+        let (v, out) = fx.run(&ihl4, "cl");
+        assert_eq!(v, XDP_PASS);
+        assert_frame_eq(&out, &ihl4, "IHL < 5");
+        let mut long = good.clone();
+        long[16..18].copy_from_slice(&((good.len() - 14 + 10) as u16).to_be_bytes());
+        assert_eq!(fx.run(&long, "cl").0, XDP_DROP, "total length beyond the frame");
+        let mut short = good.clone();
+        short[16..18].copy_from_slice(&30u16.to_be_bytes());
+        assert_eq!(fx.run(&short, "cl").0, XDP_DROP, "total length shorter than the headers");
+        assert_eq!(fx.stat("drop_malformed"), 2);
+        assert_eq!(fx.stat("pass_malformed"), 1);
+    });
+}
+
+#[test]
+fn unresolved_next_hop_is_rewritten_and_passed_to_the_kernel() {
+    in_fixture("noneigh", |fx| {
+        let p = Pkt::tcp(CLIENT, 40000, Ipv4Addr::new(10, 0, 0, 102), 80);
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        assert_eq!(v, XDP_PASS);
+        // Rewritten, but MACs and TTL are the kernel's business on this path.
+        let want = Pkt { dst: BACKEND_UNRESOLVED, dport: 9000, ..p.clone() };
+        assert_frame_eq(&out, &want.bytes(), "next hop unresolved");
+        assert_eq!(fx.stat("pass_fib"), 1);
+    });
+}
+
+#[test]
+fn first_packet_pins_and_later_packets_hit() {
+    in_fixture("pin", |fx| {
+        let multi = fx.service("multi").entry.id;
+        let client = Ipv4Addr::new(10, 0, 0, 2);
+        assert!(fx.affinity_of("multi", client).is_none());
+        let pick = fx.maglev_pick("multi", client);
+        let p = Pkt::tcp(client, 40000, VIP_MULTI, 80);
+        fx.run(&p.bytes(), "cl");
+        let e = fx.affinity_of("multi", client).expect("an affinity entry after the first packet");
+        assert_eq!(e.backend_id, fx.backend_id("multi", pick), "the pin is Maglev's pick");
+        let c = fx.dp.service_counters(multi).unwrap();
+        assert_eq!((c.new_pins, c.hits), (1, 0));
+        for port in 40001..40005 {
+            fx.run(&Pkt::tcp(client, port, VIP_MULTI, 80).bytes(), "cl");
+        }
+        let c = fx.dp.service_counters(multi).unwrap();
+        assert_eq!((c.new_pins, c.hits, c.packets), (1, 4, 5), "one pin, then hits for every new connection");
+    });
+}
+
+#[test]
+fn a_pin_overrides_maglev() {
+    in_fixture("override", |fx| {
+        let client = Ipv4Addr::new(10, 0, 0, 2);
+        let multi = fx.service("multi").entry.id;
+        // Pin the client to a backend Maglev would not give it; the pin must win.
+        let pick = fx.maglev_pick("multi", client);
+        let other = fx.service("multi").backends.iter().find(|b| b.config.address != pick).unwrap().clone();
+        let now = monotonic_ns();
+        let key = AffinityKey { service_id: multi, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
+        fx.dp.write_affinity(key, AffinityValue { backend_id: other.id, _pad: 0, last_seen_ns: now, created_ns: now }).unwrap();
+        let (_, out) = fx.run(&Pkt::tcp(client, 40000, VIP_MULTI, 80).bytes(), "cl");
+        assert_eq!(out[30..34], other.config.address.octets(), "went to the pinned backend: {}", decode(&out));
+        assert_eq!(u16::from_be_bytes([out[36], out[37]]), 8081);
+        assert_eq!(fx.dp.backend_counters(other.id).unwrap().hits, 1);
+    });
+}
+
+#[test]
+fn an_expired_pin_is_reselected() {
+    in_fixture("expired", |fx| {
+        let client = Ipv4Addr::new(10, 0, 0, 2);
+        let multi = fx.service("multi").entry.id;
+        let pick = fx.maglev_pick("multi", client);
+        let other = fx.service("multi").backends.iter().find(|b| b.config.address != pick).unwrap().clone();
+        // Idle for 3 s against a 2 s timeout.
+        let then = monotonic_ns() - 3_000_000_000;
+        let key = AffinityKey { service_id: multi, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
+        fx.dp.write_affinity(key, AffinityValue { backend_id: other.id, _pad: 0, last_seen_ns: then, created_ns: then }).unwrap();
+        let (_, out) = fx.run(&Pkt::tcp(client, 40000, VIP_MULTI, 80).bytes(), "cl");
+        assert_eq!(out[30..34], pick.octets(), "re-selected by Maglev: {}", decode(&out));
+        let c = fx.dp.service_counters(multi).unwrap();
+        assert_eq!((c.expired, c.new_pins, c.hits), (1, 1, 0));
+        let e = fx.affinity_of("multi", client).unwrap();
+        assert_eq!(e.backend_id, fx.backend_id("multi", pick));
+        assert!(e.created_ns > then && e.last_seen_ns > then, "the entry was renewed");
+    });
+}
+
+#[test]
+fn clients_spread_over_backends_and_stay() {
+    in_fixture("spread", |fx| {
+        let mut seen = std::collections::BTreeMap::new();
+        for i in 10..250u8 {
+            let client = Ipv4Addr::new(10, 0, 0, i);
+            let p = Pkt::tcp(client, 40000, VIP_MULTI, 80);
+            let (_, a) = fx.run(&p.bytes(), "cl");
+            let (_, b) = fx.run(&Pkt { sport: 50000, ..p }.bytes(), "cl");
+            assert_eq!(a[30..34], b[30..34], "client {client} moved between connections");
+            assert_eq!(a[30..34], fx.maglev_pick("multi", client).octets());
+            *seen.entry(Ipv4Addr::new(a[30], a[31], a[32], a[33])).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "every backend gets clients: {seen:?}");
+    });
+}
