@@ -347,3 +347,116 @@ fn missing_interface_fails_cleanly() {
         "an XDP program stayed attached after the failed start:\n{links}\n--- lb output ---\n{all}"
     );
 }
+
+/// `lb status --output json` from the running daemon.
+fn status_json(lab: &Lab, bin: &Path) -> lb::control::StatusReport {
+    let out = lab.lb_cli(bin, &["status", "--output", "json"]).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(out.status.success(), "lb status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("lb status JSON: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn status_counts_match_the_traffic_and_sigterm_cleans_up() {
+    let bin = lb_bin();
+    let mut lab = create_lab(LabSpec { clients: 12, backends: 3 });
+    start_lb(&mut lab, &bin);
+    let vip = SocketAddrV4::new(lab.vip(), VIP_HTTP_PORT);
+    let before = status_json(&lab, &bin);
+    let web = before.services.iter().find(|s| s.name == "web").expect("service web in status");
+    assert_eq!((web.counters.packets, web.counters.new_pins), (0, 0), "no traffic yet");
+    assert_eq!(before.interfaces.len(), lab.interfaces().len(), "every interface is reported");
+    assert!(before.interfaces.iter().all(|i| i.mode == "native" || i.mode == "generic"));
+    assert_eq!(web.backends.iter().map(|b| b.slots).sum::<u32>(), before.maglev_table_size);
+
+    let clients = lab.client_addrs();
+    for client in &clients {
+        for _ in 0..3 {
+            if let Err(e) = lab.http_get(*client, vip, REQUEST_TIMEOUT) {
+                fail(&lab, &format!("request from {client}: {e:#}"));
+            }
+        }
+    }
+    let after = status_json(&lab, &bin);
+    let web = after.services.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(web.counters.new_pins, clients.len() as u64, "one pin per client: {web:?}");
+    assert!(web.counters.hits >= (clients.len() * 2) as u64, "later connections hit their pin: {web:?}");
+    assert!(web.counters.reply_packets > 0, "replies were translated: {web:?}");
+    let sum = |f: fn(&lb::control::CountersReport) -> u64| web.backends.iter().map(|b| f(&b.counters)).sum::<u64>();
+    assert_eq!(sum(|c| c.packets), web.counters.packets, "backend packets add up to the service's");
+    assert_eq!(sum(|c| c.new_pins), web.counters.new_pins);
+    assert_eq!(sum(|c| c.reply_packets), web.counters.reply_packets);
+    assert_eq!(after.stats["to_vip"], web.counters.packets, "every packet to the VIP was counted once");
+    let text = lab.lb_cli(&bin, &["status"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("service web 10.200.100.1:80/tcp"), "text status:\n{text}");
+
+    // SIGTERM: a clean exit, nothing left attached.
+    match lab.stop_lb() {
+        Ok(Some(st)) => assert!(st.success(), "lb exited with {st} on SIGTERM:\n{}", lab.lb_log_tail(20)),
+        other => panic!("stopping lb: {other:?}"),
+    }
+    assert_no_xdp(&lab, "after SIGTERM");
+}
+
+/// Asserts that no interface of the balancer namespace has an XDP program attached.
+fn assert_no_xdp(lab: &Lab, when: &str) {
+    let links = output_timeout(Command::new("ip").args(["-n", lab.ns_lb(), "-d", "link", "show"]), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.lines().any(|l| l.contains("xdp")), "XDP still attached {when}:\n{links}");
+}
+
+#[test]
+fn attach_failure_leaves_nothing_attached_or_pinned() {
+    let bin = lb_bin();
+    let lab = create_lab(LabSpec { clients: 1, backends: 1 });
+    // eth0 (veth) takes native XDP, lo does not: the start fails after eth0 was attached and the
+    // maps were pinned, and must undo both. nsenter keeps this mount namespace, so the pins are
+    // visible here afterwards (ip netns exec would give lb a private one).
+    let pin_dir = lab.config_path().parent().unwrap().join("bpf");
+    let cfg = lab
+        .render_config(&["eth0".to_string(), "lo".to_string()])
+        .replace("xdp_mode = \"auto\"", "xdp_mode = \"native\"")
+        .replace("pin_path = \"/sys/fs/bpf/lb\"", &format!("pin_path = \"{}\"", pin_dir.display()));
+    assert!(cfg.contains("native") && cfg.contains(&pin_dir.display().to_string()), "lab config changed shape:\n{cfg}");
+    lab.write_config(&cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    let out = output_timeout(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.ns_lb()))
+            .arg(&bin)
+            .args(["--socket"])
+            .arg(lab.socket_path())
+            .args(["run", "--config"])
+            .arg(lab.config_path())
+            .env("NO_COLOR", "1"),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "lb run succeeded attaching native XDP to lo:\n{stderr}");
+    let err_line = stderr.lines().find(|l| l.starts_with("lb: error:")).unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+    assert!(err_line.contains("lo"), "the error names the interface: {err_line}");
+    assert_no_xdp(&lab, "after a failed start");
+    let left: Vec<_> = fs::read_dir(&pin_dir).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "pins left behind in {}: {left:?}", pin_dir.display());
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&pin_dir.display().to_string()), "bpffs left mounted at {}", pin_dir.display());
+    assert!(!lab.socket_path().exists(), "control socket left behind");
+}
+
+#[test]
+fn not_root_is_refused_with_one_line() {
+    let bin = lb_bin();
+    let cfg = std::env::temp_dir().join(format!("lb-e2e-nonroot-{}.toml", std::process::id()));
+    fs::write(&cfg, LabSpec { clients: 1, backends: 1 }.config_toml(&["eth0".into()], Path::new("/tmp/lb-e2e-nonroot.sock"))).unwrap();
+    let out = output_timeout(
+        Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&bin).args(["run", "--config"]).arg(&cfg),
+        Duration::from_secs(20),
+    );
+    let _ = fs::remove_file(&cfg);
+    let out = out.unwrap_or_else(|e| panic!("{e:#}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "lb run succeeded without root");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("lb: error:")).collect();
+    assert!(errors.len() == 1 && errors[0].contains("root"), "one line naming root:\n{stderr}");
+}
