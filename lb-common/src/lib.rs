@@ -171,9 +171,11 @@ pub struct Reverse {
 }
 const _: () = assert!(core::mem::size_of::<Reverse>() == 16);
 
-/// Per service and per backend counters (per CPU in the maps; userspace sums them).
+/// Per service and per backend counters (per CPU in the maps; userspace sums them and reports
+/// them as they are, so the field names are also the status/JSON names).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct Counters {
     /// Packets forwarded toward this service/backend (client to backend direction).
     pub packets: u64,

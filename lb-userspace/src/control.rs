@@ -22,33 +22,8 @@ use tokio::{
 
 use crate::daemon::Daemon;
 
-/// Counters as reported (per-CPU values summed).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CountersReport {
-    pub packets: u64,
-    pub bytes: u64,
-    pub new_pins: u64,
-    pub hits: u64,
-    pub expired: u64,
-    pub failovers: u64,
-    pub reply_packets: u64,
-    pub reply_bytes: u64,
-}
-
-impl From<Counters> for CountersReport {
-    fn from(c: Counters) -> Self {
-        Self {
-            packets: c.packets,
-            bytes: c.bytes,
-            new_pins: c.new_pins,
-            hits: c.hits,
-            expired: c.expired,
-            failovers: c.failovers,
-            reply_packets: c.reply_packets,
-            reply_bytes: c.reply_bytes,
-        }
-    }
-}
+/// Counters as reported: per-CPU values summed.
+pub type CountersReport = Counters;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InterfaceReport {

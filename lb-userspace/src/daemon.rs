@@ -42,7 +42,7 @@ impl Daemon {
                     weight: b.config.weight,
                     state: "up".into(),
                     slots: s.table.iter().filter(|id| **id == b.id).count() as u32,
-                    counters: self.dp.backend_counters(b.id)?.into(),
+                    counters: self.dp.backend_counters(b.id)?,
                 });
             }
             services.push(ServiceReport {
@@ -53,7 +53,7 @@ impl Daemon {
                 protocol: s.config.protocol.to_string(),
                 affinity_timeout: humantime::format_duration(s.config.affinity.timeout).to_string(),
                 ipv4_prefix: s.config.affinity.ipv4_prefix,
-                counters: self.dp.service_counters(s.entry.id)?.into(),
+                counters: self.dp.service_counters(s.entry.id)?,
                 backends,
             });
         }
