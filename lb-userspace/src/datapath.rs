@@ -359,18 +359,37 @@ impl Drop for Datapath {
     }
 }
 
+/// How many lines of the verifier log a rejection shows (the error is at the end).
+const VERIFIER_TAIL_LINES: usize = 20;
+
 /// Turns a program load failure into one line plus the verifier log's tail.
 fn describe_load_error(e: ProgramError) -> anyhow::Error {
     match e {
         ProgramError::LoadError { io_error, verifier_log } => {
-            let log = verifier_log.to_string();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-            anyhow!(
-                "the kernel verifier rejected the XDP program ({io_error}); last lines of the \
-                 verifier log:\n{tail}"
-            )
+            anyhow!(verifier_rejection(&io_error, &verifier_log.to_string()))
         }
         other => anyhow!(other).context("loading the XDP program"),
+    }
+}
+
+fn verifier_rejection(io_error: &std::io::Error, log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join("\n");
+    format!("the kernel verifier rejected the XDP program ({io_error}); last lines of the verifier log:\n{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_rejection_shows_one_line_then_the_logs_tail() {
+        let log: String = (1..=50).map(|i| format!("{i}: insn\n")).collect::<String>() + "invalid access to packet\n\n";
+        let msg = verifier_rejection(&std::io::Error::from_raw_os_error(libc::EACCES), &log);
+        let lines: Vec<&str> = msg.lines().collect();
+        assert!(lines[0].starts_with("the kernel verifier rejected the XDP program (Permission denied"));
+        assert_eq!(lines.len(), 1 + VERIFIER_TAIL_LINES);
+        assert_eq!(*lines.last().unwrap(), "invalid access to packet");
+        assert_eq!(lines[1], "32: insn");
     }
 }
