@@ -15,6 +15,10 @@ pub mod hash;
 /// `CONFIG[0].layout_version`; a daemon refuses to adopt pinned state of another version.
 pub const LAYOUT_VERSION: u32 = 1;
 
+/// Pin name of the XDP link of interface `ifname` under the pin path is `LINK_PIN_PREFIX` +
+/// `ifname`: the attachment outlives the daemon, so a restart never interrupts traffic.
+pub const LINK_PIN_PREFIX: &str = "link_";
+
 /// Map names, as the XDP program declares them and as they are pinned under `datapath.pin_path`.
 pub mod maps {
     /// Array[1] of [`crate::GlobalConfig`].
@@ -23,8 +27,8 @@ pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     /// Array[max_backends] of [`crate::Backend`], indexed by backend id.
     pub const BACKENDS: &str = "BACKENDS";
-    /// Array[max_services * 2 * maglev_m] of backend ids: each service owns two tables (double
-    /// buffer); `Service::table` names the live one.
+    /// Array[max_services * 2 * maglev_words(maglev_m)] of u64, each holding four 16-bit backend
+    /// ids: each service owns two tables (double buffer); `Service::table` names the live one.
     pub const MAGLEV: &str = "MAGLEV";
     /// LRU hash [`crate::AffinityKey`] -> [`crate::AffinityValue`].
     pub const AFFINITY: &str = "AFFINITY";
@@ -40,7 +44,14 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Per-CPU array[`crate::stat::COUNT`] of u64, indexed by [`crate::stat`] codes.
     pub const STATS: &str = "STATS";
+    /// Hash [u8; 16] (interface name, NUL-padded) -> u32 (`crate::ATTACH_NATIVE` or
+    /// `crate::ATTACH_GENERIC`); written and read by the daemon only.
+    pub const ATTACH_MODES: &str = "ATTACH_MODES";
 }
+
+/// Attach modes recorded in `ATTACH_MODES`.
+pub const ATTACH_NATIVE: u32 = 1;
+pub const ATTACH_GENERIC: u32 = 2;
 
 /// The XDP program's name (the function carrying `#[xdp]`).
 pub const PROGRAM_NAME: &str = "lb_xdp";
@@ -70,8 +81,13 @@ pub struct GlobalConfig {
     /// Maglev table size M (a prime); 0 means the daemon has not configured the datapath yet.
     pub maglev_m: u32,
     pub flags: u32,
+    /// Capacities the maps were created with; a daemon adopting pinned maps checks them.
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub affinity_entries: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 32);
 
 /// (address, port, protocol): a service's VIP, or a backend's endpoint in `REVERSE`.
 #[repr(C)]
@@ -112,14 +128,28 @@ pub struct Service {
     pub v6_mask: [u32; 4],
     /// Number of distinct backends in the live table; 0 means no backend can take new clients.
     pub backend_count: u32,
-    pub _pad: u32,
+    /// Version of the live table (bumped by every rebuild), for diagnostics.
+    pub generation: u32,
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 56);
 
+/// Service flags (`Service::flags`).
+/// Every backend is down: the table holds all of them and pins to down backends stay valid
+/// ("fail open": routing to a maybe-dead backend beats dropping everything).
+pub const SERVICE_F_FAIL_OPEN: u32 = 1;
+
 /// Backend state flags (`Backend::flags`).
+/// Healthy (or not health-checked) and not force-drained: its pins are valid.
 pub const BACKEND_F_UP: u16 = 1;
-/// Draining: keeps its pinned clients, takes no new ones.
+/// Draining: takes no new clients (it is left out of the Maglev table); its pins stay valid while
+/// it is up.
 pub const BACKEND_F_DRAINING: u16 = 2;
+/// Force-drained: its pins are re-selected at the client's next packet (BACKEND_F_UP is clear).
+pub const BACKEND_F_FORCED: u16 = 4;
+/// Health checks say down (BACKEND_F_UP is clear); kept so a restarted daemon knows why.
+pub const BACKEND_F_HEALTH_DOWN: u16 = 8;
+/// The slot is in use (an all-zero slot is free).
+pub const BACKEND_F_IN_USE: u16 = 0x8000;
 
 /// A backend, `BACKENDS[id]`.
 #[repr(C)]
@@ -254,10 +284,28 @@ pub mod stat {
     ];
 }
 
-/// Index of a Maglev slot in the `MAGLEV` array.
+/// Backend ids in a Maglev table are 16 bits wide, four to a 64-bit array element: array map
+/// elements are 8-byte aligned anyway, and this keeps a 65537-slot table at 128 KiB.
+pub const MAGLEV_IDS_PER_WORD: u32 = 4;
+/// The largest backend id a Maglev table can hold.
+pub const MAX_BACKEND_ID: u32 = u16::MAX as u32;
+
+/// Number of 64-bit words of one Maglev table of `m` slots.
+#[inline(always)]
+pub const fn maglev_words(m: u32) -> u32 {
+    m.div_ceil(MAGLEV_IDS_PER_WORD)
+}
+
+/// Index in the `MAGLEV` array of the word holding `slot` of `service_id`'s table `table`.
 #[inline(always)]
 pub const fn maglev_index(service_id: u32, table: u32, m: u32, slot: u32) -> u32 {
-    (service_id * 2 + (table & 1)) * m + slot
+    (service_id * 2 + (table & 1)) * maglev_words(m) + slot / MAGLEV_IDS_PER_WORD
+}
+
+/// The backend id of `slot` inside its word.
+#[inline(always)]
+pub const fn maglev_slot_id(word: u64, slot: u32) -> u32 {
+    ((word >> ((slot % MAGLEV_IDS_PER_WORD) * 16)) & 0xffff) as u32
 }
 
 /// IPv4 mask for a prefix length, network order (`prefix` is clamped to 32).
@@ -321,9 +369,18 @@ mod tests {
 
     #[test]
     fn maglev_regions_do_not_overlap() {
-        let m = 7;
-        assert_eq!(maglev_index(0, 0, m, 6), 6);
-        assert_eq!(maglev_index(0, 1, m, 0), 7);
-        assert_eq!(maglev_index(1, 0, m, 0), 14);
+        let m = 7; // two words per table
+        assert_eq!(maglev_words(m), 2);
+        assert_eq!(maglev_index(0, 0, m, 3), 0);
+        assert_eq!(maglev_index(0, 0, m, 6), 1);
+        assert_eq!(maglev_index(0, 1, m, 0), 2);
+        assert_eq!(maglev_index(1, 0, m, 0), 4);
+        assert_eq!(maglev_index(1, 1, m, 5), 7);
+    }
+
+    #[test]
+    fn maglev_ids_unpack() {
+        let word: u64 = 0x0004_0003_0002_0001;
+        assert_eq!([0, 1, 2, 3, 4, 5].map(|s| maglev_slot_id(word, s)), [1, 2, 3, 4, 1, 2]);
     }
 }

@@ -24,8 +24,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use lb_common::{
-    AffinityKey, AffinityValue, BACKEND_F_UP, Counters, LAST_SEEN_REFRESH_NS, PROTO_TCP, PROTO_UDP,
-    ServiceKey, csum, hash::client_slot, maglev_index, stat,
+    AffinityKey, AffinityValue, BACKEND_F_IN_USE, BACKEND_F_UP, Counters, LAST_SEEN_REFRESH_NS,
+    PROTO_TCP, PROTO_UDP, SERVICE_F_FAIL_OPEN, ServiceKey, csum, hash::client_slot, maglev_index,
+    maglev_slot_id, stat,
 };
 use maps::{
     AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, LOCAL_ADDRS, MAGLEV, REVERSE, SERVICE_STATS,
@@ -283,8 +284,13 @@ fn select(ctx: &XdpContext, meta: &PacketMeta, svc: &lb_common::Service) -> Resu
         let idle = now.saturating_sub(e.last_seen_ns);
         let fresh = idle <= svc.timeout_ns
             && (svc.max_age_ns == 0 || now.saturating_sub(e.created_ns) <= svc.max_age_ns);
+        // Fail open: with every backend down, pins stay where they are.
         let usable = match BACKENDS.get(backend_id) {
-            Some(b) => b.flags & BACKEND_F_UP != 0 && b.service_id == svc.id,
+            Some(b) => {
+                b.service_id == svc.id
+                    && (b.flags & BACKEND_F_UP != 0 || svc.flags & SERVICE_F_FAIL_OPEN != 0)
+                    && b.flags & BACKEND_F_IN_USE != 0
+            }
             None => false,
         };
         if fresh && usable {
@@ -313,11 +319,11 @@ fn select(ctx: &XdpContext, meta: &PacketMeta, svc: &lb_common::Service) -> Resu
         return Err(drop(stat::ABORTED));
     }
     let slot = client_slot(cfg.hash_seed, &key.addr, m);
-    let Some(backend_id) = MAGLEV.get(maglev_index(svc.id, svc.table, m, slot)) else {
+    let Some(word) = MAGLEV.get(maglev_index(svc.id, svc.table, m, slot)) else {
         error!(ctx, "service {}: Maglev slot {} out of range", svc.id, slot);
         return Err(drop(stat::ABORTED));
     };
-    let backend_id = *backend_id;
+    let backend_id = maglev_slot_id(*word, slot);
     let val = AffinityValue { backend_id, _pad: 0, last_seen_ns: now, created_ns: now };
     // BPF_ANY: a concurrent insert for the same client picked the same backend anyway.
     let _ = AFFINITY.insert(&key, &val, 0);

@@ -24,11 +24,14 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(DE
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Two Maglev tables per service (double buffer), `maglev_index(service, table, m, slot)` ->
-/// backend id. Memory-mappable: the daemon writes a whole table with one copy, not M syscalls.
+/// Two Maglev tables per service (double buffer), four 16-bit backend ids per word:
+/// `maglev_index(service, table, m, slot)` -> word. Memory-mappable: the daemon writes a whole
+/// table with one copy, not M syscalls.
 #[map(name = "MAGLEV")]
-pub static MAGLEV: Array<u32> =
-    Array::with_max_entries(DEFAULT_MAX_SERVICES * 2 * DEFAULT_MAGLEV_M, BPF_F_MMAPABLE);
+pub static MAGLEV: Array<u64> = Array::with_max_entries(
+    DEFAULT_MAX_SERVICES * 2 * lb_common::maglev_words(DEFAULT_MAGLEV_M),
+    BPF_F_MMAPABLE,
+);
 
 /// (service, client prefix) -> (backend, last seen, created): the sticky-session table. LRU with
 /// the common free list (fewer early evictions than per-CPU lists on small machines).
@@ -51,6 +54,11 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 /// Per-backend counters, by backend id.
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Interface name (NUL-padded) -> how the daemon attached there (`lb_common::ATTACH_*`). Read by
+/// the daemon only: a restarted daemon learns the modes of the links it adopts.
+#[map(name = "ATTACH_MODES")]
+pub static ATTACH_MODES: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);
 
 /// Verdict and reason counters, by `lb_common::stat` code.
 #[map(name = "STATS")]

@@ -8,6 +8,9 @@ use nix::{
     sys::statfs::statfs,
 };
 
+/// Entries the kernel puts in the root of every new bpffs when bpf_preload is built in.
+const PRELOADED: [&str; 2] = ["maps.debug", "progs.debug"];
+
 /// statfs(2) magic of bpffs (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -15,15 +18,30 @@ fn is_bpffs(p: &Path) -> bool {
     statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
 }
 
-/// A prepared pin directory. Remembers a bpffs it mounted on the directory itself, so that
-/// [`PinDir::release`] can unmount it again.
+/// Whether `p` is itself the mount point of a bpffs (per /proc/self/mountinfo).
+fn is_bpffs_mountpoint(p: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = p.to_string_lossy();
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        // mount point is field 5; the filesystem type follows the " - " separator.
+        let fstype = f.iter().position(|x| *x == "-").and_then(|i| f.get(i + 1));
+        f.get(4).is_some_and(|m| *m == want) && fstype.is_some_and(|t| *t == "bpf")
+    })
+}
+
+/// A pin directory on a BPF filesystem.
 #[derive(Debug)]
 pub struct PinDir {
     pub path: PathBuf,
-    mounted_here: bool,
 }
 
 impl PinDir {
+    /// An existing pin directory (for `lb down`).
+    pub fn existing(path: &Path) -> Self {
+        Self { path: path.into() }
+    }
+
     /// Makes `path` a directory on a bpffs:
     /// - already on bpffs: use it (creating it inside its bpffs parent if needed);
     /// - its nearest existing ancestor is an empty directory that is not bpffs (as `/sys/fs/bpf`
@@ -34,7 +52,7 @@ impl PinDir {
             bail!("datapath.pin_path {}: must be an absolute path", path.display());
         }
         if path.is_dir() && is_bpffs(path) {
-            return Ok(Self { path: path.into(), mounted_here: false });
+            return Ok(Self { path: path.into() });
         }
         let ancestor = path.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
         if !ancestor.is_dir() {
@@ -42,22 +60,23 @@ impl PinDir {
         }
         if is_bpffs(ancestor) {
             std::fs::create_dir_all(path).with_context(|| format!("creating pin directory {}", path.display()))?;
-            return Ok(Self { path: path.into(), mounted_here: false });
+            return Ok(Self { path: path.into() });
         }
         let empty = std::fs::read_dir(ancestor).map(|mut d| d.next().is_none()).unwrap_or(false);
         if ancestor != path && empty && ancestor != Path::new("/") {
             mount_bpffs(ancestor)?;
             tracing::info!(at = %ancestor.display(), "mounted bpffs");
             std::fs::create_dir_all(path).with_context(|| format!("creating pin directory {}", path.display()))?;
-            return Ok(Self { path: path.into(), mounted_here: false });
+            return Ok(Self { path: path.into() });
         }
         std::fs::create_dir_all(path).with_context(|| format!("creating pin directory {}", path.display()))?;
         mount_bpffs(path)?;
         tracing::info!(at = %path.display(), "mounted bpffs");
-        Ok(Self { path: path.into(), mounted_here: true })
+        Ok(Self { path: path.into() })
     }
 
-    /// Removes the pins named `names` (and the bpffs this process mounted on the directory).
+    /// Removes the pins named `names`; then, if the directory is a bpffs mounted right on it and
+    /// nothing else is pinned there, unmounts it (a shared bpffs with other pins stays).
     pub fn release(&self, names: &[&str]) {
         for n in names {
             let p = self.path.join(n);
@@ -67,7 +86,12 @@ impl PinDir {
                 tracing::warn!(pin = %p.display(), error = %e, "removing pin");
             }
         }
-        if self.mounted_here
+        // A fresh bpffs root may hold the kernel's preloaded iterators (bpf_preload): not pins.
+        let empty = std::fs::read_dir(&self.path)
+            .map(|d| d.filter_map(|e| e.ok()).all(|e| PRELOADED.contains(&e.file_name().to_string_lossy().as_ref())))
+            .unwrap_or(false);
+        if empty
+            && is_bpffs_mountpoint(&self.path)
             && let Err(e) = umount2(&self.path, MntFlags::MNT_DETACH)
         {
             tracing::warn!(at = %self.path.display(), error = %e, "unmounting bpffs");

@@ -33,6 +33,8 @@ const BREADTH_ISSUE: &str = "the datapath-breadth issue";
 const DEFAULT_WEIGHT: u32 = 100;
 const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Upper bound of `affinity.max_age`.
+const MAX_PIN_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 /// Cap on the `MAGLEV` array (`max_services * 2 * maglev_table_size` u32 slots): beyond this the
 /// map is more memory than any sane deployment wants locked in the kernel.
@@ -130,11 +132,14 @@ pub struct AffinityConfig {
     /// Clients sharing this many leading address bits share a backend.
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
+    /// Cap on a pin's whole life, even for a client that never goes idle; none when absent.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
 }
 
 impl Default for AffinityConfig {
     fn default() -> Self {
-        Self { timeout: DEFAULT_AFFINITY_TIMEOUT, ipv4_prefix: 32, ipv6_prefix: 64 }
+        Self { timeout: DEFAULT_AFFINITY_TIMEOUT, ipv4_prefix: 32, ipv6_prefix: 64, max_age: None }
     }
 }
 
@@ -185,6 +190,19 @@ pub struct BackendConfig {
     pub address: Ipv4Addr,
     pub port: u16,
     pub weight: u32,
+    /// Administrative state from the config (`lb drain`/`lb undrain` override it at run time).
+    pub state: BackendState,
+}
+
+/// A backend's administrative state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Takes new clients (when healthy).
+    #[default]
+    Active,
+    /// Takes no new clients; clients pinned to it keep it until their pin times out.
+    Draining,
 }
 
 macro_rules! display_as_serde_name {
@@ -208,6 +226,7 @@ display_as_serde_name! {
     XdpMode { Auto => "auto", Native => "native", Skb => "skb" }
     Protocol { Tcp => "tcp", Udp => "udp" }
     HealthKind { Tcp => "tcp", Http => "http", None => "none" }
+    BackendState { Active => "active", Draining => "draining" }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -326,6 +345,7 @@ struct RawAffinity {
     timeout: Option<String>,
     ipv4_prefix: Option<i64>,
     ipv6_prefix: Option<i64>,
+    max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -346,6 +366,7 @@ struct RawBackend {
     address: Option<String>,
     port: Option<i64>,
     weight: Option<i64>,
+    state: Option<String>,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -524,7 +545,14 @@ fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
         e.int("datapath.affinity_entries", r.affinity_entries, lb_common::DEFAULT_AFFINITY_ENTRIES, 1024, 1 << 27);
     let pin_path = e.absolute_path("datapath.pin_path", r.pin_path.as_deref(), DEFAULT_PIN_PATH);
     let max_services = e.int("datapath.max_services", r.max_services, lb_common::DEFAULT_MAX_SERVICES, 1, 4096);
-    let max_backends = e.int("datapath.max_backends", r.max_backends, lb_common::DEFAULT_MAX_BACKENDS, 1, 65536);
+    // Maglev tables hold 16-bit backend ids.
+    let max_backends = e.int(
+        "datapath.max_backends",
+        r.max_backends,
+        lb_common::DEFAULT_MAX_BACKENDS,
+        1,
+        i64::from(lb_common::MAX_BACKEND_ID) + 1,
+    );
     let hash_seed = e.int("datapath.hash_seed", r.hash_seed, 0u32, 0, u32::MAX.into());
 
     let field = "datapath.maglev_table_size";
@@ -535,12 +563,12 @@ fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
             e.push(field, format!("must be prime (Maglev fills its table by prime strides), got {m}; nearest primes are {below} and {above}"));
             maglev_table_size = None;
         } else if let Some(s) = max_services {
-            let bytes = u64::from(s) * 2 * u64::from(m) * 4;
+            let bytes = u64::from(s) * 2 * u64::from(lb_common::maglev_words(m)) * 8;
             if bytes > MAX_MAGLEV_BYTES {
                 e.push(
                     field,
                     format!(
-                        "the MAGLEV map would need max_services ({s}) * 2 tables * {m} slots * 4 bytes = {bytes} bytes, \
+                        "the MAGLEV map would need max_services ({s}) * 2 tables * {m} slots * 2 bytes = {bytes} bytes, \
                          over the 1 GiB limit; lower maglev_table_size or datapath.max_services"
                     ),
                 );
@@ -677,7 +705,19 @@ fn validate_affinity(e: &mut Errors, p: &str, r: RawAffinity) -> Option<Affinity
     });
     let ipv4_prefix = e.int(&format!("{p}.affinity.ipv4_prefix"), r.ipv4_prefix, d.ipv4_prefix, 0, 32);
     let ipv6_prefix = e.int(&format!("{p}.affinity.ipv6_prefix"), r.ipv6_prefix, d.ipv6_prefix, 0, 128);
-    Some(AffinityConfig { timeout: timeout?, ipv4_prefix: ipv4_prefix?, ipv6_prefix: ipv6_prefix? })
+    let field = format!("{p}.affinity.max_age");
+    let max_age = match r.max_age.as_deref() {
+        None => Some(None),
+        Some(v) => e.duration(&field, Some(v), Duration::ZERO).and_then(|t| {
+            if t.is_zero() || t > MAX_PIN_AGE {
+                e.push(&field, format!("must be more than 0 and at most 365 days, got {}", humantime::format_duration(t)));
+                None
+            } else {
+                Some(Some(t))
+            }
+        }),
+    };
+    Some(AffinityConfig { timeout: timeout?, ipv4_prefix: ipv4_prefix?, ipv6_prefix: ipv6_prefix?, max_age: max_age? })
 }
 
 fn validate_health(e: &mut Errors, p: &str, r: RawHealth) -> Option<HealthConfig> {
@@ -759,7 +799,13 @@ fn validate_backend(e: &mut Errors, p: &str, r: RawBackend) -> Option<BackendCon
     let address = e.unicast_v4(&format!("{p}.address"), r.address.as_deref(), r#"address = "10.1.0.11""#);
     let port = e.required_int(&format!("{p}.port"), r.port, 1, 65535, "port = 8080");
     let weight = e.int(&format!("{p}.weight"), r.weight, DEFAULT_WEIGHT, 1, 65535);
-    Some(BackendConfig { address: address?, port: port?, weight: weight? })
+    let state = e.choice(
+        &format!("{p}.state"),
+        r.state.as_deref(),
+        BackendState::Active,
+        &[(BackendState::Active, "active"), (BackendState::Draining, "draining")],
+    );
+    Some(BackendConfig { address: address?, port: port?, weight: weight?, state: state? })
 }
 
 /// How many services and backends the file lists, valid or not (capacity checks count them all).
@@ -1034,7 +1080,7 @@ port = 5353
                     vip: Ipv4Addr::new(10, 0, 0, 100),
                     port: 80,
                     protocol: Protocol::Tcp,
-                    affinity: AffinityConfig { timeout: Duration::from_secs(1800), ipv4_prefix: 32, ipv6_prefix: 64 },
+                    affinity: AffinityConfig { timeout: Duration::from_secs(1800), ipv4_prefix: 32, ipv6_prefix: 64, max_age: None },
                     health: HealthConfig {
                         kind: HealthKind::Http,
                         path: "/healthz".into(),
@@ -1044,7 +1090,7 @@ port = 5353
                         rise: 2,
                         fall: 3,
                     },
-                    backends: vec![BackendConfig { address: Ipv4Addr::new(10, 1, 0, 11), port: 8080, weight: 100 }],
+                    backends: vec![BackendConfig { address: Ipv4Addr::new(10, 1, 0, 11), port: 8080, weight: 100, state: BackendState::Active }],
                 }],
             }
         );
@@ -1064,7 +1110,7 @@ port = 5353
         assert_eq!(s.protocol, Protocol::Tcp);
         assert_eq!(
             s.affinity,
-            AffinityConfig { timeout: Duration::from_secs(30 * 60), ipv4_prefix: 32, ipv6_prefix: 64 }
+            AffinityConfig { timeout: Duration::from_secs(30 * 60), ipv4_prefix: 32, ipv6_prefix: 64, max_age: None }
         );
         assert_eq!(
             s.health,
@@ -1078,7 +1124,7 @@ port = 5353
                 fall: 3,
             }
         );
-        assert_eq!(s.backends, [BackendConfig { address: Ipv4Addr::new(10, 1, 0, 11), port: 8080, weight: 100 }]);
+        assert_eq!(s.backends, [BackendConfig { address: Ipv4Addr::new(10, 1, 0, 11), port: 8080, weight: 100, state: BackendState::Active }]);
     }
 
     #[test]
@@ -1506,5 +1552,44 @@ port = 80
         let shown = errs.to_string();
         assert_eq!(shown.lines().count(), fields.len());
         assert!(shown.lines().next().unwrap().starts_with("datapath.interfaces[1]: "));
+    }
+
+    #[test]
+    fn max_age_and_backend_state() {
+        let c = Config::parse(&format!(
+            "{}\n[services.affinity]\nmax_age = \"2h\"\n[[services.backends]]\naddress = \"10.1.0.12\"\nport = 8080\nstate = \"draining\"\n",
+            r#"[datapath]
+interfaces = ["eth0"]
+[[services]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+[[services.backends]]
+address = "10.1.0.11"
+port = 8080"#
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].affinity.max_age, Some(Duration::from_secs(7200)));
+        assert_eq!(c.services[0].backends[0].state, BackendState::Active);
+        assert_eq!(c.services[0].backends[1].state, BackendState::Draining);
+        let bad = Config::parse(
+            r#"[datapath]
+interfaces = ["eth0"]
+[[services]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+[services.affinity]
+max_age = "0s"
+[[services.backends]]
+address = "10.1.0.11"
+port = 8080
+state = "off"
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("services[0].affinity.max_age: must be more than 0"), "{bad}");
+        assert!(bad.contains("services[0].backends[0].state: must be one of \"active\", \"draining\""), "{bad}");
     }
 }

@@ -12,7 +12,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    routing::{get, post},
+};
 use lb_common::Counters;
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -20,7 +25,10 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::daemon::Daemon;
+use crate::{
+    daemon::{Daemon, ReloadError, Stop},
+    state::{Admin, Changes},
+};
 
 /// Counters as reported: per-CPU values summed.
 pub type CountersReport = Counters;
@@ -38,8 +46,15 @@ pub struct BackendReport {
     pub address: String,
     pub port: u16,
     pub weight: u32,
-    /// "up" (health states arrive with the control-plane issue).
+    /// up, down, draining or drained.
     pub state: String,
+    /// The health checks' verdict (true without checks).
+    pub healthy: bool,
+    /// active, draining or forced (set by the config and `lb drain`/`lb undrain`).
+    pub admin: Admin,
+    /// When the state last changed (RFC 3339), and why.
+    pub since: String,
+    pub reason: String,
     /// Maglev slots this backend owns in its service's live table.
     pub slots: u32,
     pub counters: CountersReport,
@@ -53,7 +68,14 @@ pub struct ServiceReport {
     pub port: u16,
     pub protocol: String,
     pub affinity_timeout: String,
+    pub affinity_max_age: Option<String>,
     pub ipv4_prefix: u8,
+    /// Health check kind: tcp, http or none.
+    pub health: String,
+    /// Every backend is down and the service routes as if all were up.
+    pub fail_open: bool,
+    /// Bumped by every Maglev table swap.
+    pub table_generation: u32,
     pub counters: CountersReport,
     pub backends: Vec<BackendReport>,
 }
@@ -63,6 +85,10 @@ pub struct StatusReport {
     pub version: String,
     pub pid: u32,
     pub config: String,
+    /// When this daemon started (RFC 3339).
+    pub started: String,
+    /// Whether it adopted the pinned state of a previous daemon.
+    pub adopted: bool,
     pub layout_version: u32,
     pub maglev_table_size: u32,
     pub interfaces: Vec<InterfaceReport>,
@@ -83,6 +109,66 @@ async fn status(State(d): State<Shared>) -> Result<Json<StatusReport>, (StatusCo
     d.status()
         .map(Json)
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, Json(ApiError { error: format!("{e:#}") })))
+}
+
+fn api_error(code: StatusCode, error: String) -> (StatusCode, Json<ApiError>) {
+    (code, Json(ApiError { error }))
+}
+
+async fn reload(State(d): State<Shared>) -> Result<Json<Changes>, (StatusCode, Json<ApiError>)> {
+    let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+    tracing::info!("reload requested through the control socket");
+    match d.reload() {
+        Ok(ch) => {
+            tracing::info!(?ch, "reload applied");
+            Ok(Json(ch))
+        }
+        Err(e) => {
+            tracing::error!("reload refused, the running config stays in force:\n{e}");
+            let code = match e {
+                ReloadError::Invalid(_) => StatusCode::BAD_REQUEST,
+                ReloadError::Refused(_) => StatusCode::CONFLICT,
+            };
+            Err(api_error(code, e.to_string()))
+        }
+    }
+}
+
+/// Body of `POST /drain` and `POST /undrain`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DrainRequest {
+    pub service: String,
+    /// `address:port` of the backend.
+    pub backend: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+fn set_admin(d: &Shared, req: DrainRequest, admin: Admin) -> Result<Json<BackendReport>, (StatusCode, Json<ApiError>)> {
+    let addr: std::net::SocketAddrV4 = req
+        .backend
+        .parse()
+        .map_err(|_| api_error(StatusCode::BAD_REQUEST, format!("backend {:?}: expected ADDRESS:PORT, e.g. 10.1.0.11:8080", req.backend)))?;
+    let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+    d.set_admin(&req.service, *addr.ip(), addr.port(), admin)
+        .map(Json)
+        .map_err(|e| api_error(StatusCode::NOT_FOUND, format!("{e:#}")))
+}
+
+async fn drain(State(d): State<Shared>, Json(req): Json<DrainRequest>) -> Result<Json<BackendReport>, (StatusCode, Json<ApiError>)> {
+    let admin = if req.force { Admin::Forced } else { Admin::Draining };
+    set_admin(&d, req, admin)
+}
+
+async fn undrain(State(d): State<Shared>, Json(req): Json<DrainRequest>) -> Result<Json<BackendReport>, (StatusCode, Json<ApiError>)> {
+    set_admin(&d, req, Admin::Active)
+}
+
+async fn down(State(d): State<Shared>) -> Json<serde_json::Value> {
+    let d = d.lock().unwrap_or_else(|p| p.into_inner());
+    tracing::info!("lb down requested through the control socket: detaching and removing the pinned state");
+    d.request_stop(Stop::Down);
+    Json(serde_json::json!({ "stopping": true }))
 }
 
 /// Binds the control socket: refuses to steal the socket of a running daemon, replaces a stale
@@ -108,12 +194,19 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
 
 /// Serves the control API until the task is dropped.
 pub async fn serve(listener: UnixListener, daemon: Shared) -> Result<()> {
-    let app = Router::new().route("/status", get(status)).with_state(daemon);
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/reload", post(reload))
+        .route("/drain", post(drain))
+        .route("/undrain", post(undrain))
+        .route("/down", post(down))
+        .with_state(daemon);
     axum::serve(listener, app).await.context("control socket server")
 }
 
-/// A minimal HTTP/1.1 client over the Unix socket: one request, `Connection: close`.
-pub async fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
+/// A minimal HTTP/1.1 client over the Unix socket: one request, `Connection: close`, with an
+/// optional JSON body.
+pub async fn request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
     let mut s = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(socket))
         .await
         .map_err(|_| anyhow!("timed out connecting to {}", socket.display()))?
@@ -123,7 +216,11 @@ pub async fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, St
                 socket.display()
             )
         })?;
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(req.as_bytes()).await.context("writing to the control socket")?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
@@ -160,7 +257,13 @@ fn dechunk(mut s: &str) -> Result<String> {
 
 /// `GET path`, expecting 200 and a JSON body.
 pub async fn get_json<T: for<'de> Deserialize<'de>>(socket: &Path, path: &str) -> Result<T> {
-    let (code, body) = request(socket, "GET", path).await?;
+    call_json(socket, "GET", path, None).await
+}
+
+/// A request expecting 200 and a JSON body; any other status becomes an error carrying the
+/// daemon's message.
+pub async fn call_json<T: for<'de> Deserialize<'de>>(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Result<T> {
+    let (code, body) = request(socket, method, path, body).await?;
     if code != 200 {
         let msg = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
@@ -180,27 +283,38 @@ pub fn socket_path(flag: Option<PathBuf>, config_socket: Option<PathBuf>) -> Pat
 /// Renders `lb status` as a readable table.
 pub fn render_status(r: &StatusReport) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "lb {} (pid {}), config {}", r.version, r.pid, r.config);
+    let _ = writeln!(
+        o,
+        "lb {} (pid {}), config {}, started {}{}",
+        r.version,
+        r.pid,
+        r.config,
+        r.started,
+        if r.adopted { " (adopted the pinned datapath state)" } else { "" }
+    );
     let ifs: Vec<String> = r.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
     let _ = writeln!(o, "interfaces: {}", ifs.join(", "));
     for s in &r.services {
         let c = &s.counters;
         let _ = writeln!(
             o,
-            "\nservice {} {}:{}/{}  affinity {} /{}  packets {} bytes {} pins {} hits {} expired {} replies {}",
+            "\nservice {} {}:{}/{}  affinity {} /{}  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {}",
             s.name, s.vip, s.port, s.protocol, s.affinity_timeout, s.ipv4_prefix, c.packets, c.bytes,
-            c.new_pins, c.hits, c.expired, c.reply_packets
+            c.new_pins, c.hits, c.expired, c.failovers, c.reply_packets
         );
+        if s.fail_open {
+            let _ = writeln!(o, "  !! every backend is down: FAILING OPEN (routing as if all were up)");
+        }
         let _ = writeln!(
             o,
-            "  {:<22} {:>6} {:>5} {:>7} {:>10} {:>12} {:>8} {:>10}",
-            "backend", "weight", "state", "slots", "packets", "bytes", "pins", "replies"
+            "  {:<22} {:>6} {:>8} {:>7} {:>10} {:>12} {:>8} {:>10}  {}",
+            "backend", "weight", "state", "slots", "packets", "bytes", "pins", "replies", "since / reason"
         );
         for b in &s.backends {
             let c = &b.counters;
             let _ = writeln!(
                 o,
-                "  {:<22} {:>6} {:>5} {:>7} {:>10} {:>12} {:>8} {:>10}",
+                "  {:<22} {:>6} {:>8} {:>7} {:>10} {:>12} {:>8} {:>10}  {} {}",
                 format!("{}:{}", b.address, b.port),
                 b.weight,
                 b.state,
@@ -208,7 +322,9 @@ pub fn render_status(r: &StatusReport) -> String {
                 c.packets,
                 c.bytes,
                 c.new_pins,
-                c.reply_packets
+                c.reply_packets,
+                b.since,
+                b.reason
             );
         }
     }

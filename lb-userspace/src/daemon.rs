@@ -1,49 +1,100 @@
-//! `lb run`: validate, load, attach, write the maps, serve the control socket, clean up.
+//! `lb run`: validate, load (or adopt pinned state), attach, keep the maps current from health
+//! checks, drains and reloads, serve the control socket.
+//!
+//! Stopping the daemon (SIGTERM, SIGINT) leaves the datapath running on its pinned maps and
+//! pinned XDP links; the next `lb run` adopts them and keeps every pin. `lb down` (or a failed
+//! first start) is what removes the pinned state.
 
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 use crate::{
     bpffs::PinDir,
-    config::Config,
+    config::{Config, ConfigErrors},
     control::{self, BackendReport, InterfaceReport, ServiceReport, StatusReport},
     datapath::{ALL_MAPS, Capacity, Datapath},
-    plan::Plan,
+    health::{self, HealthChecker},
+    state::{Admin, BackendRt, Changes, Runtime},
 };
 
 /// How often the balancer's own addresses are re-read into LOCAL_ADDRS.
 const LOCAL_ADDR_REFRESH: Duration = Duration::from_secs(5);
 
-/// The running state the control API reads.
+/// Why the daemon's main loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Leave the datapath running on its pinned state (SIGTERM, SIGINT).
+    Leave,
+    /// Detach and remove the pinned state (`lb down` while running).
+    Down,
+}
+
+/// A reload that was refused; the running config stays in force.
+#[derive(Debug)]
+pub enum ReloadError {
+    Invalid(ConfigErrors),
+    Refused(String),
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Invalid(e) => write!(f, "{e}"),
+            ReloadError::Refused(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The running state the control API reads and changes.
 pub struct Daemon {
     pub config_path: PathBuf,
     pub config: Config,
-    pub plan: Plan,
+    pub rt: Runtime,
     pub dp: Datapath,
+    pub adopted: bool,
+    pub started: SystemTime,
+    health: HealthChecker,
+    stop: mpsc::UnboundedSender<Stop>,
+}
+
+fn time_string(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn backend_report(b: &BackendRt, slots: u32, dp: &Datapath) -> Result<BackendReport> {
+    Ok(BackendReport {
+        id: b.id,
+        address: b.config.address.to_string(),
+        port: b.config.port,
+        weight: b.config.weight,
+        state: b.state_name().into(),
+        healthy: b.healthy,
+        admin: b.admin,
+        since: time_string(b.changed_at),
+        reason: b.reason.clone(),
+        slots,
+        counters: dp.backend_counters(b.id)?,
+    })
 }
 
 impl Daemon {
     pub fn status(&self) -> Result<StatusReport> {
         let mut services = Vec::new();
-        for s in &self.plan.services {
+        for s in &self.rt.services {
             let mut backends = Vec::new();
             for b in &s.backends {
-                backends.push(BackendReport {
-                    id: b.id,
-                    address: b.config.address.to_string(),
-                    port: b.config.port,
-                    weight: b.config.weight,
-                    state: "up".into(),
-                    slots: s.table.iter().filter(|id| **id == b.id).count() as u32,
-                    counters: self.dp.backend_counters(b.id)?,
-                });
+                let slots = s.table.iter().filter(|id| **id == b.id).count() as u32;
+                backends.push(backend_report(b, slots, &self.dp)?);
             }
             services.push(ServiceReport {
                 id: s.entry.id,
@@ -52,7 +103,11 @@ impl Daemon {
                 port: s.config.port,
                 protocol: s.config.protocol.to_string(),
                 affinity_timeout: humantime::format_duration(s.config.affinity.timeout).to_string(),
+                affinity_max_age: s.config.affinity.max_age.map(|d| humantime::format_duration(d).to_string()),
                 ipv4_prefix: s.config.affinity.ipv4_prefix,
+                health: s.config.health.kind.to_string(),
+                fail_open: s.fail_open,
+                table_generation: s.entry.generation,
                 counters: self.dp.service_counters(s.entry.id)?,
                 backends,
             });
@@ -61,6 +116,8 @@ impl Daemon {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             config: self.config_path.display().to_string(),
+            started: time_string(self.started),
+            adopted: self.adopted,
             layout_version: lb_common::LAYOUT_VERSION,
             maglev_table_size: self.config.datapath.maglev_table_size,
             interfaces: self
@@ -73,13 +130,104 @@ impl Daemon {
             stats: self.dp.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         })
     }
+
+    /// Re-reads the config file and applies it, or refuses it whole.
+    pub fn reload(&mut self) -> Result<Changes, ReloadError> {
+        let cfg = Config::load(&self.config_path).map_err(ReloadError::Invalid)?;
+        let (old, new) = (&self.config.datapath, &cfg.datapath);
+        let fixed = [
+            ("datapath.mode", old.mode.to_string(), new.mode.to_string()),
+            ("datapath.pin_path", old.pin_path.display().to_string(), new.pin_path.display().to_string()),
+            ("datapath.max_services", old.max_services.to_string(), new.max_services.to_string()),
+            ("datapath.max_backends", old.max_backends.to_string(), new.max_backends.to_string()),
+            ("datapath.maglev_table_size", old.maglev_table_size.to_string(), new.maglev_table_size.to_string()),
+            ("datapath.affinity_entries", old.affinity_entries.to_string(), new.affinity_entries.to_string()),
+            ("control.socket", self.config.control.socket.display().to_string(), cfg.control.socket.display().to_string()),
+        ];
+        for (field, was, now) in fixed {
+            if was != now {
+                return Err(ReloadError::Refused(format!(
+                    "{field} changed ({was} -> {now}): it cannot change while lb runs; restart lb for it \
+                     (capacities also need `lb down` first, which drops every pin)"
+                )));
+            }
+        }
+        // Interfaces: attach the new ones first, so a failure leaves the running config intact.
+        let added: Vec<&String> = new.interfaces.iter().filter(|i| !old.interfaces.contains(i)).collect();
+        for (n, iface) in added.iter().enumerate() {
+            if let Err(e) = self.dp.attach(iface, new.xdp_mode) {
+                for undo in &added[..n] {
+                    let _ = self.dp.detach(undo);
+                }
+                return Err(ReloadError::Refused(format!("{e:#}")));
+            }
+            tracing::info!(interface = %iface, "attached XDP (reload)");
+        }
+        let changes = match self.rt.reconcile(&cfg, &mut self.dp) {
+            Ok(c) => c,
+            Err(e) => return Err(ReloadError::Refused(format!("applying the config: {e:#}"))),
+        };
+        for iface in old.interfaces.iter().filter(|i| !new.interfaces.contains(i)) {
+            if let Err(e) = self.dp.detach(iface) {
+                tracing::warn!(interface = %iface, error = %format!("{e:#}"), "detaching XDP (reload)");
+            } else {
+                tracing::info!(interface = %iface, "detached XDP (reload)");
+            }
+        }
+        self.config = cfg;
+        self.health.set_targets(self.rt.health_targets());
+        Ok(changes)
+    }
+
+    /// `lb drain` / `lb undrain`.
+    pub fn set_admin(&mut self, service: &str, addr: Ipv4Addr, port: u16, admin: Admin) -> Result<BackendReport> {
+        let b = self.rt.update_backend(&mut self.dp, service, addr, port, |b| {
+            if b.admin == admin {
+                return false;
+            }
+            b.admin = admin;
+            b.changed_at = SystemTime::now();
+            b.reason = match admin {
+                Admin::Active => "undrained by lb undrain".into(),
+                Admin::Draining => "drained by lb drain".into(),
+                Admin::Forced => "drained by lb drain --force".into(),
+            };
+            true
+        })?;
+        tracing::info!(service, backend = %format!("{addr}:{port}"), state = b.state_name(), reason = %b.reason, "backend state changed");
+        let s = self.rt.service(service).expect("updated just now");
+        let slots = s.table.iter().filter(|id| **id == b.id).count() as u32;
+        backend_report(&b, slots, &self.dp)
+    }
+
+    fn on_health(&mut self, ev: health::Event) {
+        let reason = ev.reason.clone();
+        let r = self.rt.update_backend(&mut self.dp, &ev.key.service, ev.key.address, ev.key.port, |b| {
+            if b.healthy == ev.up {
+                return false;
+            }
+            b.healthy = ev.up;
+            b.changed_at = ev.at;
+            b.reason = format!("health check: {reason}");
+            true
+        });
+        match r {
+            Ok(b) if ev.up => tracing::info!(service = %ev.key.service, backend = %format!("{}:{}", ev.key.address, ev.key.port), state = b.state_name(), reason = %ev.reason, "backend is up"),
+            Ok(b) => tracing::warn!(service = %ev.key.service, backend = %format!("{}:{}", ev.key.address, ev.key.port), state = b.state_name(), reason = %ev.reason, "backend is down: its clients move to other backends"),
+            // A check of a backend a reload just removed.
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "health event for an unknown backend"),
+        }
+    }
+
+    /// Asks the main loop to stop.
+    pub fn request_stop(&self, how: Stop) {
+        let _ = self.stop.send(how);
+    }
 }
 
 /// Checks that need no kernel state: root, and every configured interface exists here.
 fn preflight(cfg: &Config) -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("lb run needs root (it loads eBPF and attaches XDP): run it as root or with sudo");
-    }
+    require_root("lb run")?;
     let missing: Vec<&str> = cfg
         .datapath
         .interfaces
@@ -96,12 +244,17 @@ fn preflight(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+pub fn require_root(what: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{what} needs root (it loads eBPF and attaches XDP): run it as root or with sudo");
+    }
+    Ok(())
+}
+
 /// The IPv4 addresses of this network namespace (the balancer's own).
 pub fn local_ipv4_addrs() -> Vec<Ipv4Addr> {
     let mut out: Vec<Ipv4Addr> = match nix::ifaddrs::getifaddrs() {
-        Ok(addrs) => addrs
-            .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|s| s.ip())))
-            .collect(),
+        Ok(addrs) => addrs.filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|s| s.ip()))).collect(),
         Err(e) => {
             tracing::warn!(error = %e, "listing local addresses");
             Vec::new()
@@ -121,19 +274,29 @@ fn raise_memlock() {
     }
 }
 
-/// Loads, pins, writes and attaches; on any error everything done so far is undone.
-fn start(cfg: &Config, pins: &PinDir) -> Result<(Datapath, Plan)> {
+/// Loads (adopting pinned state when there is some), writes and attaches.
+fn start(cfg: &Config, pins: &PinDir) -> Result<(Datapath, Runtime, bool)> {
     raise_memlock();
     let mut dp = Datapath::load(Capacity::from_config(&cfg.datapath), Some(&pins.path))?;
-    dp.check_layout()?;
-    let plan = Plan::new(cfg);
-    plan.apply(&mut dp).context("writing services and backends")?;
+    let adopted = dp.check_adoptable()?;
+    let mut rt = if adopted { Runtime::adopt(cfg, &dp)? } else { Runtime::new(cfg) };
+    let changes = rt.reconcile(cfg, &mut dp).context("writing services and backends")?;
+    if adopted {
+        tracing::info!(?changes, "adopted the pinned datapath state: every pin is kept");
+    }
     dp.set_local_addrs(&local_ipv4_addrs())?;
     for iface in &cfg.datapath.interfaces {
         let mode = dp.attach(iface, cfg.datapath.xdp_mode)?;
-        tracing::info!(interface = %iface, %mode, "attached XDP");
+        let adopted_link = dp.attachments().last().is_some_and(|a| a.adopted);
+        tracing::info!(interface = %iface, %mode, adopted = adopted_link, "attached XDP");
     }
-    Ok((dp, plan))
+    for iface in Datapath::pinned_link_interfaces(&pins.path) {
+        if !cfg.datapath.interfaces.contains(&iface) {
+            dp.detach(&iface)?;
+            tracing::info!(interface = %iface, "detached XDP (no longer configured)");
+        }
+    }
+    Ok((dp, rt, adopted))
 }
 
 /// Bridges aya-log records from the XDP program into the log stream.
@@ -158,29 +321,40 @@ fn spawn_ebpf_logger(dp: &mut Datapath) {
     }
 }
 
+/// Removes everything a datapath left under `pins` (links first, which detaches the program).
+pub fn remove_pinned_state(pins: &PinDir) -> Vec<String> {
+    let links = Datapath::pinned_link_interfaces(&pins.path);
+    for iface in &links {
+        let _ = std::fs::remove_file(Datapath::link_pin(&pins.path, iface));
+    }
+    pins.release(&ALL_MAPS);
+    links
+}
+
 pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result<()> {
     let cfg = Config::load(config_path).map_err(|e| anyhow!("invalid config {}:\n{e}", config_path.display()))?;
     preflight(&cfg)?;
     let socket = socket_override.unwrap_or_else(|| cfg.control.socket.clone());
     // Bound first: a second daemon on the same socket is refused before it touches any pin.
     let listener = control::bind(&socket).await?;
-    let pins = match PinDir::prepare(&cfg.datapath.pin_path) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = std::fs::remove_file(&socket);
-            return Err(e);
-        }
+    let cleanup_socket = || {
+        let _ = std::fs::remove_file(&socket);
     };
-    let (mut dp, plan) = match start(&cfg, &pins) {
+    let pins = PinDir::prepare(&cfg.datapath.pin_path).inspect_err(|_| cleanup_socket())?;
+    let had_state = pins.path.join(lb_common::maps::CONFIG).exists();
+    let (mut dp, rt, adopted) = match start(&cfg, &pins) {
         Ok(x) => x,
         Err(e) => {
-            pins.release(&ALL_MAPS);
-            let _ = std::fs::remove_file(&socket);
+            if !had_state {
+                // A first start that failed: undo all of it.
+                remove_pinned_state(&pins);
+            }
+            cleanup_socket();
             return Err(e);
         }
     };
     spawn_ebpf_logger(&mut dp);
-    for s in &plan.services {
+    for s in &rt.services {
         tracing::info!(
             service = %s.config.name,
             vip = %format!("{}:{}/{}", s.config.vip, s.config.port, s.config.protocol),
@@ -188,17 +362,41 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
             "service ready"
         );
     }
-    let daemon = Arc::new(Mutex::new(Daemon { config_path: config_path.into(), config: cfg, plan, dp }));
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel();
+    let mut checker = HealthChecker::new(health_tx);
+    checker.set_targets(rt.health_targets());
+    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
+    let daemon = Arc::new(Mutex::new(Daemon {
+        config_path: config_path.into(),
+        config: cfg,
+        rt,
+        dp,
+        adopted,
+        started: SystemTime::now(),
+        health: checker,
+        stop: stop_tx,
+    }));
     let mut server = tokio::spawn(control::serve(listener, daemon.clone()));
-    tracing::info!(socket = %socket.display(), "lb running");
+    tracing::info!(socket = %socket.display(), adopted, "lb running");
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut tick = tokio::time::interval(LOCAL_ADDR_REFRESH);
+    let lock = || daemon.lock().unwrap_or_else(|p| p.into_inner());
     let result = loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(()) }
-            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break Ok(()) }
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(Stop::Leave) }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break Ok(Stop::Leave) }
+            Some(how) = stop_rx.recv() => break Ok(how),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading {}", config_path.display());
+                match lock().reload() {
+                    Ok(ch) => tracing::info!(?ch, "reload applied"),
+                    Err(e) => tracing::error!("reload refused, the running config stays in force:\n{e}"),
+                }
+            }
+            Some(ev) = health_rx.recv() => lock().on_health(ev),
             r = &mut server => {
                 break Err(match r {
                     Ok(Err(e)) => e,
@@ -207,21 +405,49 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
             }
             _ = tick.tick() => {
                 let addrs = local_ipv4_addrs();
-                let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = d.dp.set_local_addrs(&addrs) {
+                if let Err(e) = lock().dp.set_local_addrs(&addrs) {
                     tracing::warn!(error = %format!("{e:#}"), "refreshing LOCAL_ADDRS");
                 }
             }
         }
     };
     server.abort();
+    let how = result.as_ref().map(|h| *h).unwrap_or(Stop::Leave);
     {
-        let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());
-        d.dp.detach_all();
+        let mut d = lock();
+        d.health.shutdown();
+        match how {
+            Stop::Leave => d.dp.release_attachments(),
+            Stop::Down => d.dp.detach_all(),
+        }
     }
     drop(daemon);
-    pins.release(&ALL_MAPS);
-    let _ = std::fs::remove_file(&socket);
-    tracing::info!("detached and removed pinned state");
-    result
+    match how {
+        Stop::Leave => tracing::info!(
+            pin_path = %pins.path.display(),
+            "stopped; the datapath keeps running on its pinned state (`lb down` removes it)"
+        ),
+        Stop::Down => {
+            remove_pinned_state(&pins);
+            tracing::info!("detached and removed the pinned state");
+        }
+    }
+    cleanup_socket();
+    result.map(|_| ())
+}
+
+/// `lb down` without a running daemon: detach and remove what a daemon left pinned.
+pub fn down_offline(cfg: &Config) -> Result<String> {
+    require_root("lb down")?;
+    let dir = &cfg.datapath.pin_path;
+    if !dir.join(lb_common::maps::CONFIG).exists() && Datapath::pinned_link_interfaces(dir).is_empty() {
+        return Ok(format!("nothing pinned under {}", dir.display()));
+    }
+    let pins = PinDir::existing(dir);
+    let links = remove_pinned_state(&pins);
+    Ok(format!(
+        "detached XDP from {} and removed the pinned state under {}",
+        if links.is_empty() { "no interface".to_string() } else { links.join(", ") },
+        dir.display()
+    ))
 }

@@ -12,10 +12,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counters, GlobalConfig, LAYOUT_VERSION, PROGRAM_NAME,
+    AffinityKey, AffinityValue, Backend, Counters, GlobalConfig, LAYOUT_VERSION, LINK_PIN_PREFIX, PROGRAM_NAME,
     Reverse, Service, ServiceKey, maps, stat,
 };
 use serde::Serialize;
@@ -26,7 +30,7 @@ use crate::config::{DatapathConfig, XdpMode};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
 /// Every map the daemon pins, by name.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     maps::CONFIG,
     maps::SERVICES,
     maps::BACKENDS,
@@ -37,6 +41,7 @@ pub const ALL_MAPS: [&str; 10] = [
     maps::SERVICE_STATS,
     maps::BACKEND_STATS,
     maps::STATS,
+    maps::ATTACH_MODES,
 ];
 
 /// Map capacities, fixed at load time.
@@ -76,17 +81,33 @@ impl std::fmt::Display for AttachMode {
     }
 }
 
+/// The program attached to one interface. With a pin directory the XDP link is pinned there
+/// (`link_<ifname>`), so it outlives the daemon: dropping the Attachment closes our handle and
+/// leaves the program attached. Without one (tests), dropping it detaches.
 #[derive(Debug)]
 pub struct Attachment {
     pub interface: String,
     pub mode: AttachMode,
-    link: XdpLinkId,
+    /// Adopted from a previous daemon (its link updated to this program) rather than new.
+    pub adopted: bool,
+    link: LinkHandle,
+}
+
+#[derive(Debug)]
+enum LinkHandle {
+    /// Managed by the program: detached when the program is dropped or on detach_all.
+    Managed(XdpLinkId),
+    /// Pinned under the pin directory: stays attached until the pin is removed. Our handle is
+    /// kept open only so the link cannot vanish under us while we run.
+    Pinned { _link: FdLink },
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
     cap: Capacity,
     attachments: Vec<Attachment>,
+    /// Where maps and links are pinned (none in tests).
+    pin_dir: Option<PathBuf>,
 }
 
 impl Datapath {
@@ -122,7 +143,12 @@ impl Datapath {
             .try_into()
             .context("the eBPF program is not an XDP program")?;
         prog.load().map_err(describe_load_error)?;
-        Ok(Self { ebpf, cap, attachments: Vec::new() })
+        Ok(Self { ebpf, cap, attachments: Vec::new(), pin_dir: pin_dir.map(Path::to_path_buf) })
+    }
+
+    /// Pin path of the XDP link of `iface`.
+    pub fn link_pin(dir: &Path, iface: &str) -> PathBuf {
+        dir.join(format!("{LINK_PIN_PREFIX}{iface}"))
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -141,8 +167,115 @@ impl Datapath {
             .expect("program checked at load")
     }
 
-    /// Attaches to `iface`: native first then generic for `auto`, or exactly as asked.
+    /// Attaches to `iface`. When a previous daemon left a pinned link there, the link is switched
+    /// atomically to this program (traffic never stops); otherwise a new attachment is made —
+    /// native first then generic for `auto`, or exactly as asked — and pinned.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachMode> {
+        if let Some(dir) = self.pin_dir.clone() {
+            let pin = Self::link_pin(&dir, iface);
+            if pin.exists() {
+                return self.adopt_link(iface, &pin);
+            }
+        }
+        let mode = self.attach_new(iface, mode)?;
+        let Some(dir) = self.pin_dir.clone() else { return Ok(mode) };
+        // Move the new link out of the program's care and pin it.
+        let Some(LinkHandle::Managed(id)) = self.attachments.pop().map(|a| a.link) else {
+            unreachable!("attach_new pushed a managed link")
+        };
+        let link = self.program().take_link(id).context("taking the XDP link")?;
+        let fd = FdLink::try_from(link).map_err(|e| {
+            anyhow!("{iface}: the kernel attached XDP without a BPF link ({e}); lb needs BPF links (Linux 5.9+) to survive restarts")
+        })?;
+        let pin = Self::link_pin(&dir, iface);
+        let pinned = fd.pin(&pin).with_context(|| format!("pinning the XDP link of {iface} at {}", pin.display()))?;
+        self.record_attach_mode(iface, mode)?;
+        self.attachments.push(Attachment {
+            interface: iface.to_string(),
+            mode,
+            adopted: false,
+            link: LinkHandle::Pinned { _link: pinned.into() },
+        });
+        Ok(mode)
+    }
+
+    fn adopt_link(&mut self, iface: &str, pin: &Path) -> Result<AttachMode> {
+        let pinned = PinnedLink::from_pin(pin).with_context(|| format!("opening pinned XDP link {}", pin.display()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .with_context(|| format!("{} is not an XDP link", pin.display()))?;
+        let id = self
+            .program()
+            .attach_to_link(link)
+            .with_context(|| format!("switching the XDP link of {iface} to the new program"))?;
+        let link = self.program().take_link(id).context("taking the XDP link")?;
+        let fd = FdLink::try_from(link).map_err(|e| anyhow!("{iface}: adopted link is not a BPF link ({e})"))?;
+        let mode = self.recorded_attach_mode(iface).unwrap_or(AttachMode::Native);
+        self.attachments.push(Attachment { interface: iface.to_string(), mode, adopted: true, link: LinkHandle::Pinned { _link: fd } });
+        Ok(mode)
+    }
+
+    fn ifname_key(iface: &str) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        let n = iface.len().min(15);
+        k[..n].copy_from_slice(&iface.as_bytes()[..n]);
+        k
+    }
+
+    fn record_attach_mode(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        let mut m: HashMap<&mut MapData, [u8; 16], u32> = HashMap::try_from(self.map_mut(maps::ATTACH_MODES)?)?;
+        let v = match mode {
+            AttachMode::Native => lb_common::ATTACH_NATIVE,
+            AttachMode::Generic => lb_common::ATTACH_GENERIC,
+        };
+        m.insert(Self::ifname_key(iface), v, 0).context("writing ATTACH_MODES")
+    }
+
+    fn recorded_attach_mode(&self, iface: &str) -> Option<AttachMode> {
+        let m: HashMap<&MapData, [u8; 16], u32> = HashMap::try_from(self.map(maps::ATTACH_MODES).ok()?).ok()?;
+        match m.get(&Self::ifname_key(iface), 0).ok()? {
+            lb_common::ATTACH_NATIVE => Some(AttachMode::Native),
+            lb_common::ATTACH_GENERIC => Some(AttachMode::Generic),
+            _ => None,
+        }
+    }
+
+    /// Interfaces that have a pinned link in the pin directory.
+    pub fn pinned_link_interfaces(dir: &Path) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut v: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix(LINK_PIN_PREFIX).map(str::to_string))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Detaches `iface` for good: removes its pinned link (or drops the managed one).
+    pub fn detach(&mut self, iface: &str) -> Result<()> {
+        if let Some(i) = self.attachments.iter().position(|a| a.interface == iface) {
+            let a = self.attachments.remove(i);
+            if let LinkHandle::Managed(id) = a.link {
+                self.program().detach(id).with_context(|| format!("detaching XDP from {iface}"))?;
+            }
+        }
+        if let Some(dir) = &self.pin_dir {
+            let pin = Self::link_pin(dir, iface);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+            }
+        }
+        if let Ok(map) = self.map_mut(maps::ATTACH_MODES)
+            && let Ok(mut m) = HashMap::<&mut MapData, [u8; 16], u32>::try_from(map)
+        {
+            let _ = m.remove(&Self::ifname_key(iface));
+        }
+        Ok(())
+    }
+
+    /// A fresh attachment, managed by the program.
+    fn attach_new(&mut self, iface: &str, mode: XdpMode) -> Result<AttachMode> {
         let tries: &[(AyaXdpMode, AttachMode)] = match mode {
             XdpMode::Auto => &[
                 (AyaXdpMode::Driver, AttachMode::Native),
@@ -155,7 +288,12 @@ impl Datapath {
         for (aya_mode, mode) in tries {
             match self.program().attach(iface, *aya_mode) {
                 Ok(link) => {
-                    self.attachments.push(Attachment { interface: iface.to_string(), mode: *mode, link });
+                    self.attachments.push(Attachment {
+                        interface: iface.to_string(),
+                        mode: *mode,
+                        adopted: false,
+                        link: LinkHandle::Managed(link),
+                    });
                     return Ok(*mode);
                 }
                 Err(ProgramError::UnknownInterface { .. }) => {
@@ -174,14 +312,19 @@ impl Datapath {
         &self.attachments
     }
 
-    /// Detaches from every interface (also done when the Datapath is dropped).
+    /// Detaches from every interface, pinned links included.
     pub fn detach_all(&mut self) {
-        let links: Vec<XdpLinkId> = self.attachments.drain(..).map(|a| a.link).collect();
-        for link in links {
-            if let Err(e) = self.program().detach(link) {
-                tracing::warn!(error = %e, "detaching XDP");
+        let ifaces: Vec<String> = self.attachments.iter().map(|a| a.interface.clone()).collect();
+        for i in ifaces {
+            if let Err(e) = self.detach(&i) {
+                tracing::warn!(error = %format!("{e:#}"), "detaching XDP");
             }
         }
+    }
+
+    /// Lets go of the attachments without detaching: pinned links stay attached (restart).
+    pub fn release_attachments(&mut self) {
+        self.attachments.retain(|a| matches!(a.link, LinkHandle::Managed(_)));
     }
 
     fn map(&self, name: &str) -> Result<&Map> {
@@ -202,18 +345,32 @@ impl Datapath {
         a.set(0, g, 0).context("writing CONFIG")
     }
 
-    /// Refuses state written by an incompatible layout (reused pins from another version).
-    pub fn check_layout(&self) -> Result<()> {
-        let g = self.read_global()?;
-        if g.layout_version != 0 && g.layout_version != LAYOUT_VERSION {
-            bail!(
-                "pinned datapath state has layout version {}, this lb uses {}: remove the pins \
-                 under datapath.pin_path (they hold the old affinity table) and start again",
-                g.layout_version,
-                LAYOUT_VERSION
-            );
+    /// Whether the maps hold state a daemon wrote before (adopted pins), and if so that it is
+    /// compatible: same layout version and the same capacities. Anything else is refused with a
+    /// pointer to `lb down`, which removes the old state (and with it every pin).
+    pub fn check_adoptable(&self) -> Result<bool> {
+        let down = "run `lb down --config <file>` to remove it (this drops every client's pin), then start again";
+        let g = self
+            .read_global()
+            .map_err(|e| anyhow!("the pinned datapath state cannot be read by this lb ({e:#}): {down}"))?;
+        if g.layout_version == 0 {
+            return Ok(false);
         }
-        Ok(())
+        if g.layout_version != LAYOUT_VERSION {
+            bail!("the pinned datapath state has layout version {}, this lb uses {LAYOUT_VERSION}: {down}", g.layout_version);
+        }
+        let c = self.cap;
+        for (what, pinned, wanted) in [
+            ("max_services", g.max_services, c.max_services),
+            ("max_backends", g.max_backends, c.max_backends),
+            ("maglev_table_size", g.maglev_m, c.maglev_m),
+            ("affinity_entries", g.affinity_entries, c.affinity_entries),
+        ] {
+            if pinned != wanted {
+                bail!("datapath.{what} is {wanted} but the pinned datapath state was made with {pinned}: {down}");
+            }
+        }
+        Ok(true)
     }
 
     pub fn write_service(&mut self, key: ServiceKey, svc: Service) -> Result<()> {
@@ -225,7 +382,7 @@ impl Datapath {
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         let mut m: HashMap<&mut MapData, ServiceKey, Service> =
             HashMap::try_from(self.map_mut(maps::SERVICES)?)?;
-        m.remove(key).context("removing SERVICES entry")
+        ignore_missing(m.remove(key)).context("removing a SERVICES entry")
     }
 
     pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>> {
@@ -249,8 +406,28 @@ impl Datapath {
         m.insert(key, r, 0).context("writing REVERSE")
     }
 
-    /// Writes one of a service's two Maglev tables with a single copy through a memory mapping
-    /// of the array (the map is BPF_F_MMAPABLE).
+    pub fn remove_reverse(&mut self, key: &ServiceKey) -> Result<()> {
+        let mut m: HashMap<&mut MapData, ServiceKey, Reverse> =
+            HashMap::try_from(self.map_mut(maps::REVERSE)?)?;
+        ignore_missing(m.remove(key)).context("removing a REVERSE entry")
+    }
+
+    /// Every in-use BACKENDS slot, by id.
+    pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
+        let a: Array<&MapData, Backend> = Array::try_from(self.map(maps::BACKENDS)?)?;
+        let mut out = Vec::new();
+        for id in 0..self.cap.max_backends {
+            let b = a.get(&id, 0).with_context(|| format!("reading BACKENDS[{id}]"))?;
+            if b.flags & lb_common::BACKEND_F_IN_USE != 0 {
+                out.push((id, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes one of a service's two Maglev tables (backend ids, 16 bits each, four per 64-bit
+    /// array element) with a single copy through a memory mapping of the array (the map is
+    /// BPF_F_MMAPABLE), instead of one syscall per slot.
     pub fn write_maglev(&mut self, service_id: u32, table: u32, entries: &[u32]) -> Result<()> {
         let m = self.cap.maglev_m;
         if entries.len() != m as usize {
@@ -259,43 +436,37 @@ impl Datapath {
         if service_id >= self.cap.max_services {
             bail!("service id {service_id} >= datapath.max_services {}", self.cap.max_services);
         }
-        // Array maps round each element up to 8 bytes (kernel/bpf/arraymap.c: elem_size), and
-        // the memory mapping shows that layout: a u32 slot sits every 8 bytes.
-        const STRIDE: usize = 8;
-        let total = self.cap.max_services as usize * 2 * m as usize * STRIDE;
+        if let Some(id) = entries.iter().find(|id| **id > lb_common::MAX_BACKEND_ID) {
+            bail!("backend id {id} does not fit a Maglev table");
+        }
+        let words: Vec<u64> = entries
+            .chunks(lb_common::MAGLEV_IDS_PER_WORD as usize)
+            .map(|c| c.iter().enumerate().fold(0u64, |w, (i, id)| w | (u64::from(*id) << (16 * i))))
+            .collect();
+        let total = self.cap.max_services as usize * 2 * lb_common::maglev_words(m) as usize * 8;
         let Map::Array(data) = self.map(maps::MAGLEV)? else {
             bail!("MAGLEV is not an array map");
         };
         let fd = data.fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `total` bytes, shared, read-write;
-        // every write below stays inside it, and it is unmapped before returning.
+        // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `total` bytes (8-byte elements),
+        // shared, read-write; the copy stays inside it; unmapped before returning.
         unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            );
+            let p = libc::mmap(std::ptr::null_mut(), total, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
             if p == libc::MAP_FAILED {
                 return Err(std::io::Error::last_os_error()).context("mmap of the MAGLEV map");
             }
             let first = lb_common::maglev_index(service_id, table, m, 0) as usize;
-            let base = (p as *mut u8).add(first * STRIDE);
-            for (i, id) in entries.iter().enumerate() {
-                (base.add(i * STRIDE) as *mut u32).write(*id);
-            }
+            std::ptr::copy_nonoverlapping(words.as_ptr(), (p as *mut u64).add(first), words.len());
             libc::munmap(p, total);
         }
         Ok(())
     }
 
-    /// Reads one Maglev slot (diagnostics and tests).
+    /// Reads the backend id of one Maglev slot (diagnostics and tests).
     pub fn read_maglev(&self, service_id: u32, table: u32, slot: u32) -> Result<u32> {
-        let a: Array<&MapData, u32> = Array::try_from(self.map(maps::MAGLEV)?)?;
-        a.get(&lb_common::maglev_index(service_id, table, self.cap.maglev_m, slot), 0)
-            .context("reading MAGLEV")
+        let a: Array<&MapData, u64> = Array::try_from(self.map(maps::MAGLEV)?)?;
+        let word = a.get(&lb_common::maglev_index(service_id, table, self.cap.maglev_m, slot), 0).context("reading MAGLEV")?;
+        Ok(lb_common::maglev_slot_id(word, slot))
     }
 
     /// Replaces the set of the balancer's own addresses.
@@ -316,6 +487,21 @@ impl Datapath {
         let m: HashMap<&MapData, AffinityKey, AffinityValue> =
             HashMap::try_from(self.map(maps::AFFINITY)?)?;
         m.iter().collect::<Result<Vec<_>, _>>().context("reading AFFINITY")
+    }
+
+    /// Deletes every affinity entry `pred` selects; returns how many.
+    pub fn flush_affinity(&mut self, pred: impl Fn(&AffinityKey, &AffinityValue) -> bool) -> Result<usize> {
+        let mut m: HashMap<&mut MapData, AffinityKey, AffinityValue> =
+            HashMap::try_from(self.map_mut(maps::AFFINITY)?)?;
+        let doomed: Vec<AffinityKey> =
+            m.iter().filter_map(Result::ok).filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
+        let mut n = 0;
+        for k in &doomed {
+            if m.remove(k).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     pub fn write_affinity(&mut self, k: AffinityKey, v: AffinityValue) -> Result<()> {
@@ -353,9 +539,13 @@ impl Datapath {
     }
 }
 
-impl Drop for Datapath {
-    fn drop(&mut self) {
-        self.detach_all();
+
+/// A delete of a key that is not there is not an error here (removal is idempotent).
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
     }
 }
 

@@ -5,5 +5,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod health;
 pub mod maglev;
-pub mod plan;
+pub mod state;

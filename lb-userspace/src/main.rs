@@ -51,6 +51,37 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Re-read the daemon's config file and apply it; a config with errors is refused whole
+    /// (exit 1) and the running one stays. SIGHUP to the daemon does the same.
+    Reload {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Stop sending new clients to a backend; its pinned clients stay until their pin times out
+    /// (or move now with --force).
+    Drain {
+        service: String,
+        /// ADDRESS:PORT of the backend.
+        backend: String,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Let a drained backend take new clients again.
+    Undrain {
+        service: String,
+        backend: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Detach the XDP program and remove the pinned state (stops a running daemon first).
+    Down {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -102,13 +133,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { output, config } => {
-            let from_config = match config {
-                Some(p) => Some(Config::load(&p).map_err(|e| anyhow::anyhow!("{e}"))?.control.socket),
-                None => None,
-            };
-            let socket = control::socket_path(cli.socket, from_config);
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let report: control::StatusReport = rt.block_on(control::get_json(&socket, "/status"))?;
+            let socket = client_socket(cli.socket, config)?;
+            let report: control::StatusReport = block_on(control::get_json(&socket, "/status"))?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -116,5 +142,69 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Reload { output, config } => {
+            let socket = client_socket(cli.socket, config)?;
+            let changes: lb::state::Changes = match block_on(control::call_json(&socket, "POST", "/reload", None)) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("lb: reload refused, the running config stays in force:\n{e:#}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&changes)?);
+            } else if changes.is_empty() {
+                println!("reloaded: nothing changed");
+            } else {
+                println!("reloaded: {}", serde_json::to_string(&changes)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Drain { service, backend, force, config } => {
+            admin(client_socket(cli.socket, config)?, "/drain", service, backend, force)
+        }
+        Command::Undrain { service, backend, config } => {
+            admin(client_socket(cli.socket, config)?, "/undrain", service, backend, false)
+        }
+        Command::Down { config } => {
+            let cfg = Config::load(&config).map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", config.display()))?;
+            let socket = control::socket_path(cli.socket, Some(cfg.control.socket.clone()));
+            if socket.exists() && block_on(control::request(&socket, "POST", "/down", None)).is_ok() {
+                // The daemon detaches, removes its pins and exits; wait for it.
+                for _ in 0..100 {
+                    if !socket.exists() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                if socket.exists() {
+                    anyhow::bail!("the daemon on {} did not stop within 10s", socket.display());
+                }
+                println!("stopped the running lb; it detached XDP and removed its pinned state");
+            }
+            println!("{}", lb::daemon::down_offline(&cfg)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
+}
+
+/// The control socket a client command talks to.
+fn client_socket(flag: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf> {
+    let from_config = match config {
+        Some(p) => Some(Config::load(&p).map_err(|e| anyhow::anyhow!("{e}"))?.control.socket),
+        None => None,
+    };
+    Ok(control::socket_path(flag, from_config))
+}
+
+fn admin(socket: PathBuf, path: &str, service: String, backend: String, force: bool) -> Result<ExitCode> {
+    let req = control::DrainRequest { service, backend, force };
+    let b: control::BackendReport =
+        block_on(control::call_json(&socket, "POST", path, Some(&serde_json::to_string(&req)?)))?;
+    println!("{}/{}:{} is now {} ({})", req.service, b.address, b.port, b.state, b.reason);
+    Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use lb::{
     config::Config,
     datapath::{Capacity, Datapath},
-    plan::Plan,
+    state::{Runtime, ServiceRt},
 };
 use lb_common::{AffinityKey, AffinityValue, hash::client_slot};
 use tests::{
@@ -82,7 +82,7 @@ port = 9000
 
 struct Fixture {
     dp: Datapath,
-    plan: Plan,
+    rt: Runtime,
 }
 
 impl Fixture {
@@ -90,9 +90,9 @@ impl Fixture {
         assert!(nix::unistd::geteuid().is_root(), "datapath tests need root (BPF_PROG_TEST_RUN)");
         let cfg = Config::parse(CONFIG).unwrap_or_else(|e| panic!("fixture config: {e}"));
         let mut dp = Datapath::load(Capacity::from_config(&cfg.datapath), None).expect("loading the XDP program");
-        let plan = Plan::new(&cfg);
-        plan.apply(&mut dp).expect("writing the maps");
-        Self { dp, plan }
+        let mut rt = Runtime::new(&cfg);
+        rt.reconcile(&cfg, &mut dp).expect("writing the maps");
+        Self { dp, rt }
     }
 
     /// Runs one frame arriving on `ingress`; returns the verdict and the output frame.
@@ -116,15 +116,15 @@ impl Fixture {
         self.dp.stats().expect("reading STATS")[name]
     }
 
-    fn service(&self, name: &str) -> &lb::plan::PlannedService {
-        self.plan.services.iter().find(|s| s.config.name == name).expect("fixture service")
+    fn service(&self, name: &str) -> &ServiceRt {
+        self.rt.service(name).expect("fixture service")
     }
 
     /// The backend address Maglev gives `client` in service `name`.
     fn maglev_pick(&self, name: &str, client: Ipv4Addr) -> Ipv4Addr {
         let s = self.service(name);
         let masked = u32::from_ne_bytes(client.octets()) & s.entry.v4_mask;
-        let slot = client_slot(self.plan.global.hash_seed, &[masked, 0, 0, 0], self.plan.global.maglev_m);
+        let slot = client_slot(self.rt.global.hash_seed, &[masked, 0, 0, 0], self.rt.global.maglev_m);
         let id = s.table[slot as usize];
         s.backends.iter().find(|b| b.id == id).expect("backend of the table").config.address
     }
@@ -410,5 +410,179 @@ fn clients_spread_over_backends_and_stay() {
             *seen.entry(Ipv4Addr::new(a[30], a[31], a[32], a[33])).or_insert(0) += 1;
         }
         assert_eq!(seen.len(), 3, "every backend gets clients: {seen:?}");
+    });
+}
+
+/// Sends one TCP packet from `client` to the multi service; returns the backend it went to.
+fn send_multi(fx: &mut Fixture, client: Ipv4Addr, sport: u16) -> Ipv4Addr {
+    let (_, out) = fx.run(&Pkt::tcp(client, sport, VIP_MULTI, 80).bytes(), "cl");
+    Ipv4Addr::new(out[30], out[31], out[32], out[33])
+}
+
+/// Pins 60 clients of the multi service; returns (client, backend) pairs.
+fn pin_clients(fx: &mut Fixture) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+    (10..70u8).map(|i| Ipv4Addr::new(10, 0, 0, i)).map(|c| (c, send_multi(fx, c, 40000))).collect()
+}
+
+fn set_backend(fx: &mut Fixture, addr: Ipv4Addr, f: impl FnOnce(&mut lb::state::BackendRt)) {
+    fx.rt
+        .update_backend(&mut fx.dp, "multi", addr, 8081, |b| {
+            f(b);
+            true
+        })
+        .expect("updating a backend");
+}
+
+#[test]
+fn a_down_backend_loses_exactly_its_clients() {
+    in_fixture("failover", |fx| {
+        let pins = pin_clients(fx);
+        let dead = Ipv4Addr::new(10, 1, 0, 12);
+        let generation = fx.service("multi").entry.generation;
+        set_backend(fx, dead, |b| b.healthy = false);
+        let s = fx.service("multi");
+        assert_eq!(s.entry.generation, generation + 1, "a new table was swapped in");
+        assert!(!s.table.contains(&fx.backend_id("multi", dead)), "the down backend left the table");
+        let mut moved = 0;
+        for (c, before) in &pins {
+            let after = send_multi(fx, *c, 40001);
+            if *before == dead {
+                assert_ne!(after, dead, "client {c} still sent to the down backend");
+                assert_eq!(after, fx.maglev_pick("multi", *c), "re-selected by the new table");
+                moved += 1;
+            } else {
+                assert_eq!(after, *before, "client {c} of a live backend moved");
+            }
+        }
+        assert!(moved > 0, "some clients were on the dead backend");
+        let multi = fx.service("multi").entry.id;
+        assert_eq!(fx.dp.service_counters(multi).unwrap().failovers, moved);
+        // It comes back: nobody moves (the clients it lost are pinned elsewhere now).
+        set_backend(fx, dead, |b| b.healthy = true);
+        let now: Vec<_> = pins.iter().map(|(c, _)| (*c, send_multi(fx, *c, 40002))).collect();
+        for ((c, b1), (_, b2)) in pins.iter().zip(&now) {
+            if *b1 != dead {
+                assert_eq!(b1, b2, "client {c} moved when a backend came back");
+            } else {
+                assert_ne!(*b2, dead, "client {c} went back to the returning backend");
+            }
+        }
+    });
+}
+
+#[test]
+fn draining_keeps_pins_and_takes_no_new_clients_and_force_moves_them() {
+    in_fixture("drain", |fx| {
+        let pins = pin_clients(fx);
+        let drained = Ipv4Addr::new(10, 1, 0, 11);
+        set_backend(fx, drained, |b| b.admin = lb::state::Admin::Draining);
+        for (c, before) in &pins {
+            assert_eq!(send_multi(fx, *c, 40001), *before, "pinned client {c} moved on a drain");
+        }
+        for i in 100..200u8 {
+            let c = Ipv4Addr::new(10, 0, 0, i);
+            assert_ne!(send_multi(fx, c, 40000), drained, "new client {c} reached a draining backend");
+        }
+        set_backend(fx, drained, |b| b.admin = lb::state::Admin::Forced);
+        for (c, before) in &pins {
+            let after = send_multi(fx, *c, 40002);
+            if *before == drained {
+                assert_ne!(after, drained, "client {c} kept a force-drained backend");
+            } else {
+                assert_eq!(after, *before);
+            }
+        }
+    });
+}
+
+#[test]
+fn every_backend_down_fails_open() {
+    in_fixture("failopen", |fx| {
+        let pins = pin_clients(fx);
+        for a in [11, 12, 13] {
+            set_backend(fx, Ipv4Addr::new(10, 1, 0, a), |b| b.healthy = false);
+        }
+        let s = fx.service("multi");
+        assert!(s.fail_open && s.entry.flags & lb_common::SERVICE_F_FAIL_OPEN != 0);
+        assert_eq!(s.entry.backend_count, 3, "the table holds every backend");
+        for (c, before) in &pins {
+            assert_eq!(send_multi(fx, *c, 40001), *before, "client {c} moved while failing open");
+        }
+        let (v, _) = fx.run(&Pkt::tcp(Ipv4Addr::new(10, 0, 0, 200), 1, VIP_MULTI, 80).bytes(), "cl");
+        assert_ne!(v, XDP_DROP, "a new client is still served");
+        set_backend(fx, Ipv4Addr::new(10, 1, 0, 13), |b| b.healthy = true);
+        assert!(!fx.service("multi").fail_open);
+    });
+}
+
+#[test]
+fn a_pin_past_max_age_is_reselected_even_when_busy() {
+    let cfg = CONFIG.replace("timeout = \"2s\"", "timeout = \"2s\"\nmax_age = \"5s\"");
+    let ns = FixtureNs::new("maxage");
+    ns.run(move || {
+        let cfg = Config::parse(&cfg).unwrap();
+        let mut dp = Datapath::load(Capacity::from_config(&cfg.datapath), None).unwrap();
+        let mut rt = Runtime::new(&cfg);
+        rt.reconcile(&cfg, &mut dp).unwrap();
+        let mut fx = Fixture { dp, rt };
+        let client = Ipv4Addr::new(10, 0, 0, 2);
+        let multi = fx.service("multi").entry.id;
+        let pick = fx.maglev_pick("multi", client);
+        let other = fx.service("multi").backends.iter().find(|b| b.config.address != pick).unwrap().id;
+        let now = monotonic_ns();
+        let key = AffinityKey { service_id: multi, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
+        // Seen just now (not idle), but pinned 6 s ago: past the 5 s max age.
+        fx.dp.write_affinity(key, AffinityValue { backend_id: other, _pad: 0, last_seen_ns: now, created_ns: now - 6_000_000_000 }).unwrap();
+        assert_eq!(send_multi(&mut fx, client, 40000), pick);
+        assert_eq!(fx.dp.service_counters(multi).unwrap().expired, 1);
+        // A pin 4 s old is kept.
+        fx.dp.write_affinity(key, AffinityValue { backend_id: other, _pad: 0, last_seen_ns: now, created_ns: now - 4_000_000_000 }).unwrap();
+        assert_ne!(send_multi(&mut fx, client, 40001), pick);
+    });
+}
+
+#[test]
+fn reconcile_keeps_ids_and_pins_and_flushes_removed_backends() {
+    in_fixture("reconcile", |fx| {
+        let pins = pin_clients(fx);
+        let ids: Vec<(Ipv4Addr, u32)> = fx.service("multi").backends.iter().map(|b| (b.config.address, b.id)).collect();
+        // Add a backend: ids stay, no pin moves.
+        let added = CONFIG.replace(
+            "[[services]]\nname = \"noarp\"",
+            "[[services.backends]]\naddress = \"10.1.0.14\"\nport = 8081\n\n[[services]]\nname = \"noarp\"",
+        );
+        let cfg = Config::parse(&added).unwrap();
+        let ch = fx.rt.reconcile(&cfg, &mut fx.dp).unwrap();
+        assert_eq!(ch.backends_added, ["multi/10.1.0.14:8081"]);
+        for (a, id) in &ids {
+            assert_eq!(fx.backend_id("multi", *a), *id, "backend {a} kept its id");
+        }
+        for (c, before) in &pins {
+            assert_eq!(send_multi(fx, *c, 40001), *before, "client {c} moved on a reload that added a backend");
+        }
+        // Remove 10.1.0.13: its pins are deleted, the others stay.
+        let removed = added.replace("address = \"10.1.0.13\"\nport = 8081\n", "address = \"10.1.0.15\"\nport = 8081\n");
+        let cfg = Config::parse(&removed).unwrap();
+        let gone = Ipv4Addr::new(10, 1, 0, 13);
+        let n_gone = pins.iter().filter(|(_, b)| *b == gone).count();
+        let ch = fx.rt.reconcile(&cfg, &mut fx.dp).unwrap();
+        assert_eq!(ch.backends_removed, ["multi/10.1.0.13:8081"]);
+        assert_eq!(ch.pins_flushed, n_gone);
+        for (c, before) in &pins {
+            let after = send_multi(fx, *c, 40002);
+            if *before == gone {
+                assert_ne!(after, gone);
+            } else {
+                assert_eq!(after, *before, "client {c} moved when another backend was removed");
+            }
+        }
+        // A service removed: its SERVICES entry and pins go.
+        let without = CONFIG.split("[[services]]\nname = \"multi\"").next().unwrap().to_string();
+        let cfg = Config::parse(&without).unwrap();
+        let ch = fx.rt.reconcile(&cfg, &mut fx.dp).unwrap();
+        assert_eq!(ch.services_removed, ["noarp", "multi"]);
+        let (v, out) = fx.run(&Pkt::tcp(Ipv4Addr::new(10, 0, 0, 10), 1, VIP_MULTI, 80).bytes(), "cl");
+        assert_eq!(v, XDP_PASS, "the removed VIP is no longer ours: {}", decode(&out));
+        assert!(fx.dp.affinity_entries().unwrap().is_empty() || fx.dp.affinity_entries().unwrap().iter().all(|(k, _)| k.service_id != 2));
     });
 }

@@ -17,25 +17,43 @@
 //! tests never collide, and all of it is removed when the [`Lab`] is dropped, also while a
 //! test panics. Veths are created directly inside their namespaces, so the root namespace's
 //! network configuration is never touched. The backend servers are threads of this process whose
-//! sockets were made inside the backend namespaces (see [`in_netns`]).
+//! sockets were made inside the backend namespaces (see [`in_netns`]); they can be stopped and
+//! started again ([`Lab::stop_backend`], [`Lab::start_backend`]) and more backends added
+//! ([`Lab::add_backend`]).
+//!
+//! `lb` runs under `nsenter --net=/run/netns/<p>-lb`, which changes only its network namespace
+//! (`ip netns exec` would also give it a private mount namespace and `/sys`, and its pins would
+//! die with it). The lab's config pins to `/run/lb-lab/<p>/bpf`, where `lb` mounts a bpffs itself,
+//! so a restarted `lb` finds the pins of the one before ([`Lab::restart_lb`]).
+
+mod http;
+mod traffic;
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use nix::mount::{MntFlags, umount2};
 use nix::net::if_::InterfaceFlags;
 use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use socket2::{Domain, Protocol, Socket, Type};
+
+pub use http::HttpConn;
+pub use traffic::{
+    ClientSummary, Record, TRAFFIC_REQUEST_TIMEOUT, TrafficHandle, TrafficOptions, TrafficSummary,
+    summarize,
+};
+
+use http::{Counters, SERVER_POLL, ServerCtx};
 
 /// The virtual IP of both lab services; configured on no interface.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 100, 1);
@@ -47,21 +65,21 @@ pub const VIP_UDP_PORT: u16 = 53;
 pub const BACKEND_HTTP_PORT: u16 = 8080;
 /// Port of every backend's UDP echo-ish server.
 pub const BACKEND_UDP_PORT: u16 = 5353;
+/// Most backends a lab can have (addresses 10.200.11.2 .. 10.200.60.2).
+pub const MAX_BACKENDS: u32 = 50;
 
 /// Where `ip netns add` puts its namespace handles.
 const NETNS_DIR: &str = "/run/netns";
-/// Per-lab working directories (config, control socket, lb log) live under here.
+/// Per-lab working directories (config, control socket, lb log, pins) live under here.
 const LAB_ROOT: &str = "/run/lb-lab";
 /// Upper bound for one helper command (`ip`, `ethtool`, `lb status`): nothing here may hang.
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound for the best-effort `lb down` when a lab is dropped.
+const LB_DOWN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long [`Lab::start_lb`] waits for `lb status` to answer.
 const LB_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Grace period between SIGTERM and SIGKILL in [`Lab::stop_lb`].
 const LB_STOP_GRACE: Duration = Duration::from_secs(5);
-/// Server threads look at their stop flag at least this often.
-const SERVER_POLL: Duration = Duration::from_millis(20);
-/// A backend gives up on a silent HTTP client after this long.
-const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Size of a lab.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +99,162 @@ impl Default for LabSpec {
     }
 }
 
+/// Health check kind of the lab's `web` service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HealthKind {
+    /// `GET <path>` (default `/healthz`), healthy on `200`.
+    #[default]
+    Http,
+    /// A TCP connect.
+    Tcp,
+    /// No checks: always healthy.
+    None,
+}
+
+impl HealthKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            HealthKind::Http => "http",
+            HealthKind::Tcp => "tcp",
+            HealthKind::None => "none",
+        }
+    }
+}
+
+/// `[services.health]` of the `web` service. Fields left `None` are not written (lb's defaults
+/// apply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthOptions {
+    pub kind: HealthKind,
+    /// Written for [`HealthKind::Http`] only; default `/healthz`.
+    pub path: String,
+    pub interval: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+impl Default for HealthOptions {
+    fn default() -> Self {
+        HealthOptions {
+            kind: HealthKind::Http,
+            path: "/healthz".to_owned(),
+            interval: None,
+            timeout: None,
+            rise: None,
+            fall: None,
+        }
+    }
+}
+
+/// Variations of the lab's config. The default renders today's config; every option is written
+/// only when set, so a default config parses with an lb that does not know the newer fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabOptions {
+    /// Health checks of the `web` service (the `dns` service has none).
+    pub health: HealthOptions,
+    /// `affinity.timeout` of both services. Unset: `30m` for `web`, lb's default for `dns`.
+    pub affinity_timeout: Option<Duration>,
+    /// `affinity.max_age` of both services; unset: not written.
+    pub affinity_max_age: Option<Duration>,
+    /// Backends (1-based) written with `state = "draining"` in both services.
+    pub draining: Vec<u32>,
+    /// `datapath.hash_seed`; unset: not written.
+    pub hash_seed: Option<u32>,
+    /// Write this many backends (1..=50) into both services instead of as many as the lab has.
+    /// More than the lab has names addresses nobody answers at (until [`Lab::add_backend`]);
+    /// fewer lets a lab start with backends the config does not use yet, whose interfaces are
+    /// still listed, so a reload can add them without attaching XDP anywhere new.
+    pub backends: Option<u32>,
+}
+
+impl LabOptions {
+    /// `web` health checks of this kind (path `/healthz` for HTTP).
+    pub fn with_health_kind(mut self, kind: HealthKind) -> Self {
+        self.health.kind = kind;
+        self
+    }
+
+    /// `web` health check timing, e.g. `(200ms, 100ms, 2, 2)` for quick tests.
+    pub fn with_health_timing(
+        mut self,
+        interval: Duration,
+        timeout: Duration,
+        rise: u32,
+        fall: u32,
+    ) -> Self {
+        self.health.interval = Some(interval);
+        self.health.timeout = Some(timeout);
+        self.health.rise = Some(rise);
+        self.health.fall = Some(fall);
+        self
+    }
+
+    /// `affinity.timeout` of both services.
+    pub fn with_affinity_timeout(mut self, timeout: Duration) -> Self {
+        self.affinity_timeout = Some(timeout);
+        self
+    }
+
+    /// `affinity.max_age` of both services.
+    pub fn with_affinity_max_age(mut self, max_age: Duration) -> Self {
+        self.affinity_max_age = Some(max_age);
+        self
+    }
+
+    /// Backend `i` (1-based) is written with `state = "draining"`.
+    pub fn with_draining(mut self, i: u32) -> Self {
+        if !self.draining.contains(&i) {
+            self.draining.push(i);
+        }
+        self
+    }
+
+    /// `datapath.hash_seed`.
+    pub fn with_hash_seed(mut self, seed: u32) -> Self {
+        self.hash_seed = Some(seed);
+        self
+    }
+
+    /// Write `n` backends into the services (see [`LabOptions::backends`]).
+    pub fn with_backends(mut self, n: u32) -> Self {
+        self.backends = Some(n);
+        self
+    }
+
+    /// Checks what the lab itself depends on (lb judges the values): the backend count and that
+    /// every draining backend is written.
+    fn check(&self, lab_backends: u32) -> Result<()> {
+        let n = self.backends.unwrap_or(lab_backends);
+        ensure!(
+            (1..=MAX_BACKENDS).contains(&n),
+            "LabOptions.backends must be 1..={MAX_BACKENDS}, got {n}"
+        );
+        for &i in &self.draining {
+            ensure!(
+                (1..=n).contains(&i),
+                "LabOptions.draining names backend {i}, but the config has backends 1..={n}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A duration as humantime text lb parses: `30m`-style whole seconds as `1800s`, else
+/// milliseconds, microseconds or nanoseconds.
+fn duration_text(d: Duration) -> String {
+    let ns = d.as_nanos();
+    if ns.is_multiple_of(1_000_000_000) {
+        format!("{}s", d.as_secs())
+    } else if ns.is_multiple_of(1_000_000) {
+        format!("{}ms", d.as_millis())
+    } else if ns.is_multiple_of(1_000) {
+        format!("{}us", d.as_micros())
+    } else {
+        format!("{ns}ns")
+    }
+}
+
 impl LabSpec {
     /// The balancer's interfaces: `eth0` (clients) and `eth1..ethN` (backends).
     pub fn interfaces(&self) -> Vec<String> {
@@ -89,10 +263,23 @@ impl LabSpec {
 
     /// The balancer config of a lab of this size: services `web` (TCP :80, HTTP health checks,
     /// 30 min affinity) and `dns` (UDP :53, no health checks) on the VIP, every backend in
-    /// both, `interfaces` as the XDP interfaces and `socket` as the control socket. Needs no
-    /// lab (for `lb check` tests).
+    /// both, `interfaces` as the XDP interfaces, `socket` as the control socket and `bpf` next
+    /// to the socket as the pin path. Needs no lab (for `lb check` tests).
     pub fn config_toml(&self, interfaces: &[String], socket: &Path) -> String {
+        let pin_path = socket.parent().unwrap_or(Path::new(LAB_ROOT)).join("bpf");
+        self.config_toml_with(interfaces, socket, &pin_path, &LabOptions::default())
+    }
+
+    /// [`LabSpec::config_toml`] with an explicit pin path and `options`.
+    pub fn config_toml_with(
+        &self,
+        interfaces: &[String],
+        socket: &Path,
+        pin_path: &Path,
+        options: &LabOptions,
+    ) -> String {
         let ifs: Vec<String> = interfaces.iter().map(|s| toml_str(s)).collect();
+        let backends = options.backends.unwrap_or(self.backends);
         let mut s = String::new();
         let _ = write!(
             s,
@@ -102,51 +289,84 @@ impl LabSpec {
              mode = \"nat\"\n\
              xdp_mode = \"auto\"\n\
              affinity_entries = 65536\n\
-             # Private per process: `ip netns exec` gives lb its own /sys.\n\
-             pin_path = \"/sys/fs/bpf/lb\"\n\
+             # Outside /sys: lb runs under `nsenter --net` and mounts a bpffs here itself.\n\
+             pin_path = {pin}\n\
              max_services = 8\n\
-             maglev_table_size = 65537\n\
-             \n\
-             [control]\n\
+             maglev_table_size = 65537\n",
+            ifs = ifs.join(", "),
+            pin = toml_str(&pin_path.to_string_lossy()),
+        );
+        if let Some(seed) = options.hash_seed {
+            let _ = writeln!(s, "hash_seed = {seed}");
+        }
+        let _ = write!(
+            s,
+            "\n[control]\n\
              socket = {sock}\n\
              \n\
              [[services]]\n\
              name = \"web\"\n\
              vip = \"{VIP}\"\n\
              port = {VIP_HTTP_PORT}\n\
-             protocol = \"tcp\"\n\
-             [services.affinity]\n\
-             timeout = \"30m\"\n\
-             [services.health]\n\
-             kind = \"http\"\n\
-             path = \"/healthz\"\n",
-            ifs = ifs.join(", "),
+             protocol = \"tcp\"\n",
             sock = toml_str(&socket.to_string_lossy()),
         );
-        for i in 1..=self.backends {
-            let _ = write!(
-                s,
-                "[[services.backends]]\naddress = \"{}\"\nport = {BACKEND_HTTP_PORT}\n",
-                backend_addr(i)
-            );
+        let affinity = |s: &mut String, default_timeout: Option<&str>| {
+            let timeout = options
+                .affinity_timeout
+                .map(duration_text)
+                .or(default_timeout.map(str::to_owned));
+            if timeout.is_none() && options.affinity_max_age.is_none() {
+                return;
+            }
+            s.push_str("[services.affinity]\n");
+            if let Some(t) = timeout {
+                let _ = writeln!(s, "timeout = \"{t}\"");
+            }
+            if let Some(a) = options.affinity_max_age {
+                let _ = writeln!(s, "max_age = \"{}\"", duration_text(a));
+            }
+        };
+        affinity(&mut s, Some("30m"));
+        let h = &options.health;
+        let _ = writeln!(s, "[services.health]\nkind = \"{}\"", h.kind.as_str());
+        if h.kind == HealthKind::Http {
+            let _ = writeln!(s, "path = {}", toml_str(&h.path));
         }
+        for (key, value) in [("interval", h.interval), ("timeout", h.timeout)] {
+            if let Some(v) = value {
+                let _ = writeln!(s, "{key} = \"{}\"", duration_text(v));
+            }
+        }
+        for (key, value) in [("rise", h.rise), ("fall", h.fall)] {
+            if let Some(v) = value {
+                let _ = writeln!(s, "{key} = {v}");
+            }
+        }
+        let backend_list = |s: &mut String, port: u16| {
+            for i in 1..=backends {
+                let _ = write!(
+                    s,
+                    "[[services.backends]]\naddress = \"{}\"\nport = {port}\n",
+                    backend_addr(i)
+                );
+                if options.draining.contains(&i) {
+                    s.push_str("state = \"draining\"\n");
+                }
+            }
+        };
+        backend_list(&mut s, BACKEND_HTTP_PORT);
         let _ = write!(
             s,
             "\n[[services]]\n\
              name = \"dns\"\n\
              vip = \"{VIP}\"\n\
              port = {VIP_UDP_PORT}\n\
-             protocol = \"udp\"\n\
-             [services.health]\n\
-             kind = \"none\"\n"
+             protocol = \"udp\"\n"
         );
-        for i in 1..=self.backends {
-            let _ = write!(
-                s,
-                "[[services.backends]]\naddress = \"{}\"\nport = {BACKEND_UDP_PORT}\n",
-                backend_addr(i)
-            );
-        }
+        affinity(&mut s, None);
+        s.push_str("[services.health]\nkind = \"none\"\n");
+        backend_list(&mut s, BACKEND_UDP_PORT);
         s
     }
 }
@@ -156,7 +376,7 @@ pub fn backend_addr(i: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, (10 + i) as u8, 2)
 }
 
-/// What one backend's servers have answered so far.
+/// What one backend's servers have answered so far (over all its stops and starts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendStats {
     /// HTTP requests other than `/healthz`.
@@ -165,22 +385,45 @@ pub struct BackendStats {
     pub healthz: u64,
     /// UDP datagrams answered.
     pub udp: u64,
+    /// TCP connections accepted by the HTTP server.
+    pub connections: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    http: AtomicU64,
-    healthz: AtomicU64,
-    udp: AtomicU64,
+/// One backend: its namespace, counters, health flag and (while running) its server threads.
+struct Backend {
+    ns: String,
+    counters: Arc<Counters>,
+    healthy: Arc<AtomicBool>,
+    servers: Option<Servers>,
+}
+
+/// One generation of a backend's servers (HTTP and UDP threads with their stop flag).
+struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    /// Stops the threads and waits for them: the listeners are closed when this returns. The
+    /// threads look at the flag every [`SERVER_POLL`], so this takes about that long.
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A running lab: namespaces, veths, backend servers, config file, and optionally `lb`.
 ///
-/// Dropping it stops `lb` (SIGTERM, SIGKILL after 5 s), stops the servers, deletes every
-/// namespace and removes `/run/lb-lab/<p>`.
+/// Dropping it stops `lb` (SIGTERM, SIGKILL after 5 s), runs `lb down --config <cfg>` when a
+/// binary is known and pins are left, stops the servers, lazily unmounts whatever is mounted
+/// under `/run/lb-lab/<p>` (the bpffs), removes that directory and deletes every namespace.
 pub struct Lab {
     prefix: String,
+    /// Current size: `backends` grows with [`Lab::add_backend`].
     spec: LabSpec,
+    options: LabOptions,
     ns_client: String,
     ns_lb: String,
     /// Namespaces created so far, in creation order (deleted in reverse).
@@ -189,26 +432,34 @@ pub struct Lab {
     config: PathBuf,
     socket: PathBuf,
     log: PathBuf,
-    stop: Arc<AtomicBool>,
-    servers: Vec<JoinHandle<()>>,
-    counters: Vec<Arc<Counters>>,
+    pin_path: PathBuf,
+    /// Backend `i` is `backends[i - 1]`.
+    backends: Vec<Backend>,
     lb: Option<Child>,
+    /// The `lb` binary last started (or set), for `lb down` on drop.
+    lb_bin: Option<PathBuf>,
 }
 
 impl Lab {
-    /// Builds the whole lab and starts the backend servers. On any failure everything made so
-    /// far is removed again before the error is returned.
+    /// Builds the whole lab with the default config and starts the backend servers. On any
+    /// failure everything made so far is removed again before the error is returned.
     pub fn create(spec: LabSpec) -> Result<Lab> {
+        Lab::create_with(spec, LabOptions::default())
+    }
+
+    /// [`Lab::create`] with the config rendered from `options`.
+    pub fn create_with(spec: LabSpec, options: LabOptions) -> Result<Lab> {
         ensure!(
             (1..=240).contains(&spec.clients),
             "LabSpec.clients must be 1..=240, got {}",
             spec.clients
         );
         ensure!(
-            (1..=50).contains(&spec.backends),
-            "LabSpec.backends must be 1..=50, got {}",
+            (1..=MAX_BACKENDS).contains(&spec.backends),
+            "LabSpec.backends must be 1..={MAX_BACKENDS}, got {}",
             spec.backends
         );
+        options.check(spec.backends)?;
         ensure!(
             is_root(),
             "the lab needs root (network namespaces, veth, XDP)"
@@ -226,24 +477,28 @@ impl Lab {
             config: dir.join("lb.toml"),
             socket: dir.join("lb.sock"),
             log: dir.join("lb.log"),
+            pin_path: dir.join("bpf"),
             dir,
             ns_client: format!("{prefix}-cl"),
             ns_lb: format!("{prefix}-lb"),
             prefix,
-            spec,
+            spec: LabSpec {
+                backends: 0,
+                ..spec
+            },
+            options,
             namespaces: Vec::new(),
-            stop: Arc::new(AtomicBool::new(false)),
-            servers: Vec::new(),
-            counters: Vec::new(),
+            backends: Vec::new(),
             lb: None,
+            lb_bin: None,
         };
         // On error `lab` is dropped here, which removes whatever was already made.
-        lab.build()
+        lab.build(spec.backends)
             .with_context(|| format!("creating lab {}", lab.prefix))?;
         Ok(lab)
     }
 
-    fn build(&mut self) -> Result<()> {
+    fn build(&mut self, backends: u32) -> Result<()> {
         fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
 
@@ -251,9 +506,6 @@ impl Lab {
         let lb = self.ns_lb().to_owned();
         self.add_netns(&cl)?;
         self.add_netns(&lb)?;
-        for i in 1..=self.spec.backends {
-            self.add_netns(&self.ns_backend(i))?;
-        }
 
         // Client <-> balancer.
         ip(&[
@@ -271,54 +523,30 @@ impl Lab {
         cmds.push("route add default via 10.200.1.1".to_owned());
         self.ip_batch(&cl, &cmds)?;
         ethtool_lab_offloads(&cl, "eth0")?;
+        self.ip_batch(
+            &lb,
+            &[
+                "link set lo up".to_owned(),
+                "addr add 10.200.1.1/24 dev eth0".to_owned(),
+                "link set eth0 up".to_owned(),
+            ],
+        )?;
+        ethtool_lab_offloads(&lb, "eth0")?;
+        set_sysctls(
+            &lb,
+            &[
+                ("net/ipv4/ip_forward", "1"),
+                ("net/ipv4/conf/all/rp_filter", "0"),
+                ("net/ipv4/conf/default/rp_filter", "0"),
+                ("net/ipv4/conf/eth0/rp_filter", "0"),
+            ],
+        )?;
 
         // Balancer <-> backends.
-        let mut lb_cmds = vec![
-            "link set lo up".to_owned(),
-            "addr add 10.200.1.1/24 dev eth0".to_owned(),
-            "link set eth0 up".to_owned(),
-        ];
-        for i in 1..=self.spec.backends {
-            let b = self.ns_backend(i);
-            let ifname = format!("eth{i}");
-            ip(&[
-                "link", "add", &ifname, "netns", &lb, "type", "veth", "peer", "name", "eth0",
-                "netns", &b,
-            ])?;
-            lb_cmds.push(format!("addr add 10.200.{}.1/24 dev {ifname}", 10 + i));
-            lb_cmds.push(format!("link set {ifname} up"));
-            self.ip_batch(
-                &b,
-                &[
-                    "link set lo up".to_owned(),
-                    format!("addr add {}/24 dev eth0", self.backend_addr(i)),
-                    "link set eth0 up".to_owned(),
-                    format!("route add default via 10.200.{}.1", 10 + i),
-                ],
-            )?;
-            ethtool_lab_offloads(&b, "eth0")?;
+        for i in 1..=backends {
+            self.wire_backend(i)?;
+            self.spec.backends = i;
         }
-        self.ip_batch(&lb, &lb_cmds)?;
-        let lb_ifs = self.interfaces();
-        for ifname in &lb_ifs {
-            ethtool_lab_offloads(&lb, ifname)?;
-        }
-        let mut sysctls = vec![
-            ("net/ipv4/ip_forward".to_owned(), "1"),
-            ("net/ipv4/conf/all/rp_filter".to_owned(), "0"),
-            ("net/ipv4/conf/default/rp_filter".to_owned(), "0"),
-        ];
-        for ifname in &lb_ifs {
-            sysctls.push((format!("net/ipv4/conf/{ifname}/rp_filter"), "0"));
-        }
-        in_netns(&lb, || -> Result<()> {
-            for (key, value) in &sysctls {
-                let path = Path::new("/proc/sys").join(key);
-                fs::write(&path, value)
-                    .with_context(|| format!("writing {value} to {}", path.display()))?;
-            }
-            Ok(())
-        })??;
 
         // Carrier comes up at once, but the operational state (and with it the qdisc) only when
         // the kernel's link watcher gets round to it, up to a second later; until then the
@@ -326,10 +554,50 @@ impl Lab {
         for ns in self.namespaces.clone() {
             wait_links_running(&ns, Duration::from_secs(5))?;
         }
-        for i in 1..=self.spec.backends {
-            self.start_servers(i)?;
+        for i in 1..=backends {
+            self.start_backend(i)?;
         }
-        self.write_config(&self.render_config(&lb_ifs))?;
+        self.rewrite_config()
+    }
+
+    /// Creates backend `i`'s namespace, its veth pair (`eth<i>` in the balancer namespace,
+    /// `eth0` in the backend's), addresses, routes, offloads and the balancer-side sysctls, and
+    /// registers it (servers not started).
+    fn wire_backend(&mut self, i: u32) -> Result<()> {
+        let lb = self.ns_lb().to_owned();
+        let b = self.ns_backend(i);
+        let ifname = format!("eth{i}");
+        self.add_netns(&b)?;
+        ip(&[
+            "link", "add", &ifname, "netns", &lb, "type", "veth", "peer", "name", "eth0", "netns",
+            &b,
+        ])?;
+        self.ip_batch(
+            &b,
+            &[
+                "link set lo up".to_owned(),
+                format!("addr add {}/24 dev eth0", backend_addr(i)),
+                "link set eth0 up".to_owned(),
+                format!("route add default via 10.200.{}.1", 10 + i),
+            ],
+        )?;
+        ethtool_lab_offloads(&b, "eth0")?;
+        self.ip_batch(
+            &lb,
+            &[
+                format!("addr add 10.200.{}.1/24 dev {ifname}", 10 + i),
+                format!("link set {ifname} up"),
+            ],
+        )?;
+        ethtool_lab_offloads(&lb, &ifname)?;
+        let key = format!("net/ipv4/conf/{ifname}/rp_filter");
+        set_sysctls(&lb, &[(key.as_str(), "0")])?;
+        self.backends.push(Backend {
+            ns: b,
+            counters: Arc::new(Counters::default()),
+            healthy: Arc::new(AtomicBool::new(true)),
+            servers: None,
+        });
         Ok(())
     }
 
@@ -347,9 +615,31 @@ impl Lab {
             .with_context(|| format!("configuring namespace {ns}:\n{}", cmds.join("\n")))
     }
 
-    fn start_servers(&mut self, i: u32) -> Result<()> {
-        let ns = self.ns_backend(i);
+    fn backend(&self, i: u32) -> Result<&Backend> {
+        (i as usize)
+            .checked_sub(1)
+            .and_then(|k| self.backends.get(k))
+            .with_context(|| {
+                format!(
+                    "lab {} has backends 1..={}, not {i}",
+                    self.prefix,
+                    self.backends.len()
+                )
+            })
+    }
+
+    /// Starts backend `i`'s HTTP (:8080) and UDP (:5353) servers again after
+    /// [`Lab::stop_backend`], on the same addresses (the lab starts every backend itself;
+    /// starting a running backend does nothing). Its counters and health flag carry on.
+    pub fn start_backend(&mut self, i: u32) -> Result<()> {
+        let backend = self.backend(i)?;
+        if backend.servers.is_some() {
+            return Ok(());
+        }
+        let ns = backend.ns.clone();
         let (tcp, udp) = in_netns(&ns, || -> Result<(TcpListener, UdpSocket)> {
+            // std sets SO_REUSEADDR on listeners: connections of the previous generation that
+            // are still open or in TIME_WAIT do not block the bind.
             let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, BACKEND_HTTP_PORT))
                 .with_context(|| format!("binding TCP 0.0.0.0:{BACKEND_HTTP_PORT}"))?;
             tcp.set_nonblocking(true)
@@ -361,24 +651,102 @@ impl Lab {
             Ok((tcp, udp))
         })?
         .with_context(|| format!("starting the servers of backend {i} in {ns}"))?;
-        let body = format!("backend-{i}\n");
-        let counters = Arc::new(Counters::default());
-        self.counters.push(counters.clone());
-        let (stop, b, c) = (self.stop.clone(), body.clone(), counters.clone());
-        self.servers.push(
-            thread::Builder::new()
-                .name(format!("{ns}-http"))
-                .spawn(move || serve_http(tcp, &b, &stop, &c))
-                .context("spawning the HTTP server thread")?,
-        );
-        let stop = self.stop.clone();
-        self.servers.push(
-            thread::Builder::new()
-                .name(format!("{ns}-udp"))
-                .spawn(move || serve_udp(udp, &body, &stop, &counters))
-                .context("spawning the UDP server thread")?,
-        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = Arc::new(ServerCtx {
+            body: format!("backend-{i}\n"),
+            counters: backend.counters.clone(),
+            healthy: backend.healthy.clone(),
+            stop: stop.clone(),
+        });
+        let mut servers = Servers {
+            stop,
+            threads: Vec::new(),
+        };
+        let c = ctx.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("{ns}-http"))
+            .spawn(move || http::serve_http(tcp, c))
+            .context("spawning the HTTP server thread")
+            .and_then(|t| {
+                servers.threads.push(t);
+                thread::Builder::new()
+                    .name(format!("{ns}-udp"))
+                    .spawn(move || http::serve_udp(udp, ctx))
+                    .context("spawning the UDP server thread")
+            });
+        match spawned {
+            Ok(t) => servers.threads.push(t),
+            Err(e) => {
+                servers.stop();
+                return Err(e);
+            }
+        }
+        self.backends[i as usize - 1].servers = Some(servers);
         Ok(())
+    }
+
+    /// Stops backend `i`'s servers: when this returns its HTTP and UDP sockets are closed, so
+    /// new connections are refused (RST) and datagrams answered with ICMP port unreachable, and
+    /// `/healthz` fails with them. A request already being answered is finished; open
+    /// persistent connections are closed after that (at once when idle). Stopping a stopped
+    /// backend does nothing.
+    pub fn stop_backend(&mut self, i: u32) -> Result<()> {
+        self.backend(i)?;
+        if let Some(servers) = self.backends[i as usize - 1].servers.take() {
+            servers.stop();
+        }
+        Ok(())
+    }
+
+    /// Whether backend `i`'s servers run (false after [`Lab::stop_backend`]).
+    pub fn backend_running(&self, i: u32) -> bool {
+        self.backend(i).is_ok_and(|b| b.servers.is_some())
+    }
+
+    /// Makes backend `i`'s `/healthz` answer `503` (`false`) or `200` (`true`, the default)
+    /// while everything else it serves stays as it is: a failing health check without a dead
+    /// backend.
+    pub fn set_backend_healthy(&self, i: u32, healthy: bool) -> Result<()> {
+        self.backend(i)?.healthy.store(healthy, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Adds backend N+1 to a running lab: namespace `<p>-b<N+1>`, veth `eth<N+1>` in the
+    /// balancer namespace with 10.200.(10+N+1).1/24, its servers. Returns its number. The config
+    /// file is not touched: write it (e.g. [`Lab::rewrite_config`]) and reload when the test
+    /// wants lb to know. A running lb has no XDP program on the new interface, so in NAT mode
+    /// replies from the new backend are translated only once lb attaches there too; a lab
+    /// started with spare backends (see [`LabOptions::backends`]) avoids that.
+    pub fn add_backend(&mut self) -> Result<u32> {
+        let i = self.spec.backends + 1;
+        ensure!(
+            i <= MAX_BACKENDS,
+            "lab {} already has {MAX_BACKENDS} backends",
+            self.prefix
+        );
+        let added = (|| -> Result<()> {
+            self.wire_backend(i)?;
+            wait_links_running(&self.ns_backend(i), Duration::from_secs(5))?;
+            wait_links_running(&self.ns_lb, Duration::from_secs(5))?;
+            self.spec.backends = i;
+            self.start_backend(i)
+        })();
+        if let Err(e) = added {
+            // Undo: deleting the namespace deletes the veth pair with it.
+            let ns = self.ns_backend(i);
+            if self.namespaces.last() == Some(&ns) {
+                let _ = ip(&["netns", "del", &ns]);
+                self.namespaces.pop();
+            }
+            if self.backends.len() == i as usize
+                && let Some(servers) = self.backends.pop().and_then(|b| b.servers)
+            {
+                servers.stop();
+            }
+            self.spec.backends = i - 1;
+            return Err(e.context(format!("adding backend {i} to lab {}", self.prefix)));
+        }
+        Ok(i)
     }
 
     /// The unique name stem `lb<pid>-<counter>` of this lab.
@@ -386,9 +754,32 @@ impl Lab {
         &self.prefix
     }
 
-    /// The spec this lab was built from.
+    /// The lab's current size (`backends` counts those added by [`Lab::add_backend`]).
     pub fn spec(&self) -> LabSpec {
         self.spec
+    }
+
+    /// The options the config is rendered with.
+    pub fn options(&self) -> &LabOptions {
+        &self.options
+    }
+
+    /// Replaces the options and rewrites the config file with them ([`Lab::rewrite_config`]);
+    /// a running lb sees the change on reload (e.g. `signal_lb(Signal::SIGHUP)`).
+    pub fn set_options(&mut self, options: LabOptions) -> Result<()> {
+        options.check(self.spec.backends)?;
+        self.options = options;
+        self.rewrite_config()
+    }
+
+    /// Writes [`Lab::render_config`] for every current interface to the config file.
+    pub fn rewrite_config(&self) -> Result<()> {
+        self.write_config(&self.render_config(&self.interfaces()))
+    }
+
+    /// The lab's working directory, `/run/lb-lab/<p>`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The balancer's config file, `/run/lb-lab/<p>/lb.toml`.
@@ -399,6 +790,11 @@ impl Lab {
     /// The balancer's control socket named in the config, `/run/lb-lab/<p>/lb.sock`.
     pub fn socket_path(&self) -> &Path {
         &self.socket
+    }
+
+    /// The pin path named in the config, `/run/lb-lab/<p>/bpf`.
+    pub fn pin_path(&self) -> &Path {
+        &self.pin_path
     }
 
     /// The file that collects `lb run`'s stdout and stderr.
@@ -450,35 +846,47 @@ impl Lab {
 
     /// Requests and datagrams backend `i` (1-based) has answered so far.
     pub fn backend_stats(&self, i: u32) -> BackendStats {
-        (i as usize)
-            .checked_sub(1)
-            .and_then(|k| self.counters.get(k))
-            .map(|c| BackendStats {
-                http: c.http.load(Ordering::Relaxed),
-                healthz: c.healthz.load(Ordering::Relaxed),
-                udp: c.udp.load(Ordering::Relaxed),
+        self.backend(i)
+            .map(|b| {
+                let c = &b.counters;
+                BackendStats {
+                    http: c.http.load(Ordering::Relaxed),
+                    healthz: c.healthz.load(Ordering::Relaxed),
+                    udp: c.udp.load(Ordering::Relaxed),
+                    connections: c.connections.load(Ordering::Relaxed),
+                }
             })
             .unwrap_or_default()
     }
 
-    /// The lab's balancer config (see [`LabSpec::config_toml`]) with this lab's control socket,
-    /// naming `interfaces` as the XDP interfaces.
+    /// The lab's balancer config (see [`LabSpec::config_toml_with`]) with this lab's control
+    /// socket, pin path and options, naming `interfaces` as the XDP interfaces.
     pub fn render_config(&self, interfaces: &[String]) -> String {
-        self.spec.config_toml(interfaces, &self.socket)
+        self.render_config_with(interfaces, &self.options)
     }
 
-    /// Replaces the config file (for tests that need a variant of [`Lab::render_config`]).
+    /// [`Lab::render_config`] with other options.
+    pub fn render_config_with(&self, interfaces: &[String], options: &LabOptions) -> String {
+        self.spec
+            .config_toml_with(interfaces, &self.socket, &self.pin_path, options)
+    }
+
+    /// Replaces the config file (for tests that need a variant of [`Lab::render_config`]). The
+    /// new file is renamed into place, so a reloading lb never reads half of it.
     pub fn write_config(&self, text: &str) -> Result<()> {
-        fs::write(&self.config, text).with_context(|| format!("writing {}", self.config.display()))
+        let tmp = self.config.with_extension("toml.new");
+        fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &self.config)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), self.config.display()))
     }
 
-    /// `ip netns exec <lb-ns> <lb_bin> run --config <cfg>` with `RUST_LOG=info` (unless set),
-    /// `NO_COLOR=1` and stdin from /dev/null; the caller picks stdout/stderr.
+    /// `nsenter --net=/run/netns/<lb-ns> <lb_bin> run --config <cfg>` with `RUST_LOG=info`
+    /// (unless set), `NO_COLOR=1` and stdin from /dev/null; the caller picks stdout/stderr.
+    /// nsenter execs lb in place (same pid) and changes only the network namespace, so lb's
+    /// mounts and pins are this process's.
     pub fn lb_run_command(&self, lb_bin: &Path) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", self.ns_lb()])
-            .arg(lb_bin)
-            .arg("run")
+        let mut cmd = self.nsenter_lb(lb_bin);
+        cmd.arg("run")
             .arg("--config")
             .arg(&self.config)
             .env(
@@ -491,6 +899,18 @@ impl Lab {
         cmd
     }
 
+    /// `nsenter --net=/run/netns/<lb-ns> -- <lb_bin>`.
+    fn nsenter_lb(&self, lb_bin: &Path) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!(
+            "--net={}",
+            Path::new(NETNS_DIR).join(self.ns_lb()).display()
+        ))
+        .arg("--")
+        .arg(lb_bin);
+        cmd
+    }
+
     /// Runs `<lb_bin> --socket <sock> <args>` from the root namespace (the control socket is a
     /// path, reachable from anywhere), with a 30 s limit.
     pub fn lb_cli(&self, lb_bin: &Path, args: &[&str]) -> Result<Output> {
@@ -499,13 +919,45 @@ impl Lab {
         output_timeout(&mut cmd, CMD_TIMEOUT)
     }
 
+    /// Runs `<lb_bin> down --config <cfg>` in the balancer namespace (detaches and removes what
+    /// a stopped lb left pinned), with a 15 s limit; the caller judges the exit status.
+    pub fn lb_down(&self, lb_bin: &Path) -> Result<Output> {
+        let mut cmd = self.nsenter_lb(lb_bin);
+        cmd.arg("down")
+            .arg("--config")
+            .arg(&self.config)
+            .env("NO_COLOR", "1");
+        output_timeout(&mut cmd, LB_DOWN_TIMEOUT)
+    }
+
+    /// Remembers `lb_bin` for the `lb down` on drop (done by [`Lab::start_lb`] already; for
+    /// tests that start lb with [`Lab::lb_run_command`] themselves).
+    pub fn set_lb_bin(&mut self, lb_bin: &Path) {
+        self.lb_bin = Some(lb_bin.to_owned());
+    }
+
     /// Whether `lb` was started by [`Lab::start_lb`] and not yet stopped (it may have exited).
     pub fn lb_started(&self) -> bool {
         self.lb.is_some()
     }
 
+    /// The pid of the `lb` started by [`Lab::start_lb`] (nsenter execs it in place), unless it
+    /// was stopped or reaped since; it may have exited.
+    pub fn lb_pid(&self) -> Option<u32> {
+        self.lb.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` to the running lb (e.g. `SIGHUP` to reload).
+    pub fn signal_lb(&self, signal: Signal) -> Result<()> {
+        let pid = self
+            .lb_pid()
+            .with_context(|| format!("lb is not running in lab {}", self.prefix))?;
+        kill(Pid::from_raw(pid as i32), signal)
+            .with_context(|| format!("sending {signal} to lb (pid {pid})"))
+    }
+
     /// Starts `lb run` in the balancer namespace (output appended to [`Lab::log_path`]) and
-    /// waits until `lb status` answers, polling every 100 ms for up to 20 s. On timeout or an
+    /// waits until `lb status` answers, polling every 50 ms for up to 20 s. On timeout or an
     /// early exit the daemon is stopped and the error carries the last 30 lines of its log.
     pub fn start_lb(&mut self, lb_bin: &Path) -> Result<()> {
         ensure!(
@@ -518,6 +970,7 @@ impl Lab {
             "lb binary {} does not exist (build it with `cargo build --release -p lb-userspace`)",
             lb_bin.display()
         );
+        self.lb_bin = Some(lb_bin.to_owned());
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -533,7 +986,7 @@ impl Lab {
             .spawn()
             .with_context(|| {
                 format!(
-                    "spawning `ip netns exec {} {} run`",
+                    "spawning `nsenter --net={NETNS_DIR}/{} {} run`",
                     self.ns_lb(),
                     lb_bin.display()
                 )
@@ -566,7 +1019,7 @@ impl Lab {
                     "`lb status` did not succeed within {LB_START_TIMEOUT:?} (last: {last_status})"
                 );
             }
-            thread::sleep(Duration::from_millis(100));
+            thread::sleep(Duration::from_millis(50));
         };
         let stopped = self.stop_lb();
         let mut err = err.context(format!(
@@ -593,7 +1046,7 @@ impl Lab {
             return Ok(Some(status));
         }
         let pid = Pid::from_raw(child.id() as i32);
-        // `ip netns exec` execs lb in place, so the child's pid is lb's.
+        // nsenter execs lb in place, so the child's pid is lb's.
         kill(pid, Signal::SIGTERM).with_context(|| format!("sending SIGTERM to lb (pid {pid})"))?;
         let deadline = Instant::now() + LB_STOP_GRACE;
         while Instant::now() < deadline {
@@ -605,6 +1058,38 @@ impl Lab {
         let _ = child.kill();
         let status = child.wait().context("waiting for lb after SIGKILL")?;
         bail!("lb (pid {pid}) ignored SIGTERM for {LB_STOP_GRACE:?} and was killed ({status})")
+    }
+
+    /// Restarts the running lb: SIGTERM, wait for its exit (SIGKILL after 5 s counts as a
+    /// failure, as does an unsuccessful exit status), start `lb_bin` again and wait until
+    /// `lb status` answers. Returns the time from SIGTERM until the new daemon answered. The
+    /// log gets a marker line between the two runs.
+    pub fn restart_lb(&mut self, lb_bin: &Path) -> Result<Duration> {
+        ensure!(
+            self.lb_exit_status()?.is_none() && self.lb.is_some(),
+            "lb is not running in lab {}",
+            self.prefix
+        );
+        let sent = Instant::now();
+        let status = self.stop_lb().context("stopping lb for a restart")?;
+        if let Some(status) = status
+            && !status.success()
+        {
+            bail!(
+                "lb exited with {status} on SIGTERM; last 30 lines of {}:\n{}",
+                self.log.display(),
+                self.lb_log_tail(30)
+            );
+        }
+        let stopped_after = sent.elapsed();
+        if let Ok(mut log) = OpenOptions::new().append(true).open(&self.log) {
+            let _ = writeln!(
+                log,
+                "--- lab: lb stopped {stopped_after:?} after SIGTERM; starting it again ---"
+            );
+        }
+        self.start_lb(lb_bin).context("starting lb again")?;
+        Ok(sent.elapsed())
     }
 
     /// If `lb` was started and has exited since, reaps it and returns its exit status
@@ -643,8 +1128,46 @@ impl Lab {
         target: SocketAddrV4,
         timeout: Duration,
     ) -> Result<String> {
-        in_netns(self.ns_client(), || http_get_here(client, target, timeout))?
-            .with_context(|| format!("GET http://{target}/ from {client} in {}", self.ns_client()))
+        self.http_get_path(client, target, "/", timeout)
+    }
+
+    /// [`Lab::http_get`] for another path (e.g. `/healthz`).
+    pub fn http_get_path(
+        &self,
+        client: Ipv4Addr,
+        target: SocketAddrV4,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        in_netns(self.ns_client(), || {
+            http::http_get_here(client, target, path, timeout)
+        })?
+        .with_context(|| {
+            format!(
+                "GET http://{target}{path} from {client} in {}",
+                self.ns_client()
+            )
+        })
+    }
+
+    /// Opens a persistent HTTP/1.1 connection from `client` (in the client namespace) to
+    /// `target`; its requests ([`HttpConn::get`]) can be sent from any thread, e.g. before and
+    /// after a daemon restart.
+    pub fn http_connect(
+        &self,
+        client: Ipv4Addr,
+        target: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<HttpConn> {
+        in_netns(self.ns_client(), || {
+            HttpConn::connect_here(client, target, timeout)
+        })?
+        .with_context(|| {
+            format!(
+                "connecting to {target} from {client} in {}",
+                self.ns_client()
+            )
+        })
     }
 
     /// Sends one UDP datagram to `target` from `client` (in the client namespace) and returns
@@ -655,35 +1178,167 @@ impl Lab {
         target: SocketAddrV4,
         timeout: Duration,
     ) -> Result<(String, SocketAddr)> {
-        in_netns(self.ns_client(), || udp_query_here(client, target, timeout))?.with_context(|| {
+        in_netns(self.ns_client(), || {
+            http::udp_query_here(client, target, timeout)
+        })?
+        .with_context(|| {
             format!(
                 "UDP query to {target} from {client} in {}",
                 self.ns_client()
             )
         })
     }
+
+    /// Continuous traffic from the client namespace: per client, one new HTTP connection
+    /// (`GET /`) after another, `pause` apart, until [`TrafficHandle::stop`]. Every request
+    /// becomes a [`Record`]; see [`summarize`].
+    pub fn spawn_traffic(
+        &self,
+        clients: Vec<Ipv4Addr>,
+        target: SocketAddrV4,
+        pause: Duration,
+    ) -> Result<TrafficHandle> {
+        self.spawn_traffic_with(clients, target, TrafficOptions::new(pause))
+    }
+
+    /// [`Lab::spawn_traffic`] over one persistent connection per client: proof that an
+    /// established connection survives (the [`Record::conn`] of a client never changes).
+    pub fn spawn_keepalive_traffic(
+        &self,
+        clients: Vec<Ipv4Addr>,
+        target: SocketAddrV4,
+        pause: Duration,
+    ) -> Result<TrafficHandle> {
+        self.spawn_traffic_with(clients, target, TrafficOptions::new(pause).keep_alive())
+    }
+
+    /// Continuous traffic as `options` say.
+    pub fn spawn_traffic_with(
+        &self,
+        clients: Vec<Ipv4Addr>,
+        target: SocketAddrV4,
+        options: TrafficOptions,
+    ) -> Result<TrafficHandle> {
+        let path = Path::new(NETNS_DIR).join(self.ns_client());
+        let netns = File::open(&path)
+            .with_context(|| format!("opening network namespace {}", path.display()))?;
+        traffic::spawn(&netns, self.ns_client(), clients, target, options)
+    }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        let p = self.prefix.clone();
         if let Err(e) = self.stop_lb() {
-            eprintln!("lab {}: stopping lb: {e:#}", self.prefix);
+            eprintln!("lab {p}: stopping lb: {e:#}");
         }
-        self.stop.store(true, Ordering::Relaxed);
-        for server in self.servers.drain(..) {
-            let _ = server.join();
-        }
-        for ns in self.namespaces.iter().rev() {
-            if let Err(e) = ip(&["netns", "del", ns]) {
-                eprintln!("lab {}: {e:#}", self.prefix);
+        // Best effort: detach and unpin what lb left (restart adoption keeps it on SIGTERM). An
+        // lb without `down` fails here; the unmount below frees the pins anyway.
+        let pins_left = fs::read_dir(&self.pin_path).is_ok_and(|mut d| d.next().is_some());
+        if pins_left && let Some(bin) = self.lb_bin.clone() {
+            match self.lb_down(&bin) {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => {
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    if !stderr.contains("unrecognized subcommand") {
+                        eprintln!(
+                            "lab {p}: `lb down` failed ({}): {}",
+                            out.status,
+                            stderr.trim()
+                        );
+                    }
+                }
+                Err(e) => eprintln!("lab {p}: `lb down`: {e:#}"),
             }
+        }
+        for backend in &mut self.backends {
+            if let Some(servers) = backend.servers.take() {
+                servers.stop();
+            }
+        }
+        if let Err(e) = unmount_under(&self.dir) {
+            eprintln!("lab {p}: {e:#}");
         }
         if let Err(e) = fs::remove_dir_all(&self.dir)
             && e.kind() != io::ErrorKind::NotFound
         {
-            eprintln!("lab {}: removing {}: {e}", self.prefix, self.dir.display());
+            eprintln!("lab {p}: removing {}: {e}", self.dir.display());
+        }
+        for ns in self.namespaces.iter().rev() {
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!("lab {p}: {e:#}");
+            }
         }
     }
+}
+
+/// Writes `(key under /proc/sys, value)` pairs inside network namespace `ns`.
+fn set_sysctls(ns: &str, sysctls: &[(&str, &str)]) -> Result<()> {
+    in_netns(ns, || -> Result<()> {
+        for (key, value) in sysctls {
+            let path = Path::new("/proc/sys").join(key);
+            fs::write(&path, value)
+                .with_context(|| format!("writing {value} to {}", path.display()))?;
+        }
+        Ok(())
+    })?
+    .with_context(|| format!("setting sysctls in {ns}"))
+}
+
+/// Mount points at or under `dir`, deepest first, from `/proc/self/mountinfo`.
+fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let info =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    Ok(points)
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Lazily unmounts (`umount -l`) everything mounted at or under `dir` (stacked mounts too),
+/// deepest first; a bpffs goes away with the pins in it once nothing holds it open.
+fn unmount_under(dir: &Path) -> Result<()> {
+    for _ in 0..16 {
+        let points = mounts_under(dir)?;
+        if points.is_empty() {
+            return Ok(());
+        }
+        for p in points {
+            if let Err(e) = umount2(&p, MntFlags::MNT_DETACH)
+                && e != nix::errno::Errno::EINVAL
+            {
+                bail!("unmounting {}: {e}", p.display());
+            }
+        }
+    }
+    bail!(
+        "mounts under {} remain after 16 rounds of unmounting",
+        dir.display()
+    )
 }
 
 /// Whether this process runs as root (the lab, `lb run` and the e2e tests need it).
@@ -849,26 +1504,27 @@ fn toml_str(s: &str) -> String {
     out
 }
 
-/// Removes what labs of dead processes left behind (their process was killed before `Drop`
-/// ran): any process still inside their namespaces (an orphaned `lb`), the namespaces and
-/// their `/run/lb-lab` directories. Labs of live processes are never touched.
-fn sweep_stale() {
-    let owner_dead = |name: &str| -> bool {
-        let Some(rest) = name.strip_prefix("lb") else {
-            return false;
-        };
-        let mut parts = rest.splitn(3, '-');
-        let (Some(pid), Some(n)) = (parts.next(), parts.next()) else {
-            return false;
-        };
-        if pid.is_empty()
-            || n.is_empty()
-            || !pid.bytes().chain(n.bytes()).all(|b| b.is_ascii_digit())
-        {
-            return false;
-        }
-        !Path::new("/proc").join(pid).exists()
+/// Whether the process that made lab `name` (`lb<pid>-<n>...`) is gone.
+fn owner_dead(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("lb") else {
+        return false;
     };
+    let mut parts = rest.splitn(3, '-');
+    let (Some(pid), Some(n)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    if pid.is_empty() || n.is_empty() || !pid.bytes().chain(n.bytes()).all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    !Path::new("/proc").join(pid).exists()
+}
+
+/// Removes what labs of dead processes left behind (their process was killed before `Drop`
+/// ran): any process still inside their namespaces (an orphaned `lb`), whatever is mounted
+/// under their `/run/lb-lab` directories (lb's bpffs and its pins), those directories, and the
+/// namespaces. Labs of live processes are never touched.
+fn sweep_stale() {
+    let mut stale_ns = Vec::new();
     if let Ok(entries) = fs::read_dir(NETNS_DIR) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -885,198 +1541,28 @@ fn sweep_stale() {
                     }
                 }
             }
-            match ip(&["netns", "del", &name]) {
-                Ok(()) => eprintln!("lab: removed stale namespace {name}"),
-                Err(e) => eprintln!("lab: removing stale namespace {name}: {e:#}"),
-            }
+            stale_ns.push(name);
         }
     }
     if let Ok(entries) = fs::read_dir(LAB_ROOT) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if owner_dead(&name) {
-                let _ = fs::remove_dir_all(entry.path());
+            if !owner_dead(&name) {
+                continue;
+            }
+            if let Err(e) = unmount_under(&entry.path()) {
+                eprintln!("lab: stale lab {name}: {e:#}");
+            }
+            match fs::remove_dir_all(entry.path()) {
+                Ok(()) => eprintln!("lab: removed stale {}", entry.path().display()),
+                Err(e) => eprintln!("lab: removing stale {}: {e}", entry.path().display()),
             }
         }
     }
-}
-
-fn serve_http(listener: TcpListener, body: &str, stop: &AtomicBool, counters: &Arc<Counters>) {
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let (body, counters) = (body.to_owned(), counters.clone());
-                // One short-lived thread per connection, so a silent client (bounded by
-                // SERVER_IO_TIMEOUT) never blocks the others or the health checks.
-                let spawned = thread::Builder::new()
-                    .name("lab-http-conn".to_owned())
-                    .spawn(move || {
-                        let _ = handle_http(stream, &body, &counters);
-                    });
-                if let Err(e) = spawned {
-                    eprintln!("lab: spawning an HTTP connection thread: {e}");
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(SERVER_POLL),
-            Err(e) => {
-                eprintln!("lab: accept: {e}");
-                thread::sleep(SERVER_POLL);
-            }
-        }
-    }
-}
-
-/// Reads one request head and answers `200 OK` with `body` (HTTP/1.0 and 1.1, then closes).
-fn handle_http(mut stream: TcpStream, body: &str, counters: &Counters) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(SERVER_IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(SERVER_IO_TIMEOUT))?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 2048];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > 16 * 1024 {
-            stream.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")?;
-            return Ok(());
-        }
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut request_line = head.lines().next().unwrap_or_default().split_whitespace();
-    let (_method, path, version) = (
-        request_line.next(),
-        request_line.next(),
-        request_line.next(),
-    );
-    let version = match version {
-        Some("HTTP/1.0") => "HTTP/1.0",
-        _ => "HTTP/1.1",
-    };
-    if path == Some("/healthz") {
-        counters.healthz.fetch_add(1, Ordering::Relaxed);
-    } else {
-        counters.http.fetch_add(1, Ordering::Relaxed);
-    }
-    let response = format!(
-        "{version} 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes())?;
-    stream.flush()?;
-    stream.shutdown(std::net::Shutdown::Write)
-}
-
-fn serve_udp(socket: UdpSocket, body: &str, stop: &AtomicBool, counters: &Counters) {
-    let mut buf = [0u8; 2048];
-    while !stop.load(Ordering::Relaxed) {
-        match socket.recv_from(&mut buf) {
-            Ok((_, from)) => {
-                counters.udp.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = socket.send_to(body.as_bytes(), from) {
-                    eprintln!("lab: UDP reply to {from}: {e}");
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => {
-                eprintln!("lab: UDP receive: {e}");
-                thread::sleep(SERVER_POLL);
-            }
-        }
-    }
-}
-
-/// Time left until `deadline`, or an error once it has passed.
-fn remaining(deadline: Instant, what: &str) -> Result<Duration> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    ensure!(!left.is_zero(), "timed out {what}");
-    Ok(left)
-}
-
-fn http_get_here(client: Ipv4Addr, target: SocketAddrV4, timeout: Duration) -> Result<String> {
-    let deadline = Instant::now() + timeout;
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
-        .context("creating a TCP socket")?;
-    socket
-        .bind(&SocketAddr::from((client, 0)).into())
-        .with_context(|| format!("binding to {client}"))?;
-    socket
-        .connect_timeout(&SocketAddr::V4(target).into(), timeout)
-        .context("connecting")?;
-    let mut stream: TcpStream = socket.into();
-    let request = format!(
-        "GET / HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-lab\r\nConnection: close\r\n\r\n",
-        target.ip()
-    );
-    stream.set_write_timeout(Some(remaining(deadline, "before sending the request")?))?;
-    stream
-        .write_all(request.as_bytes())
-        .context("sending the request")?;
-    let mut response = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        stream.set_read_timeout(Some(remaining(
-            deadline,
-            &format!("reading the response ({} bytes so far)", response.len()),
-        )?))?;
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                response.extend_from_slice(&buf[..n]);
-                ensure!(response.len() <= 1 << 20, "response larger than 1 MiB");
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(anyhow!(e).context(format!(
-                    "reading the response ({} bytes so far)",
-                    response.len()
-                )));
-            }
-        }
-    }
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("malformed response {text:?}"))?;
-    let status = head.lines().next().unwrap_or_default();
-    ensure!(
-        status.split_whitespace().nth(1) == Some("200"),
-        "answer was {status:?}, not 200"
-    );
-    Ok(body.to_owned())
-}
-
-fn udp_query_here(
-    client: Ipv4Addr,
-    target: SocketAddrV4,
-    timeout: Duration,
-) -> Result<(String, SocketAddr)> {
-    let deadline = Instant::now() + timeout;
-    let socket = UdpSocket::bind((client, 0)).with_context(|| format!("binding to {client}"))?;
-    socket
-        .send_to(b"query\n", target)
-        .context("sending the query")?;
-    let mut buf = [0u8; 2048];
-    loop {
-        socket.set_read_timeout(Some(remaining(deadline, "waiting for the reply")?))?;
-        match socket.recv_from(&mut buf) {
-            Ok((n, from)) => return Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from)),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                bail!("no reply within {timeout:?}")
-            }
-            Err(e) => return Err(anyhow!(e).context("waiting for the reply")),
+    for name in stale_ns {
+        match ip(&["netns", "del", &name]) {
+            Ok(()) => eprintln!("lab: removed stale namespace {name}"),
+            Err(e) => eprintln!("lab: removing stale namespace {name}: {e:#}"),
         }
     }
 }
@@ -1089,6 +1575,22 @@ mod tests {
 
     fn netns_exists(name: &str) -> bool {
         Path::new(NETNS_DIR).join(name).exists()
+    }
+
+    fn mounted_under(dir: &Path) -> Vec<PathBuf> {
+        mounts_under(dir).expect("reading mountinfo")
+    }
+
+    fn mount_bpffs(at: &Path) {
+        fs::create_dir_all(at).unwrap();
+        let out =
+            output_timeout(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(at), T).unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t bpf bpf {}: {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
@@ -1104,14 +1606,94 @@ mod tests {
             "{cfg}"
         );
         assert!(cfg.contains(r#"socket = "/run/lb-lab/x/lb.sock""#), "{cfg}");
+        assert!(cfg.contains(r#"pin_path = "/run/lb-lab/x/bpf""#), "{cfg}");
         assert_eq!(cfg.matches("[[services]]").count(), 2, "{cfg}");
         assert_eq!(cfg.matches("[[services.backends]]").count(), 6, "{cfg}");
         assert!(
             cfg.contains("address = \"10.200.13.2\"\nport = 5353"),
             "{cfg}"
         );
+        // Only today's fields, so an lb without the newer ones parses it.
+        for absent in ["max_age", "state", "hash_seed", "interval", "rise", "fall"] {
+            assert!(
+                !cfg.contains(absent),
+                "{absent} in the default config:\n{cfg}"
+            );
+        }
+        assert!(
+            cfg.contains("[services.affinity]\ntimeout = \"30m\"\n[services.health]\nkind = \"http\"\npath = \"/healthz\"\n"),
+            "{cfg}"
+        );
+        assert_eq!(cfg.matches("[services.affinity]").count(), 1, "{cfg}");
         assert_eq!(backend_addr(2), Ipv4Addr::new(10, 200, 12, 2));
         assert_eq!(toml_str("a\"b\\c"), r#""a\"b\\c""#);
+    }
+
+    #[test]
+    fn options_are_rendered_when_set() {
+        let spec = LabSpec {
+            clients: 1,
+            backends: 2,
+        };
+        let options = LabOptions::default()
+            .with_health_timing(Duration::from_millis(200), Duration::from_millis(100), 2, 3)
+            .with_affinity_timeout(Duration::from_secs(5))
+            .with_affinity_max_age(Duration::from_millis(1500))
+            .with_draining(3)
+            .with_hash_seed(42)
+            .with_backends(3);
+        options.check(spec.backends).unwrap();
+        let cfg = spec.config_toml_with(
+            &spec.interfaces(),
+            Path::new("/s/lb.sock"),
+            Path::new("/p/bpf"),
+            &options,
+        );
+        assert!(cfg.contains("pin_path = \"/p/bpf\"\n"), "{cfg}");
+        assert!(
+            cfg.contains("maglev_table_size = 65537\nhash_seed = 42\n"),
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains("kind = \"http\"\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 3\n"),
+            "{cfg}"
+        );
+        assert_eq!(
+            cfg.matches("[services.affinity]\ntimeout = \"5s\"\nmax_age = \"1500ms\"\n")
+                .count(),
+            2,
+            "{cfg}"
+        );
+        assert_eq!(cfg.matches("[[services.backends]]").count(), 6, "{cfg}");
+        assert_eq!(
+            cfg.matches("address = \"10.200.13.2\"\nport = 8080\nstate = \"draining\"\n")
+                .count(),
+            1,
+            "{cfg}"
+        );
+        assert_eq!(cfg.matches("state = ").count(), 2, "{cfg}");
+
+        let tcp = LabOptions::default().with_health_kind(HealthKind::Tcp);
+        let cfg = spec.config_toml_with(&spec.interfaces(), Path::new("/s"), Path::new("/p"), &tcp);
+        assert!(
+            cfg.contains("kind = \"tcp\"\n[[services.backends]]"),
+            "{cfg}"
+        );
+        assert!(!cfg.contains("/healthz"), "{cfg}");
+
+        assert!(LabOptions::default().with_draining(3).check(2).is_err());
+        assert!(LabOptions::default().with_backends(0).check(2).is_err());
+        assert!(LabOptions::default().with_backends(51).check(2).is_err());
+        assert_eq!(duration_text(Duration::from_secs(1800)), "1800s");
+        assert_eq!(duration_text(Duration::from_micros(1500)), "1500us");
+        assert_eq!(duration_text(Duration::from_nanos(7)), "7ns");
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/run/a\040b\\c"), r"/run/a b\\c");
+        assert_eq!(unescape_mountinfo(r"/x\011"), "/x\t");
+        assert_eq!(unescape_mountinfo(r"/x\04"), r"/x\04");
     }
 
     /// Without lb: every client address reaches every backend's own address by kernel
@@ -1144,8 +1726,8 @@ mod tests {
         for i in 1..=3 {
             let stats = lab.backend_stats(i);
             assert_eq!(
-                (stats.http, stats.udp, stats.healthz),
-                (3, 3, 0),
+                (stats.http, stats.udp, stats.healthz, stats.connections),
+                (3, 3, 0, 3),
                 "backend {i}"
             );
         }
@@ -1155,11 +1737,268 @@ mod tests {
             .http_get(lab.client_addrs()[0], vip, T)
             .expect_err("the VIP must be unreachable without lb");
         assert!(started.elapsed() < T + Duration::from_secs(1), "{err:#}");
+        let cfg = fs::read_to_string(lab.config_path()).unwrap();
+        assert!(cfg.contains("[datapath]"));
+        assert!(
+            cfg.contains(&format!("pin_path = \"{}\"", lab.pin_path().display())),
+            "{cfg}"
+        );
+        let cmd = lab.lb_run_command(Path::new("/usr/bin/lb"));
+        let args: Vec<_> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(cmd.get_program(), "nsenter");
+        assert_eq!(
+            args[..4],
+            [
+                format!("--net=/run/netns/{}", lab.ns_lb()),
+                "--".to_owned(),
+                "/usr/bin/lb".to_owned(),
+                "run".to_owned()
+            ]
+        );
+    }
+
+    /// Stop, start, health flag and add of backends, all without lb.
+    #[test]
+    fn backends_stop_start_and_add() {
+        if !is_root() {
+            eprintln!("skipping backends_stop_start_and_add: needs root");
+            return;
+        }
+        let mut lab = Lab::create(LabSpec {
+            clients: 2,
+            backends: 2,
+        })
+        .expect("creating the lab");
+        let client = lab.client_addrs()[0];
+        let http = |i| SocketAddrV4::new(backend_addr(i), BACKEND_HTTP_PORT);
+        let udp = |i| SocketAddrV4::new(backend_addr(i), BACKEND_UDP_PORT);
+        let healthz = |lab: &Lab, i| lab.http_get_path(client, http(i), "/healthz", T);
+        assert_eq!(healthz(&lab, 1).unwrap(), "backend-1\n");
+        assert_eq!(lab.backend_stats(1).healthz, 1);
+
+        lab.stop_backend(1).unwrap();
+        assert!(!lab.backend_running(1));
+        for (what, result) in [
+            ("GET /", lab.http_get(client, http(1), T).map(|_| ())),
+            ("GET /healthz", healthz(&lab, 1).map(|_| ())),
+            ("UDP", lab.udp_query(client, udp(1), T).map(|_| ())),
+        ] {
+            let started = Instant::now();
+            let err = result.expect_err(what);
+            let text = format!("{err:#}");
+            assert!(
+                text.contains("refused") || text.contains("no reply"),
+                "{what}: {text}"
+            );
+            assert!(started.elapsed() < T, "{what} took {:?}", started.elapsed());
+        }
+        assert_eq!(
+            lab.backend_stats(1).healthz,
+            1,
+            "nothing answered while stopped"
+        );
+        assert_eq!(lab.http_get(client, http(2), T).unwrap(), "backend-2\n");
+        lab.stop_backend(1).unwrap();
+
+        lab.start_backend(1).unwrap();
+        lab.start_backend(1).unwrap();
+        assert!(lab.backend_running(1));
+        assert_eq!(healthz(&lab, 1).unwrap(), "backend-1\n");
+        assert_eq!(lab.http_get(client, http(1), T).unwrap(), "backend-1\n");
+        assert_eq!(lab.udp_query(client, udp(1), T).unwrap().0, "backend-1\n");
+        assert_eq!(lab.backend_stats(1).healthz, 2, "counters carry on");
+
+        lab.set_backend_healthy(2, false).unwrap();
+        let err = healthz(&lab, 2).expect_err("unhealthy backend");
+        assert!(format!("{err:#}").contains("503"), "{err:#}");
+        assert_eq!(lab.http_get(client, http(2), T).unwrap(), "backend-2\n");
+        lab.set_backend_healthy(2, true).unwrap();
+        assert_eq!(healthz(&lab, 2).unwrap(), "backend-2\n");
+        assert!(lab.stop_backend(3).is_err() && lab.set_backend_healthy(0, true).is_err());
+
+        let before = lab.render_config(&lab.interfaces());
+        assert_eq!(lab.add_backend().unwrap(), 3);
+        assert!(netns_exists(&lab.ns_backend(3)));
+        assert_eq!(lab.spec().backends, 3);
+        assert_eq!(lab.interfaces().last().map(String::as_str), Some("eth3"));
+        assert_eq!(lab.backend_index(backend_addr(3)), Some(3));
+        for client in lab.client_addrs() {
+            assert_eq!(lab.http_get(client, http(3), T).unwrap(), "backend-3\n");
+            let (body, from) = lab.udp_query(client, udp(3), T).unwrap();
+            assert_eq!(
+                (body.as_str(), from),
+                ("backend-3\n", SocketAddr::V4(udp(3)))
+            );
+        }
+        assert_eq!(lab.backend_stats(3).http, 2);
+        // The config file is the test's business until it asks.
+        assert_eq!(fs::read_to_string(lab.config_path()).unwrap(), before);
+        lab.rewrite_config().unwrap();
+        let cfg = fs::read_to_string(lab.config_path()).unwrap();
+        assert!(
+            cfg.contains("\"eth3\"]") && cfg.contains("10.200.13.2"),
+            "{cfg}"
+        );
+        lab.set_options(LabOptions::default().with_draining(3).with_backends(2))
+            .expect_err("draining backend 3 of 2");
+        lab.set_options(LabOptions::default().with_draining(3))
+            .unwrap();
         assert!(
             fs::read_to_string(lab.config_path())
                 .unwrap()
-                .contains("[datapath]")
+                .contains("state = \"draining\"")
         );
+
+        let names = lab.namespaces.clone();
+        assert_eq!(names.len(), 5);
+        drop(lab);
+        assert!(
+            !names.iter().any(|n| netns_exists(n)),
+            "{names:?} left behind"
+        );
+    }
+
+    /// Persistent connections and the traffic generator, straight to backend addresses.
+    #[test]
+    fn keepalive_and_traffic() {
+        if !is_root() {
+            eprintln!("skipping keepalive_and_traffic: needs root");
+            return;
+        }
+        let mut lab = Lab::create(LabSpec {
+            clients: 3,
+            backends: 2,
+        })
+        .expect("creating the lab");
+        let clients = lab.client_addrs();
+        let b1 = SocketAddrV4::new(backend_addr(1), BACKEND_HTTP_PORT);
+        let b2 = SocketAddrV4::new(backend_addr(2), BACKEND_HTTP_PORT);
+
+        // One connection, many requests; usable from another thread than the one that made it.
+        let mut conn = lab.http_connect(clients[0], b1, T).unwrap();
+        let conn = thread::spawn(move || {
+            for _ in 0..5 {
+                assert_eq!(conn.get("/", T).unwrap(), "backend-1\n");
+            }
+            conn
+        })
+        .join()
+        .unwrap();
+        assert!(conn.is_open() && conn.requests() == 5);
+        assert_eq!(*conn.local_addr().ip(), clients[0]);
+        let s = lab.backend_stats(1);
+        assert_eq!((s.http, s.connections), (5, 1));
+        // `/healthz` answers close the connection, whatever the client asks.
+        let mut hc = lab.http_connect(clients[0], b1, T).unwrap();
+        assert_eq!(hc.get("/healthz", T).unwrap(), "backend-1\n");
+        assert!(!hc.is_open());
+        assert!(hc.get("/", T).is_err());
+        drop(conn);
+
+        // Keep-alive traffic: one connection per client for the whole run.
+        let traffic = lab
+            .spawn_keepalive_traffic(clients.clone(), b1, Duration::from_millis(10))
+            .unwrap();
+        let since = Instant::now();
+        assert!(traffic.wait_for_successes(since, 5, Duration::from_secs(10)));
+        let records = traffic.stop();
+        let summary = summarize(&records);
+        assert_eq!(summary.clients.len(), 3, "{summary}");
+        for s in summary.clients.values() {
+            assert!(
+                s.requests >= 5 && s.failures == 0 && s.connections == 1,
+                "{summary}"
+            );
+            assert_eq!(s.runs().len(), 1, "{summary}");
+        }
+
+        // Stopping the backend closes persistent connections; after a start the clients
+        // connect again.
+        let traffic = lab
+            .spawn_keepalive_traffic(clients.clone(), b1, Duration::from_millis(10))
+            .unwrap();
+        assert!(traffic.wait_for_successes(Instant::now(), 2, Duration::from_secs(10)));
+        lab.stop_backend(1).unwrap();
+        let stopped = Instant::now();
+        assert!(traffic.wait_until(Duration::from_secs(10), |r| {
+            clients.iter().all(|c| {
+                r.iter()
+                    .any(|r| r.client == *c && r.at >= stopped && r.result.is_err())
+            })
+        }));
+        lab.start_backend(1).unwrap();
+        assert!(traffic.wait_for_successes(Instant::now(), 2, Duration::from_secs(10)));
+        let summary = summarize(&traffic.stop());
+        for s in summary.clients.values() {
+            assert!(s.failures >= 1 && s.connections >= 2, "{summary}");
+            assert_eq!(s.distinct_backends().len(), 1, "{summary}");
+        }
+
+        // New connections: every request its own.
+        let traffic = lab
+            .spawn_traffic(clients.clone(), b2, Duration::from_millis(10))
+            .unwrap();
+        assert!(traffic.wait_for_successes(Instant::now(), 3, Duration::from_secs(10)));
+        let records = traffic.stop();
+        let summary = summarize(&records);
+        for s in summary.clients.values() {
+            assert_eq!((s.failures, s.connections), (0, s.requests), "{summary}");
+            assert_eq!(s.backends[0], "backend-2", "{summary}");
+        }
+        assert!(records.windows(2).all(|w| w[0].at <= w[1].at));
+        assert!(lab.backend_stats(2).connections >= records.len() as u64);
+    }
+
+    #[test]
+    fn drop_unmounts_bpffs_under_the_lab_dir() {
+        if !is_root() {
+            eprintln!("skipping drop_unmounts_bpffs_under_the_lab_dir: needs root");
+            return;
+        }
+        let lab = Lab::create(LabSpec {
+            clients: 1,
+            backends: 1,
+        })
+        .expect("creating the lab");
+        let dir = lab.dir().to_owned();
+        let pins = lab.pin_path().to_owned();
+        // Twice: a stacked mount must go too.
+        mount_bpffs(&pins);
+        mount_bpffs(&pins);
+        fs::create_dir(pins.join("sub")).unwrap();
+        assert_eq!(mounted_under(&dir), vec![pins.clone(), pins.clone()]);
+        let names = lab.namespaces.clone();
+        drop(lab);
+        assert!(mounted_under(&dir).is_empty(), "{:?}", mounted_under(&dir));
+        assert!(!dir.exists());
+        assert!(
+            !names.iter().any(|n| netns_exists(n)),
+            "{names:?} left behind"
+        );
+    }
+
+    #[test]
+    fn sweep_unmounts_stale_labs() {
+        if !is_root() {
+            eprintln!("skipping sweep_unmounts_stale_labs: needs root");
+            return;
+        }
+        // A pid that just exited stands for a killed test process.
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let dir = Path::new(LAB_ROOT).join(format!("lb{dead}-0"));
+        assert!(owner_dead(&dir.file_name().unwrap().to_string_lossy()));
+        assert!(!owner_dead(&format!("lb{}-0", std::process::id())));
+        assert!(!owner_dead("lbx-0") && !owner_dead("other"));
+        mount_bpffs(&dir.join("bpf"));
+        fs::write(dir.join("lb.toml"), "").unwrap();
+        sweep_stale();
+        assert!(mounted_under(&dir).is_empty(), "{:?}", mounted_under(&dir));
+        assert!(!dir.exists());
     }
 
     #[test]

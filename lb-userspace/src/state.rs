@@ -1,0 +1,612 @@
+//! The daemon's model of what the datapath holds, and the one place that changes it: stable
+//! service and backend ids, backend states (health, drain), Maglev tables, and the order of map
+//! writes that keeps every packet consistent.
+//!
+//! Identity: a service is its `name`, a backend is (service, address, port). Ids stay with an
+//! identity across reloads and restarts, so a pin (which stores a backend id) keeps meaning the
+//! same backend. Freed ids are reused oldest-first, after every pin that named them is deleted.
+
+use std::{
+    collections::{BTreeSet, VecDeque},
+    net::{IpAddr, Ipv4Addr},
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use lb_common::{
+    BACKEND_F_DRAINING, BACKEND_F_FORCED, BACKEND_F_HEALTH_DOWN, BACKEND_F_IN_USE, BACKEND_F_UP, Backend,
+    GlobalConfig, LAYOUT_VERSION, Reverse, SERVICE_F_FAIL_OPEN, Service, ServiceKey, v4_mask, v6_mask,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{BackendConfig, BackendState, Config, HealthKind, ServiceConfig},
+    datapath::Datapath,
+    maglev::{self, MaglevBackend},
+};
+
+/// A backend's administrative state at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    Active,
+    /// No new clients; pinned clients stay until their pin times out.
+    Draining,
+    /// No new clients, and pinned clients are moved at their next packet.
+    Forced,
+}
+
+/// A backend as the daemon tracks it.
+#[derive(Clone, Debug)]
+pub struct BackendRt {
+    pub id: u32,
+    pub config: BackendConfig,
+    /// Health-check verdict (always true without checks).
+    pub healthy: bool,
+    pub admin: Admin,
+    /// When the health or admin state last changed, and why.
+    pub changed_at: SystemTime,
+    pub reason: String,
+}
+
+impl BackendRt {
+    /// The datapath flags for this state.
+    pub fn flags(&self) -> u16 {
+        let mut f = BACKEND_F_IN_USE;
+        if self.healthy && self.admin != Admin::Forced {
+            f |= BACKEND_F_UP;
+        }
+        if self.admin != Admin::Active {
+            f |= BACKEND_F_DRAINING;
+        }
+        if self.admin == Admin::Forced {
+            f |= BACKEND_F_FORCED;
+        }
+        if !self.healthy {
+            f |= BACKEND_F_HEALTH_DOWN;
+        }
+        f
+    }
+
+    /// Takes new clients.
+    pub fn eligible(&self) -> bool {
+        self.healthy && self.admin == Admin::Active
+    }
+
+    /// One word for status output: up, down, draining, drained.
+    pub fn state_name(&self) -> &'static str {
+        match (self.healthy, self.admin) {
+            (_, Admin::Forced) => "drained",
+            (true, Admin::Draining) => "draining",
+            (false, Admin::Draining) => "down",
+            (true, Admin::Active) => "up",
+            (false, Admin::Active) => "down",
+        }
+    }
+
+    fn entry(&self, service_id: u32) -> Backend {
+        Backend {
+            addr: [u32::from_ne_bytes(self.config.address.octets()), 0, 0, 0],
+            port: self.config.port.to_be(),
+            flags: self.flags(),
+            service_id,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceRt {
+    pub config: ServiceConfig,
+    pub key: ServiceKey,
+    /// The SERVICES entry as last written.
+    pub entry: Service,
+    pub backends: Vec<BackendRt>,
+    /// The live Maglev table (backend ids).
+    pub table: Vec<u32>,
+    /// Every backend is down and the service routes as if all were up.
+    pub fail_open: bool,
+}
+
+impl ServiceRt {
+    pub fn backend(&self, addr: Ipv4Addr, port: u16) -> Option<&BackendRt> {
+        self.backends.iter().find(|b| b.config.address == addr && b.config.port == port)
+    }
+
+    fn reverse_key(&self, b: &BackendRt) -> ServiceKey {
+        ServiceKey::new(u32::from(b.config.address), b.config.port, self.key.proto)
+    }
+
+    /// The table the current states call for, and whether that is failing open.
+    fn desired_table(&self, m: u32) -> (Vec<u32>, bool) {
+        let pick = |f: &dyn Fn(&BackendRt) -> bool| -> Vec<MaglevBackend> {
+            self.backends
+                .iter()
+                .filter(|b| f(b))
+                .map(|b| MaglevBackend { addr: IpAddr::V4(b.config.address), port: b.config.port, weight: b.config.weight, id: b.id })
+                .collect()
+        };
+        let eligible = pick(&|b| b.eligible());
+        if !eligible.is_empty() {
+            return (maglev::build(&eligible, m), false);
+        }
+        // Every backend that may take clients is down: route as if they were all up.
+        let active = pick(&|b| b.admin == Admin::Active);
+        let fail_open = !active.is_empty();
+        (maglev::build(&active, m), fail_open)
+    }
+}
+
+/// Ids handed out oldest-freed first, so a freed id rests as long as possible.
+#[derive(Clone, Debug)]
+struct IdPool {
+    cap: u32,
+    next: u32,
+    free: VecDeque<u32>,
+    used: BTreeSet<u32>,
+}
+
+impl IdPool {
+    fn new(cap: u32) -> Self {
+        Self { cap, next: 0, free: VecDeque::new(), used: BTreeSet::new() }
+    }
+
+    fn alloc(&mut self, what: &str) -> Result<u32> {
+        let id = match self.free.pop_front() {
+            Some(id) => id,
+            None if self.next < self.cap => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => bail!("no free {what} id: all {} are in use (raise datapath.max_{what}s)", self.cap),
+        };
+        self.used.insert(id);
+        Ok(id)
+    }
+
+    /// Marks an id found in pinned state as used.
+    fn take(&mut self, id: u32) -> Result<()> {
+        if id >= self.cap || !self.used.insert(id) {
+            bail!("pinned state names id {id} twice or beyond the capacity {}", self.cap);
+        }
+        if id >= self.next {
+            self.free.extend(self.next..id);
+            self.next = id + 1;
+        } else {
+            self.free.retain(|f| *f != id);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, id: u32) {
+        if self.used.remove(&id) {
+            self.free.push_back(id);
+        }
+    }
+}
+
+/// What a reconcile changed, for logs and `lb reload`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Changes {
+    pub services_added: Vec<String>,
+    pub services_removed: Vec<String>,
+    pub services_changed: Vec<String>,
+    pub backends_added: Vec<String>,
+    pub backends_removed: Vec<String>,
+    pub pins_flushed: usize,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+/// The whole runtime state.
+pub struct Runtime {
+    pub global: GlobalConfig,
+    pub services: Vec<ServiceRt>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+}
+
+fn service_entry(s: &ServiceConfig, id: u32) -> Service {
+    Service {
+        id,
+        flags: 0,
+        timeout_ns: s.affinity.timeout.as_nanos().min(u64::MAX as u128) as u64,
+        max_age_ns: s.affinity.max_age.map_or(0, |d| d.as_nanos().min(u64::MAX as u128) as u64),
+        v4_mask: v4_mask(s.affinity.ipv4_prefix as u32),
+        table: 0,
+        v6_mask: v6_mask(s.affinity.ipv6_prefix as u32),
+        backend_count: 0,
+        generation: 0,
+    }
+}
+
+fn backend_label(service: &str, b: &BackendConfig) -> String {
+    format!("{service}/{}:{}", b.address, b.port)
+}
+
+fn admin_from_config(state: BackendState) -> Admin {
+    match state {
+        BackendState::Active => Admin::Active,
+        BackendState::Draining => Admin::Draining,
+    }
+}
+
+impl Runtime {
+    /// An empty runtime for the capacities of `cfg` (nothing written yet).
+    pub fn new(cfg: &Config) -> Self {
+        let d = &cfg.datapath;
+        Self {
+            global: GlobalConfig {
+                layout_version: LAYOUT_VERSION,
+                hash_seed: d.hash_seed,
+                maglev_m: d.maglev_table_size,
+                flags: 0,
+                max_services: d.max_services,
+                max_backends: d.max_backends,
+                affinity_entries: d.affinity_entries,
+                _pad: 0,
+            },
+            services: Vec::new(),
+            service_ids: IdPool::new(d.max_services),
+            backend_ids: IdPool::new(d.max_backends),
+        }
+    }
+
+    /// Rebuilds the runtime from pinned maps a previous daemon left (restart): services are
+    /// matched to `cfg` by (vip, port, protocol), backends by address and port; their ids, live
+    /// table half, health and drain states are kept. Pinned services or backends that `cfg` no
+    /// longer has are kept too, so that the reconcile that follows removes them properly.
+    pub fn adopt(cfg: &Config, dp: &Datapath) -> Result<Self> {
+        let mut rt = Self::new(cfg);
+        let pinned_services = dp.services()?;
+        let pinned_backends = dp.backends()?;
+        let now = SystemTime::now();
+        for (key, entry) in pinned_services {
+            rt.service_ids.take(entry.id).context("adopting SERVICES")?;
+            let config = cfg.services.iter().find(|s| {
+                ServiceKey::new(u32::from(s.vip), s.port, s.protocol.number()) == key
+            });
+            let (config, name_known) = match config {
+                Some(c) => (c.clone(), true),
+                None => (orphan_service_config(&key, entry.id), false),
+            };
+            let mut backends = Vec::new();
+            for (id, b) in pinned_backends.iter().filter(|(_, b)| b.service_id == entry.id) {
+                rt.backend_ids.take(*id).context("adopting BACKENDS")?;
+                let address = Ipv4Addr::from(u32::from_be(b.addr[0]));
+                let port = u16::from_be(b.port);
+                let bc = config
+                    .backends
+                    .iter()
+                    .find(|c| c.address == address && c.port == port)
+                    .cloned()
+                    .unwrap_or(BackendConfig { address, port, weight: 1, state: BackendState::Active });
+                let admin = if b.flags & BACKEND_F_FORCED != 0 {
+                    Admin::Forced
+                } else if b.flags & BACKEND_F_DRAINING != 0 {
+                    Admin::Draining
+                } else {
+                    Admin::Active
+                };
+                backends.push(BackendRt {
+                    id: *id,
+                    config: bc,
+                    healthy: b.flags & BACKEND_F_HEALTH_DOWN == 0,
+                    admin,
+                    changed_at: now,
+                    reason: "adopted from the previous daemon".into(),
+                });
+            }
+            if !name_known {
+                tracing::info!(service = %config.name, "pinned service not in the config: will be removed");
+            }
+            rt.services.push(ServiceRt {
+                table: Vec::new(),
+                fail_open: entry.flags & SERVICE_F_FAIL_OPEN != 0,
+                key,
+                entry,
+                backends,
+                config,
+            });
+        }
+        Ok(rt)
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceRt> {
+        self.services.iter().find(|s| s.config.name == name)
+    }
+
+    /// Brings the datapath to `cfg`: adds, removes and changes services and backends, keeping
+    /// every id (and so every pin) of what stays. Nothing is written for what did not change.
+    pub fn reconcile(&mut self, cfg: &Config, dp: &mut Datapath) -> Result<Changes> {
+        let mut ch = Changes::default();
+        if self.global.hash_seed != cfg.datapath.hash_seed || dp.read_global()? != self.global {
+            self.global.hash_seed = cfg.datapath.hash_seed;
+            dp.write_global(self.global)?;
+        }
+        // Removed services: those whose name is gone (or orphans from adoption).
+        let gone: Vec<usize> = (0..self.services.len())
+            .filter(|i| !cfg.services.iter().any(|c| c.name == self.services[*i].config.name))
+            .rev()
+            .collect();
+        for i in gone {
+            let s = self.services.remove(i);
+            ch.pins_flushed += self.teardown_service(dp, &s)?;
+            ch.services_removed.push(s.config.name.clone());
+        }
+        let mut ordered = Vec::with_capacity(cfg.services.len());
+        for sc in &cfg.services {
+            let pos = self.services.iter().position(|s| s.config.name == sc.name);
+            let svc = match pos {
+                Some(p) => {
+                    let mut s = self.services.remove(p);
+                    if self.update_service(dp, &mut s, sc, &mut ch)? {
+                        ch.services_changed.push(sc.name.clone());
+                    }
+                    s
+                }
+                None => {
+                    let s = self.add_service(dp, sc)?;
+                    ch.services_added.push(sc.name.clone());
+                    ch.backends_added.extend(sc.backends.iter().map(|b| backend_label(&sc.name, b)));
+                    s
+                }
+            };
+            ordered.push(svc);
+        }
+        self.services = ordered;
+        Ok(ch)
+    }
+
+    fn add_service(&mut self, dp: &mut Datapath, sc: &ServiceConfig) -> Result<ServiceRt> {
+        let id = self.service_ids.alloc("service")?;
+        let now = SystemTime::now();
+        let mut backends = Vec::new();
+        for bc in &sc.backends {
+            backends.push(BackendRt {
+                id: self.backend_ids.alloc("backend")?,
+                config: bc.clone(),
+                healthy: true,
+                admin: admin_from_config(bc.state),
+                changed_at: now,
+                reason: "configured".into(),
+            });
+        }
+        let mut s = ServiceRt {
+            key: ServiceKey::new(u32::from(sc.vip), sc.port, sc.protocol.number()),
+            entry: service_entry(sc, id),
+            config: sc.clone(),
+            backends,
+            table: Vec::new(),
+            fail_open: false,
+        };
+        // A fresh service has no live table yet: write table 0, then make the VIP live.
+        s.entry.table = 1;
+        self.sync(dp, &mut s, &[])?;
+        Ok(s)
+    }
+
+    /// Applies a changed config to an existing service. Returns whether anything changed.
+    fn update_service(&mut self, dp: &mut Datapath, s: &mut ServiceRt, sc: &ServiceConfig, ch: &mut Changes) -> Result<bool> {
+        let had_table = !s.table.is_empty();
+        if s.config == *sc && had_table {
+            return Ok(false);
+        }
+        let old_key = s.key;
+        let old_reverse: Vec<ServiceKey> = s.backends.iter().map(|b| s.reverse_key(b)).collect();
+        let now = SystemTime::now();
+        // Backends that are gone.
+        let mut removed = Vec::new();
+        s.backends.retain(|b| {
+            let keep = sc.backends.iter().any(|c| c.address == b.config.address && c.port == b.config.port);
+            if !keep {
+                removed.push(b.clone());
+            }
+            keep
+        });
+        // Backends that stay (new weight, new configured state) and new ones.
+        let mut backends = Vec::new();
+        for bc in &sc.backends {
+            match s.backends.iter().position(|b| b.config.address == bc.address && b.config.port == bc.port) {
+                Some(p) => {
+                    let mut b = s.backends.remove(p);
+                    if b.config.state != bc.state {
+                        b.admin = admin_from_config(bc.state);
+                        b.changed_at = now;
+                        b.reason = format!("config: state = \"{}\"", bc.state);
+                    }
+                    b.config = bc.clone();
+                    backends.push(b);
+                }
+                None => {
+                    backends.push(BackendRt {
+                        id: self.backend_ids.alloc("backend")?,
+                        config: bc.clone(),
+                        healthy: true,
+                        admin: admin_from_config(bc.state),
+                        changed_at: now,
+                        reason: "added by reload".into(),
+                    });
+                    ch.backends_added.push(backend_label(&sc.name, bc));
+                }
+            }
+        }
+        s.backends = backends;
+        s.config = sc.clone();
+        s.key = ServiceKey::new(u32::from(sc.vip), sc.port, sc.protocol.number());
+        let fresh = service_entry(sc, s.entry.id);
+        s.entry = Service { table: s.entry.table, generation: s.entry.generation, ..fresh };
+        if s.key != old_key {
+            dp.remove_service(&old_key)?;
+        }
+        for k in old_reverse {
+            if !s.backends.iter().any(|b| s.reverse_key(b) == k) {
+                dp.remove_reverse(&k)?;
+            }
+        }
+        self.sync(dp, s, &removed)?;
+        for b in &removed {
+            ch.backends_removed.push(backend_label(&sc.name, &b.config));
+        }
+        ch.pins_flushed += self.retire_backends(dp, s.entry.id, &removed)?;
+        Ok(true)
+    }
+
+    /// Writes a service whose backends or states changed, in an order that keeps every packet
+    /// consistent: backends that can take or keep clients first, then the new table into the idle
+    /// half, then the service entry that flips to it, and only then the backends that went
+    /// down or away (so that their re-selected clients already see the new table).
+    pub fn sync(&mut self, dp: &mut Datapath, s: &mut ServiceRt, removed: &[BackendRt]) -> Result<()> {
+        let m = self.global.maglev_m;
+        let (table, fail_open) = s.desired_table(m);
+        if fail_open && !s.fail_open {
+            tracing::error!(service = %s.config.name, "every backend is down: failing open, routing as if all were up");
+        } else if !fail_open && s.fail_open {
+            tracing::warn!(service = %s.config.name, "a backend is up again: no longer failing open");
+        }
+        for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP != 0) {
+            dp.write_backend(b.id, b.entry(s.entry.id))?;
+            dp.write_reverse(s.reverse_key(b), Reverse { vip: s.key.addr, port: s.key.port, _pad: 0, service_id: s.entry.id, backend_id: b.id })?;
+        }
+        for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP == 0) {
+            // Replies from a backend that is down still go back to the VIP.
+            dp.write_reverse(s.reverse_key(b), Reverse { vip: s.key.addr, port: s.key.port, _pad: 0, service_id: s.entry.id, backend_id: b.id })?;
+        }
+        let next = if table != s.table { 1 - (s.entry.table & 1) } else { s.entry.table };
+        if next != s.entry.table {
+            dp.write_maglev(s.entry.id, next, &table)
+                .with_context(|| format!("writing the Maglev table of service {}", s.config.name))?;
+        }
+        let distinct: BTreeSet<u32> = table.iter().copied().collect();
+        s.entry.table = next;
+        s.entry.flags = if fail_open { SERVICE_F_FAIL_OPEN } else { 0 };
+        s.entry.backend_count = distinct.len() as u32;
+        s.entry.generation = s.entry.generation.wrapping_add(1);
+        dp.write_service(s.key, s.entry)?;
+        s.table = table;
+        s.fail_open = fail_open;
+        for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP == 0) {
+            dp.write_backend(b.id, b.entry(s.entry.id))?;
+        }
+        for b in removed {
+            dp.write_backend(b.id, Backend::default())?;
+            dp.remove_reverse(&s.reverse_key(b))?;
+        }
+        Ok(())
+    }
+
+    /// Frees the ids of removed backends after deleting every pin that names them.
+    fn retire_backends(&mut self, dp: &mut Datapath, service_id: u32, removed: &[BackendRt]) -> Result<usize> {
+        if removed.is_empty() {
+            return Ok(0);
+        }
+        let ids: BTreeSet<u32> = removed.iter().map(|b| b.id).collect();
+        let n = dp.flush_affinity(|k, v| k.service_id == service_id && ids.contains(&v.backend_id))?;
+        for id in ids {
+            self.backend_ids.release(id);
+        }
+        Ok(n)
+    }
+
+    fn teardown_service(&mut self, dp: &mut Datapath, s: &ServiceRt) -> Result<usize> {
+        dp.remove_service(&s.key)?;
+        for b in &s.backends {
+            dp.remove_reverse(&s.reverse_key(b))?;
+            dp.write_backend(b.id, Backend::default())?;
+        }
+        let id = s.entry.id;
+        let n = dp.flush_affinity(|k, _| k.service_id == id)?;
+        for b in &s.backends {
+            self.backend_ids.release(b.id);
+        }
+        self.service_ids.release(id);
+        Ok(n)
+    }
+
+    /// Index of the service named `name`.
+    fn position(&self, name: &str) -> Result<usize> {
+        self.services.iter().position(|s| s.config.name == name).ok_or_else(|| anyhow!("no service named {name:?}"))
+    }
+
+    /// Changes one backend's state with `f` and re-syncs its service. Returns the backend after.
+    pub fn update_backend(
+        &mut self,
+        dp: &mut Datapath,
+        service: &str,
+        addr: Ipv4Addr,
+        port: u16,
+        f: impl FnOnce(&mut BackendRt) -> bool,
+    ) -> Result<BackendRt> {
+        let i = self.position(service)?;
+        let mut s = self.services[i].clone();
+        let b = s
+            .backends
+            .iter_mut()
+            .find(|b| b.config.address == addr && b.config.port == port)
+            .ok_or_else(|| anyhow!("service {service:?} has no backend {addr}:{port}"))?;
+        let changed = f(b);
+        let after = b.clone();
+        if changed {
+            self.sync(dp, &mut s, &[])?;
+            self.services[i] = s;
+        }
+        Ok(after)
+    }
+
+    /// Health-check targets for the current services (kind `none` is not checked).
+    pub fn health_targets(&self) -> Vec<crate::health::Target> {
+        let mut out = Vec::new();
+        for s in &self.services {
+            if s.config.health.kind == HealthKind::None {
+                continue;
+            }
+            for b in &s.backends {
+                out.push(crate::health::Target {
+                    key: crate::health::TargetKey { service: s.config.name.clone(), address: b.config.address, port: b.config.port },
+                    check: s.config.health.clone(),
+                    initially_up: b.healthy,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A stand-in config for a pinned service the new config does not have (it is removed next).
+fn orphan_service_config(key: &ServiceKey, id: u32) -> ServiceConfig {
+    ServiceConfig {
+        name: format!("#orphan-{id}"),
+        vip: Ipv4Addr::from(u32::from_be(key.addr)),
+        port: u16::from_be(key.port),
+        protocol: if key.proto == lb_common::PROTO_UDP { crate::config::Protocol::Udp } else { crate::config::Protocol::Tcp },
+        affinity: Default::default(),
+        health: Default::default(),
+        backends: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_pool_reuses_oldest_freed_first_and_adopts() {
+        let mut p = IdPool::new(4);
+        assert_eq!([p.alloc("x").unwrap(), p.alloc("x").unwrap(), p.alloc("x").unwrap()], [0, 1, 2]);
+        p.release(1);
+        p.release(0);
+        assert_eq!([p.alloc("x").unwrap(), p.alloc("x").unwrap(), p.alloc("x").unwrap()], [1, 0, 3]);
+        assert!(p.alloc("x").unwrap_err().to_string().contains("max_xs"));
+
+        let mut q = IdPool::new(8);
+        q.take(5).unwrap();
+        q.take(2).unwrap();
+        assert!(q.take(5).is_err(), "an id adopted twice is refused");
+        assert!(q.take(8).is_err(), "beyond the capacity");
+        let got: Vec<u32> = (0..6).map(|_| q.alloc("x").unwrap()).collect();
+        assert_eq!(got, [0, 1, 3, 4, 6, 7]);
+    }
+}

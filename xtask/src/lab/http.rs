@@ -1,0 +1,568 @@
+//! The backends' HTTP and UDP servers and the clients that talk to them: plain std sockets, so a
+//! thread that entered a network namespace can create them there (see [`super::in_netns`]).
+//!
+//! The HTTP server answers every request with `200` and the backend's name as the body, except
+//! `GET /healthz` of a backend marked unhealthy (`503`). It honours persistent connections:
+//! HTTP/1.1 without `Connection: close`, and HTTP/1.0 with `Connection: keep-alive`, stay open
+//! for the next request; `/healthz` answers always close the connection, so a health checker that
+//! reads until EOF never waits for the idle timeout.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Server threads look at their stop flag at least this often.
+pub(super) const SERVER_POLL: Duration = Duration::from_millis(20);
+/// A backend gives up on a new connection that sends no complete request head for this long.
+const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A persistent connection with no new request for this long is closed by the backend.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Connection threads look at the stop flag at least this often while waiting for a request.
+const CONN_POLL: Duration = Duration::from_millis(50);
+/// Largest request head the backend accepts (`431` beyond).
+const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body the backend reads and discards (`413` beyond).
+const MAX_BODY: usize = 1 << 20;
+
+/// What one backend's servers have answered; shared by every generation of its servers.
+#[derive(Default)]
+pub(super) struct Counters {
+    pub http: AtomicU64,
+    pub healthz: AtomicU64,
+    pub udp: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// What a backend's server threads share.
+pub(super) struct ServerCtx {
+    /// Answer body: the backend's name and a newline.
+    pub body: String,
+    pub counters: Arc<Counters>,
+    /// `/healthz` answers `200` while set, `503` otherwise.
+    pub healthy: Arc<AtomicBool>,
+    /// Set to stop this generation of servers: the listeners close, and connections close once
+    /// their current request is answered (or at once when idle).
+    pub stop: Arc<AtomicBool>,
+}
+
+pub(super) fn serve_http(listener: TcpListener, ctx: Arc<ServerCtx>) {
+    while !ctx.stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                ctx.counters.connections.fetch_add(1, Ordering::Relaxed);
+                let ctx = ctx.clone();
+                // One thread per connection, so a silent client (bounded by the timeouts above)
+                // never blocks the others or the health checks.
+                let spawned = thread::Builder::new()
+                    .name("lab-http-conn".to_owned())
+                    .spawn(move || {
+                        let _ = handle_http(stream, &ctx);
+                    });
+                if let Err(e) = spawned {
+                    eprintln!("lab: spawning an HTTP connection thread: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(SERVER_POLL),
+            Err(e) => {
+                eprintln!("lab: accept: {e}");
+                thread::sleep(SERVER_POLL);
+            }
+        }
+    }
+    // Dropping the listener here closes it: new connections are refused from now on.
+}
+
+enum Head {
+    /// A complete request head of this many bytes is at the start of the buffer.
+    Complete(usize),
+    TooLarge,
+    /// EOF, idle timeout, or the server stops while the connection is idle.
+    Closed,
+}
+
+/// End of the request/response head in `b` (after the blank line), if complete.
+fn head_end(b: &[u8]) -> Option<usize> {
+    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    let lf = b.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Reads until `pending` holds a complete head. The stream has a short read timeout
+/// ([`CONN_POLL`]) so the stop flag is seen while waiting.
+fn read_head(
+    stream: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    idle_limit: Duration,
+    stop: &AtomicBool,
+) -> io::Result<Head> {
+    let mut last_progress = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = head_end(pending) {
+            return Ok(Head::Complete(end));
+        }
+        if pending.len() > MAX_HEAD {
+            return Ok(Head::TooLarge);
+        }
+        if pending.is_empty() && stop.load(Ordering::Relaxed) {
+            return Ok(Head::Closed);
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(Head::Closed),
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                last_progress = Instant::now();
+            }
+            Err(e) if is_timeout(&e) => {
+                if last_progress.elapsed() >= idle_limit {
+                    return Ok(Head::Closed);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The parts of a request (or response) head the lab looks at.
+struct ParsedHead {
+    /// Method and path of a request; status code (and reason) of a response.
+    first: Vec<String>,
+    /// `HTTP/1.0`, `HTTP/1.1`, ... (request: third word; response: first word).
+    version: String,
+    /// Lower-cased tokens of every `Connection` header.
+    connection: Vec<String>,
+    content_length: Option<usize>,
+}
+
+impl ParsedHead {
+    fn parse(head: &str, is_request: bool) -> ParsedHead {
+        let mut lines = head.lines();
+        let words: Vec<String> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        let (version, first) = if is_request {
+            let version = words.get(2).cloned().unwrap_or_default();
+            (version, words.into_iter().take(2).collect())
+        } else {
+            let mut it = words.into_iter();
+            (it.next().unwrap_or_default(), it.collect())
+        };
+        let mut connection = Vec::new();
+        let mut content_length = None;
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let name = name.trim().to_ascii_lowercase();
+            if name == "connection" {
+                connection.extend(
+                    value
+                        .split(',')
+                        .map(|t| t.trim().to_ascii_lowercase())
+                        .filter(|t| !t.is_empty()),
+                );
+            } else if name == "content-length" {
+                content_length = value.trim().parse().ok();
+            }
+        }
+        ParsedHead {
+            first,
+            version,
+            connection,
+            content_length,
+        }
+    }
+
+    /// Whether the sender asks for (request) or grants (response) a persistent connection.
+    fn persistent(&self) -> bool {
+        let has = |t: &str| self.connection.iter().any(|c| c == t);
+        match self.version.as_str() {
+            "HTTP/1.0" => has("keep-alive"),
+            v if v.starts_with("HTTP/1.") => !has("close"),
+            _ => false,
+        }
+    }
+}
+
+/// Serves requests on one connection until it is not persistent, idle, closed or stopped.
+fn handle_http(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(CONN_POLL))?;
+    stream.set_write_timeout(Some(SERVER_IO_TIMEOUT))?;
+    let mut pending = Vec::new();
+    let mut idle_limit = SERVER_IO_TIMEOUT;
+    loop {
+        let head_len = match read_head(&mut stream, &mut pending, idle_limit, &ctx.stop)? {
+            Head::Complete(n) => n,
+            Head::Closed => return Ok(()),
+            Head::TooLarge => {
+                stream.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")?;
+                return stream.shutdown(Shutdown::Write);
+            }
+        };
+        let head = ParsedHead::parse(&String::from_utf8_lossy(&pending[..head_len]), true);
+        // A request body (none of the lab's clients send one) is read and discarded.
+        let body_len = head.content_length.unwrap_or(0);
+        if body_len > MAX_BODY {
+            stream.write_all(
+                b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            )?;
+            return stream.shutdown(Shutdown::Write);
+        }
+        let deadline = Instant::now() + SERVER_IO_TIMEOUT;
+        let mut buf = [0u8; 4096];
+        while pending.len() < head_len + body_len {
+            if Instant::now() >= deadline {
+                return Ok(());
+            }
+            match stream.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        pending.drain(..head_len + body_len);
+
+        let healthz = head.first.get(1).map(String::as_str) == Some("/healthz");
+        let counter = if healthz {
+            &ctx.counters.healthz
+        } else {
+            &ctx.counters.http
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let (status, body) = if healthz && !ctx.healthy.load(Ordering::Relaxed) {
+            ("503 Service Unavailable", "unhealthy\n")
+        } else {
+            ("200 OK", ctx.body.as_str())
+        };
+        let version = if head.version == "HTTP/1.0" {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        };
+        let keep = !healthz && head.persistent() && !ctx.stop.load(Ordering::Relaxed);
+        let response = format!(
+            "{version} {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if keep { "keep-alive" } else { "close" }
+        );
+        stream.write_all(response.as_bytes())?;
+        stream.flush()?;
+        if !keep {
+            return stream.shutdown(Shutdown::Write);
+        }
+        idle_limit = KEEPALIVE_IDLE;
+    }
+}
+
+pub(super) fn serve_udp(socket: UdpSocket, ctx: Arc<ServerCtx>) {
+    let mut buf = [0u8; 2048];
+    while !ctx.stop.load(Ordering::Relaxed) {
+        match socket.recv_from(&mut buf) {
+            Ok((_, from)) => {
+                ctx.counters.udp.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = socket.send_to(ctx.body.as_bytes(), from) {
+                    eprintln!("lab: UDP reply to {from}: {e}");
+                }
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => {
+                eprintln!("lab: UDP receive: {e}");
+                thread::sleep(SERVER_POLL);
+            }
+        }
+    }
+}
+
+/// Time left until `deadline`, or an error once it has passed.
+pub(super) fn remaining(deadline: Instant, what: &str) -> Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    ensure!(!left.is_zero(), "timed out {what}");
+    Ok(left)
+}
+
+/// A TCP connection from `client` (bound before connecting) to `target`, in the calling thread's
+/// network namespace.
+fn connect_from(client: Ipv4Addr, target: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .context("creating a TCP socket")?;
+    socket
+        .bind(&SocketAddr::from((client, 0)).into())
+        .with_context(|| format!("binding to {client}"))?;
+    socket
+        .connect_timeout(&SocketAddr::V4(target).into(), timeout)
+        .context("connecting")?;
+    Ok(socket.into())
+}
+
+/// A response as the lab's clients see it.
+struct Response {
+    status_line: String,
+    status: Option<u16>,
+    /// Whether the server keeps the connection open for another request.
+    persistent: bool,
+    body: String,
+}
+
+/// Reads one response: the head, then `Content-Length` bytes, or until EOF without one.
+fn read_response(stream: &mut TcpStream, deadline: Instant) -> Result<Response> {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut eof = false;
+    let mut read_some = |data: &mut Vec<u8>, eof: &mut bool| -> Result<()> {
+        loop {
+            stream.set_read_timeout(Some(remaining(
+                deadline,
+                &format!("reading the response ({} bytes so far)", data.len()),
+            )?))?;
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    *eof = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    data.extend_from_slice(&buf[..n]);
+                    ensure!(data.len() <= 1 << 20, "response larger than 1 MiB");
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(anyhow!(e).context(format!(
+                        "reading the response ({} bytes so far)",
+                        data.len()
+                    )));
+                }
+            }
+        }
+    };
+    let head_len = loop {
+        if let Some(end) = head_end(&data) {
+            break end;
+        }
+        ensure!(
+            !eof,
+            "connection closed after {} bytes: {:?}",
+            data.len(),
+            String::from_utf8_lossy(&data)
+        );
+        read_some(&mut data, &mut eof)?;
+    };
+    let head_text = String::from_utf8_lossy(&data[..head_len]).into_owned();
+    let head = ParsedHead::parse(&head_text, false);
+    match head.content_length {
+        Some(n) => {
+            while data.len() < head_len + n {
+                ensure!(
+                    !eof,
+                    "connection closed after {} of {n} body bytes",
+                    data.len() - head_len
+                );
+                read_some(&mut data, &mut eof)?;
+            }
+            data.truncate(head_len + n);
+        }
+        None => {
+            while !eof {
+                read_some(&mut data, &mut eof)?;
+            }
+        }
+    }
+    Ok(Response {
+        status_line: head_text.lines().next().unwrap_or_default().to_owned(),
+        status: head.first.first().and_then(|s| s.parse().ok()),
+        persistent: head.persistent() && head.content_length.is_some() && !eof,
+        body: String::from_utf8_lossy(&data[head_len..]).into_owned(),
+    })
+}
+
+fn send_request(
+    stream: &mut TcpStream,
+    target: SocketAddrV4,
+    path: &str,
+    connection: &str,
+    deadline: Instant,
+) -> Result<()> {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-lab\r\nConnection: {connection}\r\n\r\n",
+        target.ip()
+    );
+    stream.set_write_timeout(Some(remaining(deadline, "before sending the request")?))?;
+    stream
+        .write_all(request.as_bytes())
+        .context("sending the request")
+}
+
+fn expect_200(response: Response) -> Result<Response> {
+    ensure!(
+        response.status == Some(200),
+        "answer was {:?}, not 200",
+        response.status_line
+    );
+    Ok(response)
+}
+
+/// `GET <path>` with `Connection: close` from `client` to `target`, in the calling thread's
+/// network namespace; the body of a `200` answer.
+pub(super) fn http_get_here(
+    client: Ipv4Addr,
+    target: SocketAddrV4,
+    path: &str,
+    timeout: Duration,
+) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = connect_from(client, target, timeout)?;
+    send_request(&mut stream, target, path, "close", deadline)?;
+    Ok(expect_200(read_response(&mut stream, deadline)?)?.body)
+}
+
+/// One persistent HTTP/1.1 connection (`Connection: keep-alive`) from a client address to a
+/// target. Made in the client namespace by [`super::Lab::http_connect`]; usable from any thread.
+#[derive(Debug)]
+pub struct HttpConn {
+    stream: TcpStream,
+    target: SocketAddrV4,
+    local: SocketAddrV4,
+    requests: u64,
+    /// The server said it closes (or closed) the connection.
+    closed: bool,
+}
+
+impl HttpConn {
+    /// Connects from `client` to `target` in the calling thread's network namespace.
+    pub(super) fn connect_here(
+        client: Ipv4Addr,
+        target: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<HttpConn> {
+        let stream = connect_from(client, target, timeout)?;
+        let local = match stream.local_addr().context("reading the local address")? {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(a) => bail!("IPv6 local address {a} on an IPv4 connection"),
+        };
+        Ok(HttpConn {
+            stream,
+            target,
+            local,
+            requests: 0,
+            closed: false,
+        })
+    }
+
+    /// `GET <path>` on this connection; the body of a `200` answer. Fails if the server has
+    /// closed the connection (it said `Connection: close` or the connection was reset or ended),
+    /// or without a full answer within `timeout`.
+    pub fn get(&mut self, path: &str, timeout: Duration) -> Result<String> {
+        ensure!(
+            !self.closed,
+            "the server closed connection {} -> {} after {} requests",
+            self.local,
+            self.target,
+            self.requests
+        );
+        let deadline = Instant::now() + timeout;
+        let result = send_request(&mut self.stream, self.target, path, "keep-alive", deadline)
+            .and_then(|()| read_response(&mut self.stream, deadline));
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.closed = true;
+                return Err(e.context(format!(
+                    "request {} on connection {} -> {}",
+                    self.requests + 1,
+                    self.local,
+                    self.target
+                )));
+            }
+        };
+        self.requests += 1;
+        self.closed = !response.persistent;
+        Ok(expect_200(response)?.body)
+    }
+
+    /// Whether the connection can take another request (the server has not closed it and no
+    /// request on it failed).
+    pub fn is_open(&self) -> bool {
+        !self.closed
+    }
+
+    /// Requests answered on this connection so far.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// The client side of the connection (address and port).
+    pub fn local_addr(&self) -> SocketAddrV4 {
+        self.local
+    }
+}
+
+pub(super) fn udp_query_here(
+    client: Ipv4Addr,
+    target: SocketAddrV4,
+    timeout: Duration,
+) -> Result<(String, SocketAddr)> {
+    let deadline = Instant::now() + timeout;
+    let socket = UdpSocket::bind((client, 0)).with_context(|| format!("binding to {client}"))?;
+    socket
+        .send_to(b"query\n", target)
+        .context("sending the query")?;
+    let mut buf = [0u8; 2048];
+    loop {
+        socket.set_read_timeout(Some(remaining(deadline, "waiting for the reply")?))?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) => return Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => bail!("no reply within {timeout:?}"),
+            Err(e) => return Err(anyhow!(e).context("waiting for the reply")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_and_persistence() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.0\n\n"), Some(16));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\n"), None);
+        let req = |s: &str| ParsedHead::parse(s, true);
+        assert!(req("GET / HTTP/1.1\r\nHost: x\r\n\r\n").persistent());
+        assert!(!req("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").persistent());
+        assert!(!req("GET / HTTP/1.0\r\n\r\n").persistent());
+        assert!(req("GET / HTTP/1.0\r\nconnection: Keep-Alive\r\n\r\n").persistent());
+        assert!(!req("GET /").persistent());
+        let r = req("POST /healthz HTTP/1.1\r\nContent-Length:  12 \r\n\r\n");
+        assert_eq!(
+            (r.first[1].as_str(), r.content_length),
+            ("/healthz", Some(12))
+        );
+        let resp = ParsedHead::parse(
+            "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n",
+            false,
+        );
+        assert_eq!((resp.first[0].as_str(), resp.persistent()), ("503", false));
+    }
+}
