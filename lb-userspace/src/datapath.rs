@@ -108,6 +108,26 @@ pub struct Datapath {
     attachments: Vec<Attachment>,
     /// Where maps and links are pinned (none in tests).
     pin_dir: Option<PathBuf>,
+    /// The MAGLEV array mapped into our memory, made on first use and kept: mapping a BPF array
+    /// populates every page table entry at once, far too slow to repeat per table write.
+    maglev_mem: Option<MaglevMem>,
+}
+
+/// A shared read-write mapping of the MAGLEV map (u64 words), unmapped on drop.
+struct MaglevMem {
+    ptr: *mut u64,
+    words: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; access goes through &mut
+// Datapath, so there is no unsynchronised sharing between threads.
+unsafe impl Send for MaglevMem {}
+
+impl Drop for MaglevMem {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned.
+        unsafe { libc::munmap(self.ptr.cast(), self.words * 8) };
+    }
 }
 
 impl Datapath {
@@ -143,7 +163,7 @@ impl Datapath {
             .try_into()
             .context("the eBPF program is not an XDP program")?;
         prog.load().map_err(describe_load_error)?;
-        Ok(Self { ebpf, cap, attachments: Vec::new(), pin_dir: pin_dir.map(Path::to_path_buf) })
+        Ok(Self { ebpf, cap, attachments: Vec::new(), pin_dir: pin_dir.map(Path::to_path_buf), maglev_mem: None })
     }
 
     /// Pin path of the XDP link of `iface`.
@@ -443,23 +463,32 @@ impl Datapath {
             .chunks(lb_common::MAGLEV_IDS_PER_WORD as usize)
             .map(|c| c.iter().enumerate().fold(0u64, |w, (i, id)| w | (u64::from(*id) << (16 * i))))
             .collect();
-        let total = self.cap.max_services as usize * 2 * lb_common::maglev_words(m) as usize * 8;
-        let Map::Array(data) = self.map(maps::MAGLEV)? else {
-            bail!("MAGLEV is not an array map");
-        };
-        let fd = data.fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `total` bytes (8-byte elements),
-        // shared, read-write; the copy stays inside it; unmapped before returning.
-        unsafe {
-            let p = libc::mmap(std::ptr::null_mut(), total, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+        let first = lb_common::maglev_index(service_id, table, m, 0) as usize;
+        let mem = self.maglev_mem()?;
+        assert!(first + words.len() <= mem.words, "service id checked against max_services above");
+        // SAFETY: the range lies inside the mapping (checked above); the datapath reads these words
+        // concurrently, but only from the other (live) half of this service's tables.
+        unsafe { std::ptr::copy_nonoverlapping(words.as_ptr(), mem.ptr.add(first), words.len()) };
+        Ok(())
+    }
+
+    fn maglev_mem(&mut self) -> Result<&MaglevMem> {
+        if self.maglev_mem.is_none() {
+            let words = self.cap.max_services as usize * 2 * lb_common::maglev_words(self.cap.maglev_m) as usize;
+            let Map::Array(data) = self.map(maps::MAGLEV)? else {
+                bail!("MAGLEV is not an array map");
+            };
+            let fd = data.fd().as_fd().as_raw_fd();
+            // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `words` 8-byte elements, shared.
+            let p = unsafe {
+                libc::mmap(std::ptr::null_mut(), words * 8, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+            };
             if p == libc::MAP_FAILED {
                 return Err(std::io::Error::last_os_error()).context("mmap of the MAGLEV map");
             }
-            let first = lb_common::maglev_index(service_id, table, m, 0) as usize;
-            std::ptr::copy_nonoverlapping(words.as_ptr(), (p as *mut u64).add(first), words.len());
-            libc::munmap(p, total);
+            self.maglev_mem = Some(MaglevMem { ptr: p.cast(), words });
         }
-        Ok(())
+        Ok(self.maglev_mem.as_ref().expect("just set"))
     }
 
     /// Reads the backend id of one Maglev slot (diagnostics and tests).

@@ -116,8 +116,9 @@ impl ServiceRt {
         ServiceKey::new(u32::from(b.config.address), b.config.port, self.key.proto)
     }
 
-    /// The table the current states call for, and whether that is failing open.
-    fn desired_table(&self, m: u32) -> (Vec<u32>, bool) {
+    /// The table the current states call for, how many backends it holds, and whether that is
+    /// failing open.
+    fn desired_table(&self, m: u32) -> (Vec<u32>, u32, bool) {
         let pick = |f: &dyn Fn(&BackendRt) -> bool| -> Vec<MaglevBackend> {
             self.backends
                 .iter()
@@ -125,14 +126,15 @@ impl ServiceRt {
                 .map(|b| MaglevBackend { addr: IpAddr::V4(b.config.address), port: b.config.port, weight: b.config.weight, id: b.id })
                 .collect()
         };
+        // Every backend with a weight gets at least one slot (weights are >= 1, N <= M).
         let eligible = pick(&|b| b.eligible());
         if !eligible.is_empty() {
-            return (maglev::build(&eligible, m), false);
+            return (maglev::build(&eligible, m), eligible.len() as u32, false);
         }
         // Every backend that may take clients is down: route as if they were all up.
         let active = pick(&|b| b.admin == Admin::Active);
         let fail_open = !active.is_empty();
-        (maglev::build(&active, m), fail_open)
+        (maglev::build(&active, m), active.len() as u32, fail_open)
     }
 }
 
@@ -337,31 +339,44 @@ impl Runtime {
             ch.pins_flushed += self.teardown_service(dp, &s)?;
             ch.services_removed.push(s.config.name.clone());
         }
+        // Update the model first; the services that changed are written afterwards, once their
+        // tables are built (in parallel: building is the expensive part of a large reload).
         let mut ordered = Vec::with_capacity(cfg.services.len());
+        let mut pending: Vec<(usize, Vec<BackendRt>)> = Vec::new();
         for sc in &cfg.services {
             let pos = self.services.iter().position(|s| s.config.name == sc.name);
             let svc = match pos {
                 Some(p) => {
                     let mut s = self.services.remove(p);
-                    if self.update_service(dp, &mut s, sc, &mut ch)? {
+                    if let Some(removed) = self.update_service(dp, &mut s, sc, &mut ch)? {
                         ch.services_changed.push(sc.name.clone());
+                        pending.push((ordered.len(), removed));
                     }
                     s
                 }
                 None => {
-                    let s = self.add_service(dp, sc)?;
+                    let s = self.add_service(sc)?;
                     ch.services_added.push(sc.name.clone());
                     ch.backends_added.extend(sc.backends.iter().map(|b| backend_label(&sc.name, b)));
+                    pending.push((ordered.len(), Vec::new()));
                     s
                 }
             };
             ordered.push(svc);
         }
+        let m = self.global.maglev_m;
+        let tables = build_tables(pending.iter().map(|(i, _)| &ordered[*i]).collect(), m);
+        for ((i, removed), table) in pending.into_iter().zip(tables) {
+            let s = &mut ordered[i];
+            self.write_service(dp, s, &removed, table)?;
+            ch.pins_flushed += self.retire_backends(dp, s.entry.id, &removed)?;
+        }
         self.services = ordered;
         Ok(ch)
     }
 
-    fn add_service(&mut self, dp: &mut Datapath, sc: &ServiceConfig) -> Result<ServiceRt> {
+    /// A new service in the model (written by the caller).
+    fn add_service(&mut self, sc: &ServiceConfig) -> Result<ServiceRt> {
         let id = self.service_ids.alloc("service")?;
         let now = SystemTime::now();
         let mut backends = Vec::new();
@@ -383,17 +398,24 @@ impl Runtime {
             table: Vec::new(),
             fail_open: false,
         };
-        // A fresh service has no live table yet: write table 0, then make the VIP live.
+        // A fresh service has no live table yet: table 0 is written, then the VIP goes live.
         s.entry.table = 1;
-        self.sync(dp, &mut s, &[])?;
         Ok(s)
     }
 
-    /// Applies a changed config to an existing service. Returns whether anything changed.
-    fn update_service(&mut self, dp: &mut Datapath, s: &mut ServiceRt, sc: &ServiceConfig, ch: &mut Changes) -> Result<bool> {
+    /// Applies a changed config to an existing service in the model, removing what is gone from
+    /// the maps. Returns the removed backends when the service must be written, None when
+    /// nothing changed.
+    fn update_service(
+        &mut self,
+        dp: &mut Datapath,
+        s: &mut ServiceRt,
+        sc: &ServiceConfig,
+        ch: &mut Changes,
+    ) -> Result<Option<Vec<BackendRt>>> {
         let had_table = !s.table.is_empty();
         if s.config == *sc && had_table {
-            return Ok(false);
+            return Ok(None);
         }
         let old_key = s.key;
         let old_reverse: Vec<ServiceKey> = s.backends.iter().map(|b| s.reverse_key(b)).collect();
@@ -447,21 +469,24 @@ impl Runtime {
                 dp.remove_reverse(&k)?;
             }
         }
-        self.sync(dp, s, &removed)?;
         for b in &removed {
             ch.backends_removed.push(backend_label(&sc.name, &b.config));
         }
-        ch.pins_flushed += self.retire_backends(dp, s.entry.id, &removed)?;
-        Ok(true)
+        Ok(Some(removed))
     }
 
     /// Writes a service whose backends or states changed, in an order that keeps every packet
     /// consistent: backends that can take or keep clients first, then the new table into the idle
     /// half, then the service entry that flips to it, and only then the backends that went
     /// down or away (so that their re-selected clients already see the new table).
-    pub fn sync(&mut self, dp: &mut Datapath, s: &mut ServiceRt, removed: &[BackendRt]) -> Result<()> {
-        let m = self.global.maglev_m;
-        let (table, fail_open) = s.desired_table(m);
+    pub fn sync(&mut self, dp: &mut Datapath, s: &mut ServiceRt) -> Result<()> {
+        let table = s.desired_table(self.global.maglev_m);
+        self.write_service(dp, s, &[], table)
+    }
+
+    /// `sync` with the table already built.
+    fn write_service(&mut self, dp: &mut Datapath, s: &mut ServiceRt, removed: &[BackendRt], desired: (Vec<u32>, u32, bool)) -> Result<()> {
+        let (table, in_table, fail_open) = desired;
         if fail_open && !s.fail_open {
             tracing::error!(service = %s.config.name, "every backend is down: failing open, routing as if all were up");
         } else if !fail_open && s.fail_open {
@@ -480,10 +505,9 @@ impl Runtime {
             dp.write_maglev(s.entry.id, next, &table)
                 .with_context(|| format!("writing the Maglev table of service {}", s.config.name))?;
         }
-        let distinct: BTreeSet<u32> = table.iter().copied().collect();
         s.entry.table = next;
         s.entry.flags = if fail_open { SERVICE_F_FAIL_OPEN } else { 0 };
-        s.entry.backend_count = distinct.len() as u32;
+        s.entry.backend_count = in_table;
         s.entry.generation = s.entry.generation.wrapping_add(1);
         dp.write_service(s.key, s.entry)?;
         s.table = table;
@@ -550,7 +574,7 @@ impl Runtime {
         let changed = f(b);
         let after = b.clone();
         if changed {
-            self.sync(dp, &mut s, &[])?;
+            self.sync(dp, &mut s)?;
             self.services[i] = s;
         }
         Ok(after)
@@ -573,6 +597,22 @@ impl Runtime {
         }
         out
     }
+}
+
+/// Builds the desired tables of `services` on every core (order kept).
+fn build_tables(services: Vec<&ServiceRt>, m: u32) -> Vec<(Vec<u32>, u32, bool)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(services.len().max(1));
+    if threads <= 1 || services.len() < 8 {
+        return services.iter().map(|s| s.desired_table(m)).collect();
+    }
+    let chunk = services.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = services
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|s| s.desired_table(m)).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("table builder panicked")).collect()
+    })
 }
 
 /// A stand-in config for a pinned service the new config does not have (it is removed next).

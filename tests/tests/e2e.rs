@@ -390,12 +390,24 @@ fn status_counts_match_the_traffic_and_sigterm_cleans_up() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("service web 10.200.100.1:80/tcp"), "text status:\n{text}");
 
-    // SIGTERM: a clean exit, nothing left attached.
+    // SIGTERM: a clean exit that leaves the datapath running on its pinned state ...
     match lab.stop_lb() {
         Ok(Some(st)) => assert!(st.success(), "lb exited with {st} on SIGTERM:\n{}", lab.lb_log_tail(20)),
         other => panic!("stopping lb: {other:?}"),
     }
-    assert_no_xdp(&lab, "after SIGTERM");
+    assert!(xdp_attached(&lab), "SIGTERM must leave XDP attached (restart without interruption)");
+    assert!(lab.pin_path().join("AFFINITY").exists(), "SIGTERM must leave the maps pinned");
+    // ... and `lb down` removes all of it.
+    let out = lab.lb_down(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(out.status.success(), "lb down failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_no_xdp(&lab, "after lb down");
+    assert!(!lab.pin_path().join("AFFINITY").exists(), "lb down must remove the pins");
+}
+
+fn xdp_attached(lab: &Lab) -> bool {
+    let links = output_timeout(Command::new("ip").args(["-n", lab.ns_lb(), "-d", "link", "show"]), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    String::from_utf8_lossy(&links.stdout).lines().any(|l| l.contains("xdp"))
 }
 
 /// Asserts that no interface of the balancer namespace has an XDP program attached.

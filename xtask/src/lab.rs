@@ -1065,8 +1065,15 @@ impl Lab {
     /// `lb status` answers. Returns the time from SIGTERM until the new daemon answered. The
     /// log gets a marker line between the two runs.
     pub fn restart_lb(&mut self, lb_bin: &Path) -> Result<Duration> {
+        if let Some(status) = self.lb_exit_status()? {
+            bail!(
+                "lb had already exited ({status}) before the restart; last 30 lines of {}:\n{}",
+                self.log.display(),
+                self.lb_log_tail(30)
+            );
+        }
         ensure!(
-            self.lb_exit_status()?.is_none() && self.lb.is_some(),
+            self.lb.is_some(),
             "lb is not running in lab {}",
             self.prefix
         );
@@ -1777,7 +1784,9 @@ mod tests {
         let udp = |i| SocketAddrV4::new(backend_addr(i), BACKEND_UDP_PORT);
         let healthz = |lab: &Lab, i| lab.http_get_path(client, http(i), "/healthz", T);
         assert_eq!(healthz(&lab, 1).unwrap(), "backend-1\n");
-        assert_eq!(lab.backend_stats(1).healthz, 1);
+        lab.http_get_path(client, http(1), "/healthz?deep=1", T)
+            .unwrap();
+        assert_eq!(lab.backend_stats(1).healthz, 2);
 
         lab.stop_backend(1).unwrap();
         assert!(!lab.backend_running(1));
@@ -1797,7 +1806,7 @@ mod tests {
         }
         assert_eq!(
             lab.backend_stats(1).healthz,
-            1,
+            2,
             "nothing answered while stopped"
         );
         assert_eq!(lab.http_get(client, http(2), T).unwrap(), "backend-2\n");
@@ -1809,7 +1818,7 @@ mod tests {
         assert_eq!(healthz(&lab, 1).unwrap(), "backend-1\n");
         assert_eq!(lab.http_get(client, http(1), T).unwrap(), "backend-1\n");
         assert_eq!(lab.udp_query(client, udp(1), T).unwrap().0, "backend-1\n");
-        assert_eq!(lab.backend_stats(1).healthz, 2, "counters carry on");
+        assert_eq!(lab.backend_stats(1).healthz, 3, "counters carry on");
 
         lab.set_backend_healthy(2, false).unwrap();
         let err = healthz(&lab, 2).expect_err("unhealthy backend");

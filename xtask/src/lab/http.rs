@@ -244,7 +244,8 @@ fn handle_http(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
         }
         pending.drain(..head_len + body_len);
 
-        let healthz = head.first.get(1).map(String::as_str) == Some("/healthz");
+        let path = head.first.get(1).map(String::as_str).unwrap_or_default();
+        let healthz = path.split('?').next() == Some("/healthz");
         let counter = if healthz {
             &ctx.counters.healthz
         } else {
