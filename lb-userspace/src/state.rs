@@ -286,9 +286,11 @@ impl Runtime {
                     .find(|c| c.address == address && c.port == port)
                     .cloned()
                     .unwrap_or(BackendConfig { address, port, weight: 1, state: BackendState::Active });
+                // A drain made at run time survives the restart; a config that now says
+                // draining applies too.
                 let admin = if b.flags & BACKEND_F_FORCED != 0 {
                     Admin::Forced
-                } else if b.flags & BACKEND_F_DRAINING != 0 {
+                } else if b.flags & BACKEND_F_DRAINING != 0 || bc.state == BackendState::Draining {
                     Admin::Draining
                 } else {
                     Admin::Active

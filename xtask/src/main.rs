@@ -41,6 +41,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks: figures printed side by side from one run, never asserted.
+    Bench {
+        /// Fewer repetitions (3 instead of 7).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Unit tests, datapath fixtures (BPF_PROG_TEST_RUN) and end-to-end tests in namespaces.
     Test {
         /// Only run tests whose name contains this (passed to every test binary).
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
         Cmd::Build => setup().and_then(|_| build_release()).map(|lb| println!("built {}", lb.display())),
         Cmd::Run { args } => run(args),
         Cmd::Test { filter } => test(filter.as_deref()),
+        Cmd::Bench { quick } => bench(quick),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -190,6 +197,17 @@ fn run(args: Vec<String>) -> Result<()> {
         bail!("lb exited with {status}");
     }
     Ok(())
+}
+
+fn bench(quick: bool) -> Result<()> {
+    setup()?;
+    if !xtask::lab::is_root() {
+        bail!("the benchmarks load XDP programs: run as root");
+    }
+    println!("\n== control plane (Maglev build, reload of 1000 services)");
+    sh(cargo()
+        .args(["bench", "-p", "lb-userspace", "--bench", "control"])
+        .env("LB_BENCH_REPS", if quick { "3" } else { "7" }))
 }
 
 fn test(filter: Option<&str>) -> Result<()> {
