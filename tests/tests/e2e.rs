@@ -472,3 +472,30 @@ fn not_root_is_refused_with_one_line() {
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("lb: error:")).collect();
     assert!(errors.len() == 1 && errors[0].contains("root"), "one line naming root:\n{stderr}");
 }
+
+#[test]
+fn incompatible_pinned_state_is_refused_and_keeps_running() {
+    let bin = lb_bin();
+    let mut lab = create_lab(LabSpec { clients: 2, backends: 2 });
+    start_lb(&mut lab, &bin);
+    let vip = SocketAddrV4::new(lab.vip(), VIP_HTTP_PORT);
+    let client = lab.client_addrs()[0];
+    let first = lab.http_get(client, vip, REQUEST_TIMEOUT).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    stop_lb(&mut lab);
+    // Other capacities than the pinned maps were made with: refused, pointing at `lb down`.
+    let cfg = fs::read_to_string(lab.config_path()).unwrap();
+    assert!(cfg.contains("max_services = 8"), "lab config changed shape:\n{cfg}");
+    lab.write_config(&cfg.replace("max_services = 8", "max_services = 16")).unwrap();
+    let out = output_timeout(&mut lab.lb_run_command(&bin), Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "lb run adopted pins made with other capacities:\n{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("lb: error:")).unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+    assert!(line.contains("max_services") && line.contains("lb down"), "the error names the field and `lb down`: {line}");
+    // The refused start touched nothing: the old datapath still serves, the client keeps its backend.
+    assert!(xdp_attached(&lab), "a refused adoption must leave the running datapath attached");
+    let again = lab.http_get(client, vip, REQUEST_TIMEOUT).unwrap_or_else(|e| fail(&lab, &format!("after the refused start: {e:#}")));
+    assert_eq!(first, again, "the client moved");
+    let down = lab.lb_down(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(down.status.success(), "lb down: {}", String::from_utf8_lossy(&down.stderr));
+    assert_no_xdp(&lab, "after lb down");
+}
