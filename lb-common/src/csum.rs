@@ -40,6 +40,18 @@ pub const fn replace_addr_port(check: u16, old_addr: u32, new_addr: u32, old_por
     !fold(acc + (!old_port) as u64 + new_port as u64)
 }
 
+/// The checksum after a 128-bit value (an IPv6 address, as four memory words) changed.
+#[inline(always)]
+pub const fn replace16(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    let mut acc = (!check) as u64;
+    let mut i = 0;
+    while i < 4 {
+        acc = add32(add32(acc, !old[i]), new[i]);
+        i += 1;
+    }
+    !fold(acc)
+}
+
 /// A UDP checksum that computes to 0 is sent as 0xffff (RFC 768); 0 on the wire means "none".
 #[inline(always)]
 pub const fn udp_nonzero(check: u16) -> u16 {
@@ -71,6 +83,16 @@ pub fn l4_checksum_v4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> u16 {
     acc = sum(acc, &dst);
     acc = sum(acc, &[0, proto]);
     acc = sum(acc, &(l4.len() as u16).to_be_bytes());
+    acc = sum(acc, l4);
+    !fold(acc)
+}
+
+/// Full TCP/UDP/ICMPv6 checksum over the IPv6 pseudo-header and `l4` (checksum field zeroed).
+pub fn l4_checksum_v6(src: [u8; 16], dst: [u8; 16], next_header: u8, l4: &[u8]) -> u16 {
+    let mut acc = sum(0, &src);
+    acc = sum(acc, &dst);
+    acc = sum(acc, &(l4.len() as u32).to_be_bytes());
+    acc = sum(acc, &[0, 0, 0, next_header]);
     acc = sum(acc, l4);
     !fold(acc)
 }
@@ -170,6 +192,17 @@ mod tests {
         );
         l4[2..4].copy_from_slice(&new_port);
         assert_eq!(inc, l4_checksum_v4(src, new_dst, 17, &l4));
+    }
+
+    #[test]
+    fn ipv6_address_change() {
+        let src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let dst = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64];
+        let new = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+        let l4 = [0x9c, 0x40, 0, 80, 0, 12, 0, 0, 1, 2, 3, 4];
+        let c = l4_checksum_v6(src, dst, 17, &l4);
+        let words = |a: [u8; 16]| core::array::from_fn::<u32, 4, _>(|i| u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]));
+        assert_eq!(replace16(c, &words(dst), &words(new)), l4_checksum_v6(src, new, 17, &l4));
     }
 
     #[test]

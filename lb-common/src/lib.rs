@@ -44,10 +44,33 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Per-CPU array[`crate::stat::COUNT`] of u64, indexed by [`crate::stat`] codes.
     pub const STATS: &str = "STATS";
+    /// Hash [`crate::ServiceKey6`] -> [`crate::Service`]: IPv6 services.
+    pub const SERVICES6: &str = "SERVICES6";
+    /// Hash [`crate::ServiceKey6`] (a backend's address, port, protocol) -> [`crate::Reverse6`].
+    pub const REVERSE6: &str = "REVERSE6";
+    /// Hash [u32; 4] (an IPv6 address of the balancer itself) -> u32 (unused, 1).
+    pub const LOCAL_ADDRS6: &str = "LOCAL_ADDRS6";
+    /// Hash [`crate::AddrKey`] -> u32 (`crate::ADDR_F_*`): every VIP and backend address, for
+    /// packets without ports (non-first fragments, ICMP) to tell whether they are ours.
+    pub const ADDRS: &str = "ADDRS";
+    /// LRU hash [`crate::FragKey`] -> [`crate::FragValue`]: how the first fragment of a datagram
+    /// was translated, for the fragments that follow it (they carry no ports).
+    pub const FRAGS: &str = "FRAGS";
     /// Hash [u8; 16] (interface name, NUL-padded) -> u32 (`crate::ATTACH_NATIVE` or
     /// `crate::ATTACH_GENERIC`); written and read by the daemon only.
     pub const ATTACH_MODES: &str = "ATTACH_MODES";
 }
+
+/// `ADDRS` flags.
+pub const ADDR_F_VIP: u32 = 1;
+pub const ADDR_F_BACKEND: u32 = 2;
+
+/// Address families as stored in keys.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Capacity of `FRAGS` (datagrams being fragmented at once).
+pub const FRAG_ENTRIES: u32 = 8192;
 
 /// Attach modes recorded in `ATTACH_MODES`.
 pub const ATTACH_NATIVE: u32 = 1;
@@ -108,6 +131,70 @@ impl ServiceKey {
         Self { addr: addr.to_be(), port: port.to_be(), proto, _pad: 0 }
     }
 }
+
+/// (address, port, protocol) of an IPv6 VIP, or of an IPv6 backend in `REVERSE6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey6 {
+    /// Address, network order words.
+    pub addr: [u32; 4],
+    /// Port, network order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
+
+/// What a reply from an IPv6 backend is translated back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reverse6 {
+    pub vip: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Reverse6>() == 28);
+
+/// An address and its family (IPv4 uses `addr[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    pub addr: [u32; 4],
+    pub family: u32,
+}
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+
+/// Identifies one fragmented datagram: (source, destination, IP identification, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// Direction of a translated datagram in `FragValue::dir`.
+pub const FRAG_TO_BACKEND: u32 = 0;
+pub const FRAG_TO_CLIENT: u32 = 1;
+
+/// How the first fragment was translated: the new destination (to a backend) or the new source
+/// (the VIP, on a reply).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub addr: [u32; 4],
+    pub dir: u32,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 32);
 
 /// A service as the datapath sees it.
 #[repr(C)]
@@ -256,7 +343,7 @@ pub mod stat {
     pub const PASS_FIB: u32 = 6;
     /// Rewritten, but the FIB says the destination is unreachable/blackholed: dropped.
     pub const DROP_FIB: u32 = 7;
-    /// An IPv4 fragment to a VIP (fragment handling arrives with the datapath-breadth issue).
+    /// A fragment of ours that cannot be forwarded (no L4 header in a first fragment).
     pub const DROP_FRAGMENT: u32 = 8;
     /// An internal inconsistency (a map entry missing that the daemon should have written).
     pub const ABORTED: u32 = 9;
@@ -264,8 +351,19 @@ pub mod stat {
     pub const REPLY: u32 = 10;
     /// Packets to a VIP (counted besides their forwarding verdict).
     pub const TO_VIP: u32 = 11;
+    /// A VLAN-tagged frame, rewritten and passed to the kernel because it must leave through
+    /// another interface (the kernel's VLAN devices re-tag it).
+    pub const PASS_VLAN: u32 = 12;
+    /// A non-first fragment translated like its first fragment (counted besides the verdict).
+    pub const FRAGMENT: u32 = 13;
+    /// A non-first fragment of ours whose first fragment was not seen: dropped.
+    pub const DROP_FRAG_UNPLACED: u32 = 14;
+    /// An echo request to a VIP, answered by the balancer (XDP_TX).
+    pub const ICMP_ECHO: u32 = 15;
+    /// An ICMP error about a VIP flow, sent on to the flow's backend (counted besides the verdict).
+    pub const ICMP_ERROR: u32 = 16;
     /// Number of codes.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 17;
 
     /// Names of the codes, by index, for status output and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -281,6 +379,11 @@ pub mod stat {
         "aborted",
         "reply",
         "to_vip",
+        "pass_vlan",
+        "fragment",
+        "drop_frag_unplaced",
+        "icmp_echo",
+        "icmp_error",
     ];
 }
 
@@ -347,6 +450,11 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for Reverse {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for Reverse6 {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counters, DEFAULT_AFFINITY_ENTRIES, DEFAULT_MAGLEV_M,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, GlobalConfig, Reverse, Service, ServiceKey, stat,
+    AddrKey, AffinityKey, AffinityValue, Backend, Counters, DEFAULT_AFFINITY_ENTRIES,
+    DEFAULT_MAGLEV_M, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FRAG_ENTRIES, FragKey, FragValue,
+    GlobalConfig, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, stat,
 };
 
 /// Global settings (layout version, Maglev M, client hash seed), one entry.
@@ -19,6 +20,26 @@ pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 /// (VIP, port, protocol) -> service.
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// (IPv6 VIP, port, protocol) -> service.
+#[map(name = "SERVICES6")]
+pub static SERVICES6: HashMap<ServiceKey6, Service> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// (IPv6 backend address, port, protocol) -> (VIP, port): reply translation.
+#[map(name = "REVERSE6")]
+pub static REVERSE6: HashMap<ServiceKey6, Reverse6> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// The balancer's own IPv6 addresses.
+#[map(name = "LOCAL_ADDRS6")]
+pub static LOCAL_ADDRS6: HashMap<[u32; 4], u32> = HashMap::with_max_entries(256, 0);
+
+/// Every VIP and backend address (`ADDR_F_*`): ours-or-not for packets without ports.
+#[map(name = "ADDRS")]
+pub static ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// First fragment's translation, for the later fragments of the same datagram.
+#[map(name = "FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(FRAG_ENTRIES, 0);
 
 /// Backend id -> backend (address, port, state).
 #[map(name = "BACKENDS")]
@@ -59,6 +80,13 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 /// the daemon only: a restarted daemon learns the modes of the links it adopts.
 #[map(name = "ATTACH_MODES")]
 pub static ATTACH_MODES: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);
+
+/// Per-CPU scratch space holding the parsed packet (`parse::Meta`) while a packet is processed.
+/// Keeping it in a map value rather than on the stack keeps the stack small, and because the
+/// verifier does not track map contents, the out-of-line stages are verified once for every kind
+/// of packet instead of once per combination of parsed values.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<crate::parse::Meta> = PerCpuArray::with_max_entries(1, 0);
 
 /// Verdict and reason counters, by `lb_common::stat` code.
 #[map(name = "STATS")]

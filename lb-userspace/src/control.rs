@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
+    net::SocketAddrV4,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -144,11 +145,14 @@ pub struct DrainRequest {
     pub force: bool,
 }
 
+/// The `ADDRESS:PORT` of a drain request's backend (IPv4 only, as the datapath); the error is
+/// the message the API answers with.
+pub fn parse_backend(backend: &str) -> std::result::Result<SocketAddrV4, String> {
+    backend.parse().map_err(|_| format!("backend {backend:?}: expected ADDRESS:PORT, e.g. 10.1.0.11:8080"))
+}
+
 fn set_admin(d: &Shared, req: DrainRequest, admin: Admin) -> Result<Json<BackendReport>, (StatusCode, Json<ApiError>)> {
-    let addr: std::net::SocketAddrV4 = req
-        .backend
-        .parse()
-        .map_err(|_| api_error(StatusCode::BAD_REQUEST, format!("backend {:?}: expected ADDRESS:PORT, e.g. 10.1.0.11:8080", req.backend)))?;
+    let addr = parse_backend(&req.backend).map_err(|e| api_error(StatusCode::BAD_REQUEST, e))?;
     let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
     d.set_admin(&req.service, *addr.ip(), addr.port(), admin)
         .map(Json)
@@ -227,8 +231,15 @@ pub async fn request(socket: &Path, method: &str, path: &str, body: Option<&str>
         .await
         .map_err(|_| anyhow!("timed out waiting for the lb daemon's answer"))?
         .context("reading from the control socket")?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("malformed answer from the daemon"))?;
+    parse_response(&buf)
+}
+
+/// Splits a whole HTTP/1.1 response (read to EOF) into its status code and body, undoing
+/// `Transfer-Encoding: chunked`. The body is decoded as UTF-8 (lossily) only once dechunked: chunk
+/// sizes count bytes, and a character may be split across chunks.
+pub fn parse_response(raw: &[u8]) -> Result<(u16, String)> {
+    let end = find(raw, b"\r\n\r\n").ok_or_else(|| anyhow!("malformed answer from the daemon"))?;
+    let (head, body) = (String::from_utf8_lossy(&raw[..end]), &raw[end + 4..]);
     let code: u16 = head
         .split_whitespace()
         .nth(1)
@@ -237,21 +248,28 @@ pub async fn request(socket: &Path, method: &str, path: &str, body: Option<&str>
     let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         dechunk(body)?
     } else {
-        body.to_string()
+        body.to_vec()
     };
-    Ok((code, body))
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn dechunk(mut s: &str) -> Result<String> {
-    let mut out = String::new();
+/// Where `needle` first occurs in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn dechunk(mut s: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
     loop {
-        let (size, rest) = s.split_once("\r\n").ok_or_else(|| anyhow!("bad chunked body"))?;
+        let eol = find(s, b"\r\n").ok_or_else(|| anyhow!("bad chunked body"))?;
+        let (size, rest) = (&s[..eol], &s[eol + 2..]);
+        let size = std::str::from_utf8(size).context("bad chunk size")?;
         let n = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
         if n == 0 {
             return Ok(out);
         }
-        out.push_str(rest.get(..n).ok_or_else(|| anyhow!("short chunk"))?);
-        s = rest.get(n + 2..).unwrap_or("");
+        out.extend_from_slice(rest.get(..n).ok_or_else(|| anyhow!("short chunk"))?);
+        s = rest.get(n + 2..).unwrap_or_default();
     }
 }
 
@@ -331,4 +349,38 @@ pub fn render_status(r: &StatusReport) -> String {
     let stats: Vec<String> = r.stats.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(o, "\nverdicts: {}", if stats.is_empty() { "none yet".into() } else { stats.join(" ") });
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_response_plain_and_chunked() {
+        let plain = b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(parse_response(plain).unwrap(), (404, "{}".to_owned()));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nA\r\n0123456789\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).unwrap(), (200, "abc0123456789".to_owned()));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 2xx OK\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab").is_err());
+    }
+
+    /// Regression (found by tests/parsers.rs): the answer was decoded as UTF-8 before
+    /// dechunking, so a character split across two chunks became U+FFFD replacement characters
+    /// (3 bytes each) that threw the chunk sizes off: "short chunk", or a garbled body.
+    #[test]
+    fn parse_response_character_split_across_chunks() {
+        let raw = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nA\xc2\r\n1\r\n\xa1\r\n0\r\n\r\n";
+        assert_eq!(parse_response(raw).unwrap(), (200, "A\u{a1}".to_owned()));
+    }
+
+    #[test]
+    fn parse_backend_is_ipv4_address_and_port() {
+        assert_eq!(parse_backend("10.1.0.11:8080"), Ok("10.1.0.11:8080".parse().unwrap()));
+        for bad in ["10.1.0.11", "10.1.0.11:", "10.1.0.11:65536", "[::1]:80", "backend:80", " 10.1.0.11:80"] {
+            let e = parse_backend(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")) && e.contains("ADDRESS:PORT"), "{e}");
+        }
+    }
 }

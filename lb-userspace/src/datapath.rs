@@ -593,7 +593,9 @@ fn describe_load_error(e: ProgramError) -> anyhow::Error {
 
 fn verifier_rejection(io_error: &std::io::Error, log: &str) -> String {
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join("\n");
+    // LB_VERIFIER_LOG_LINES shows more of the log when debugging the XDP program.
+    let n = std::env::var("LB_VERIFIER_LOG_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(VERIFIER_TAIL_LINES);
+    let tail = lines[lines.len().saturating_sub(n)..].join("\n");
     format!("the kernel verifier rejected the XDP program ({io_error}); last lines of the verifier log:\n{tail}")
 }
 

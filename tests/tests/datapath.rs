@@ -247,9 +247,9 @@ fn traffic_that_is_not_ours_passes_untouched() {
         arp.extend_from_slice(&[0x08, 0x06]);
         arp.extend_from_slice(&[0u8; 28]);
         frames.push(("ARP", arp));
-        let mut v6 = Pkt::tcp(CLIENT, 1, VIP, 80).bytes();
-        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
-        frames.push(("IPv6 ethertype", v6));
+        let mut lldp = Pkt::tcp(CLIENT, 1, VIP, 80).bytes();
+        lldp[12..14].copy_from_slice(&[0x88, 0xcc]);
+        frames.push(("LLDP ethertype", lldp));
         for (what, f) in &frames {
             let (v, out) = fx.run(f, "cl");
             assert_eq!(v, XDP_PASS, "{what}");

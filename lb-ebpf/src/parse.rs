@@ -1,0 +1,335 @@
+//! Parsing with a cursor: Ethernet (up to two VLAN tags), IPv4 (any IHL) or IPv6 (extension
+//! headers up to a fixed bound), and the TCP/UDP ports. Every access is bounds-checked by
+//! `ptr_at`; later stages read the `Meta` instead of parsing again.
+
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
+use lb_common::{ADDR_F_BACKEND, ADDR_F_VIP, AddrKey, PROTO_TCP, PROTO_UDP, stat};
+use network_types::eth::EthHdr;
+
+use crate::{Verdict, maps::ADDRS, pass, ptr_at};
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+const ETH_P_IPV4: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
+const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+const ETH_P_8021AD: u16 = 0x88a8u16.to_be();
+/// IPv6 extension headers skipped before giving up (the packet then counts as malformed if it is
+/// ours, not ours otherwise).
+pub const MAX_EXT_HEADERS: usize = 6;
+/// No header of interest lies beyond this offset (bounds the verifier's view of the cursor).
+const MAX_L4_OFFSET: usize = 512;
+
+/// Fragment position of a packet.
+pub const FRAG_NONE: u8 = 0;
+/// First fragment: carries the L4 header.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment: no L4 header.
+pub const FRAG_LATER: u8 = 2;
+
+#[derive(Default)]
+pub struct Meta {
+    /// Offset of the IP header (after Ethernet and any VLAN tags). 16 bits wide: read back from the
+    /// scratch map, a zero-extended u16 is provably non-negative to the verifier.
+    pub l3: u16,
+    /// Offset of the L4 header (of the fragment's data for later fragments).
+    pub l4: u16,
+    pub v6: bool,
+    pub vlan: bool,
+    pub proto: u8,
+    /// Addresses as in the packet (network order words; IPv4 uses [0]).
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Ports as in the packet (network order); 0 without an L4 header.
+    pub sport: u16,
+    pub dport: u16,
+    pub frag: u8,
+    /// IPv4 identification or IPv6 fragment identification.
+    pub frag_id: u32,
+    /// IPv4 total length or IPv6 payload length + 40, host order.
+    pub ip_len: u16,
+    pub tos: u8,
+    /// Frame length, for byte counters.
+    pub len: u64,
+}
+
+impl Meta {
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        self.l3 as usize
+    }
+
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        self.l4 as usize
+    }
+
+    pub fn family(&self) -> u8 {
+        if self.v6 { lb_common::FAMILY_V6 } else { lb_common::FAMILY_V4 }
+    }
+
+    pub fn has_ports(&self) -> bool {
+        self.frag != FRAG_LATER && (self.proto == PROTO_TCP || self.proto == PROTO_UDP)
+    }
+}
+
+/// `ADDRS` flags of an address (0 when it is neither a VIP nor a backend).
+#[inline(always)]
+pub fn addr_flags(v6: bool, addr: &[u32; 4]) -> u32 {
+    let key = AddrKey { addr: *addr, family: if v6 { 6 } else { 4 } };
+    // SAFETY: a copy is read at once.
+    unsafe { ADDRS.get(&key) }.copied().unwrap_or(0)
+}
+
+/// Whether a packet we could not fully parse is ours (to a VIP or from a backend).
+#[inline(always)]
+pub fn is_ours(v6: bool, src: &[u32; 4], dst: &[u32; 4]) -> bool {
+    addr_flags(v6, dst) & ADDR_F_VIP != 0 || addr_flags(v6, src) & ADDR_F_BACKEND != 0
+}
+
+#[inline(always)]
+fn malformed_unless_ours(v6: bool, src: &[u32; 4], dst: &[u32; 4]) -> Verdict {
+    if is_ours(v6, src, dst) {
+        crate::drop(stat::DROP_MALFORMED)
+    } else {
+        pass(stat::PASS_MALFORMED)
+    }
+}
+
+/// Fills `m` from the packet.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext, m: &mut Meta) -> Result<(), Verdict> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(pass(stat::PASS_MALFORMED))?;
+    // SAFETY: bounds-checked by ptr_at.
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3 = EthHdr::LEN;
+    let mut vlan = false;
+    // One 802.1Q tag, or an 802.1ad outer tag with an 802.1Q inner one; the tags stay in place.
+    for _ in 0..2 {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        let tag: *const [u16; 2] = ptr_at(ctx, l3).ok_or(pass(stat::PASS_MALFORMED))?;
+        ether_type = unsafe { (*tag)[1] };
+        l3 += 4;
+        vlan = true;
+    }
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    if ether_type == ETH_P_IPV4 || ether_type == ETH_P_IPV6 {
+        m.len = len;
+        m.vlan = vlan;
+        m.v6 = ether_type == ETH_P_IPV6;
+        let v = parse_ip(ctx.ctx, l3, m);
+        if v.0 == PARSED.0 { Ok(()) } else { Err(v) }
+    } else {
+        Err(pass(stat::PASS_NOT_OURS))
+    }
+}
+
+/// `parse_v6` succeeded.
+const PARSED: Verdict = Verdict(u32::MAX);
+
+/// IPv4, or IPv6 with its extension headers, out of line (a BPF-to-BPF call): the entry
+/// function's stack stays small. Returns `PARSED` or the verdict.
+#[inline(never)]
+fn parse_ip(raw: *mut xdp_md, l3: usize, m: &mut Meta) -> Verdict {
+    let ctx = &crate::ctx_of(raw);
+    let parsed = if m.v6 { parse_v6_inner(ctx, l3, m.vlan, m.len) } else { parse_v4(ctx, l3, m.vlan, m.len) };
+    match parsed {
+        Ok(parsed) => {
+            *m = parsed;
+            PARSED
+        }
+        Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Meta, Verdict> {
+    let ip: *const network_types::ip::Ipv4Hdr = ptr_at(ctx, l3).ok_or(pass(stat::PASS_MALFORMED))?;
+    // SAFETY: bounds-checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let proto = ip.proto;
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
+        return Err(pass(stat::PASS_NOT_OURS));
+    }
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || ihl < 20 {
+        return Err(pass(stat::PASS_MALFORMED));
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    let frag = if frags & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frags & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    let mut m = Meta {
+        l3: l3 as u16,
+        l4: (l3 + ihl) as u16,
+        v6: false,
+        vlan,
+        proto,
+        src: [u32::from_ne_bytes(ip.src_addr), 0, 0, 0],
+        dst: [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0],
+        sport: 0,
+        dport: 0,
+        frag,
+        frag_id: u16::from_be_bytes(ip.id) as u32,
+        ip_len: u16::from_be_bytes(ip.tot_len),
+        tos: ip.tos,
+        len,
+    };
+    read_ports(ctx, &mut m)?;
+    Ok(m)
+}
+
+#[inline(always)]
+fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Meta, Verdict> {
+    let ip: *const network_types::ip::Ipv6Hdr = ptr_at(ctx, l3).ok_or(pass(stat::PASS_MALFORMED))?;
+    // SAFETY: bounds-checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(pass(stat::PASS_MALFORMED));
+    }
+    let words = |a: &[u8; 16]| -> [u32; 4] {
+        [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ]
+    };
+    let src = words(&ip.src_addr);
+    let dst = words(&ip.dst_addr);
+    let mut next = ip.next_hdr;
+    let mut off = l3 + 40;
+    let mut frag = FRAG_NONE;
+    let mut frag_id = 0u32;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS {
+        i += 1;
+        if off > MAX_L4_OFFSET {
+            return Err(malformed_unless_ours(true, &src, &dst));
+        }
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-byte units, not counting the
+            // first 8 bytes.
+            0 | 43 | 60 => {
+                let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else {
+                    return Err(malformed_unless_ours(true, &src, &dst));
+                };
+                let h = unsafe { *h };
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            // Authentication header: length in 4-byte units, minus 2.
+            51 => {
+                let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else {
+                    return Err(malformed_unless_ours(true, &src, &dst));
+                };
+                let h = unsafe { *h };
+                next = h[0];
+                off += (h[1] as usize + 2) * 4;
+            }
+            44 => {
+                let Some(h) = ptr_at::<[u8; 8]>(ctx, off) else {
+                    return Err(malformed_unless_ours(true, &src, &dst));
+                };
+                let h = unsafe { *h };
+                next = h[0];
+                let fo = u16::from_be_bytes([h[2], h[3]]);
+                frag_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                off += 8;
+                if fo >> 3 != 0 {
+                    frag = FRAG_LATER;
+                    break;
+                }
+                if fo & 1 != 0 {
+                    frag = FRAG_FIRST;
+                }
+            }
+            _ => break,
+        }
+    }
+    // Bounds the cursor for the verifier (and lets it prune the paths through the loop).
+    if off > MAX_L4_OFFSET {
+        return Err(malformed_unless_ours(true, &src, &dst));
+    }
+    if matches!(next, 0 | 43 | 60 | 51 | 44) && frag != FRAG_LATER {
+        // A chain longer than the bound.
+        return Err(malformed_unless_ours(true, &src, &dst));
+    }
+    if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
+        return Err(pass(stat::PASS_NOT_OURS));
+    }
+    let mut m = Meta {
+        l3: l3 as u16,
+        l4: off as u16,
+        v6: true,
+        vlan,
+        proto: next,
+        src,
+        dst,
+        sport: 0,
+        dport: 0,
+        frag,
+        frag_id,
+        ip_len: u16::from_be_bytes(ip.payload_len).wrapping_add(40),
+        tos: ((ip.vcf[0] & 0x0f) << 4) | (ip.vcf[1] >> 4),
+        len,
+    };
+    read_ports(ctx, &mut m)?;
+    Ok(m)
+}
+
+/// Reads the ports of a TCP/UDP packet that has its L4 header; a packet too short for them passes
+/// (when we cannot tell whether it is ours) or is dropped (when its addresses say it is).
+#[inline(always)]
+fn read_ports(ctx: &XdpContext, m: &mut Meta) -> Result<(), Verdict> {
+    if !m.has_ports() {
+        return Ok(());
+    }
+    if m.l4() > MAX_L4_OFFSET {
+        return Err(malformed_unless_ours(m.v6, &m.src, &m.dst));
+    }
+    let Some(p) = ptr_at::<[u16; 2]>(ctx, m.l4()) else {
+        return Err(pass(stat::PASS_MALFORMED));
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let p = unsafe { *p };
+    m.sport = p[0];
+    m.dport = p[1];
+    Ok(())
+}
+
+/// A packet of ours must hold its whole L4 header, and its IP length must cover the headers and
+/// fit in the frame. An IPv6 UDP datagram must carry a checksum (RFC 8200).
+#[inline(always)]
+pub fn check_l4(ctx: &XdpContext, m: &Meta) -> Result<(), Verdict> {
+    let frame = ctx.data_end() - ctx.data();
+    let ip_end = if m.v6 { m.l3() + m.ip_len as usize } else { m.l3() + m.ip_len as usize };
+    if ip_end > frame || ip_end < m.l4() {
+        return Err(crate::drop(stat::DROP_MALFORMED));
+    }
+    if m.frag == FRAG_LATER {
+        return Ok(());
+    }
+    let hdr = if m.proto == PROTO_TCP { 20 } else { 8 };
+    if ip_end < m.l4() + hdr {
+        return Err(crate::drop(stat::DROP_MALFORMED));
+    }
+    let ok = if m.proto == PROTO_TCP {
+        ptr_at::<[u8; 20]>(ctx, m.l4()).is_some()
+    } else {
+        match ptr_at::<[u16; 4]>(ctx, m.l4()) {
+            Some(u) => !(m.v6 && unsafe { (*u)[3] } == 0),
+            None => false,
+        }
+    };
+    if !ok {
+        return Err(crate::drop(stat::DROP_MALFORMED));
+    }
+    Ok(())
+}
