@@ -159,7 +159,7 @@ const _: () = assert!(core::mem::size_of::<Reverse6>() == 28);
 
 /// An address and its family (IPv4 uses `addr[0]`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AddrKey {
     pub addr: [u32; 4],
     pub family: u32,

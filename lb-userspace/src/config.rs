@@ -12,7 +12,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -98,7 +98,7 @@ pub struct ControlConfig {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ServiceConfig {
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub affinity: AffinityConfig,
@@ -187,7 +187,7 @@ pub enum HealthKind {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BackendConfig {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     /// Administrative state from the config (`lb drain`/`lb undrain` override it at run time).
@@ -450,20 +450,13 @@ impl Errors {
         }
     }
 
-    /// An IPv4 address a packet can be sent to (VIPs and backends).
-    fn unicast_v4(&mut self, field: &str, value: Option<&str>, example: &str) -> Option<Ipv4Addr> {
+    /// An IPv4 or IPv6 address a packet can be sent to (VIPs and backends).
+    fn unicast(&mut self, field: &str, value: Option<&str>, example: &str) -> Option<IpAddr> {
         let Some(v) = value else { return self.missing(field, example) };
         let a = match v.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => a,
-            Ok(IpAddr::V6(_)) => {
-                self.push(
-                    field,
-                    format!("IPv6 ({v}) is not supported yet; it arrives with {BREADTH_ISSUE}. Use an IPv4 address"),
-                );
-                return None;
-            }
+            Ok(a) => a,
             Err(_) => {
-                self.push(field, format!("\"{v}\" is not an IPv4 address; write e.g. `{example}`"));
+                self.push(field, format!("\"{v}\" is not an IP address; write e.g. `{example}`"));
                 return None;
             }
         };
@@ -471,7 +464,7 @@ impl Errors {
             "unspecified"
         } else if a.is_multicast() {
             "multicast"
-        } else if a.is_broadcast() {
+        } else if matches!(a, IpAddr::V4(v4) if v4.is_broadcast()) {
             "broadcast"
         } else {
             return Some(a);
@@ -644,7 +637,7 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> Option<ServiceCo
         }
         Some(n) => Some(n),
     };
-    let vip = e.unicast_v4(&format!("{p}.vip"), r.vip.as_deref(), r#"vip = "10.0.0.100""#);
+    let vip = e.unicast(&format!("{p}.vip"), r.vip.as_deref(), r#"vip = "10.0.0.100""#);
     let port = e.required_int(&format!("{p}.port"), r.port, 1, 65535, "port = 80");
     let protocol = e.choice(
         &format!("{p}.protocol"),
@@ -678,6 +671,29 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> Option<ServiceCo
                 format!("{}:{} is already listed as backends[{first}]; list each backend once", b.address, b.port),
             );
             unique = false;
+        }
+    }
+
+    // NAT keeps the address family: a service's backends are of its VIP's family.
+    if let Some(vip) = vip {
+        for (j, b) in backends.iter().enumerate() {
+            if let Some(b) = b
+                && b.address.is_ipv6() != vip.is_ipv6()
+            {
+                let fam = |a: &IpAddr| if a.is_ipv6() { "IPv6" } else { "IPv4" };
+                e.push(
+                    &format!("{p}.backends[{j}].address"),
+                    format!(
+                        "{} is {} but the service's vip {vip} is {}: the balancer does not translate between \
+                         families; use an {} backend",
+                        b.address,
+                        fam(&b.address),
+                        fam(&vip),
+                        fam(&vip)
+                    ),
+                );
+                unique = false;
+            }
         }
     }
 
@@ -796,7 +812,7 @@ fn validate_health(e: &mut Errors, p: &str, r: RawHealth) -> Option<HealthConfig
 }
 
 fn validate_backend(e: &mut Errors, p: &str, r: RawBackend) -> Option<BackendConfig> {
-    let address = e.unicast_v4(&format!("{p}.address"), r.address.as_deref(), r#"address = "10.1.0.11""#);
+    let address = e.unicast(&format!("{p}.address"), r.address.as_deref(), r#"address = "10.1.0.11""#);
     let port = e.required_int(&format!("{p}.port"), r.port, 1, 65535, "port = 8080");
     let weight = e.int(&format!("{p}.weight"), r.weight, DEFAULT_WEIGHT, 1, 65535);
     let state = e.choice(
@@ -821,7 +837,7 @@ fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Op
     let label = |i: usize| format!("services[{i}] (\"{}\")", services[i].as_ref().map_or("?", |s| s.name.as_str()));
 
     let mut names: HashMap<&str, usize> = HashMap::new();
-    let mut vips: HashMap<(Ipv4Addr, u16, Protocol), usize> = HashMap::new();
+    let mut vips: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
     for (i, s) in valid() {
         if let Some(&first) = names.get(s.name.as_str()) {
             e.push(
@@ -849,13 +865,13 @@ fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Op
     }
 
     // A backend must not be a VIP (any port): traffic to it would be balanced again.
-    let mut vip_owner: HashMap<Ipv4Addr, usize> = HashMap::new();
+    let mut vip_owner: HashMap<IpAddr, usize> = HashMap::new();
     for (i, s) in valid() {
         vip_owner.entry(s.vip).or_insert(i);
     }
     // A backend endpoint in two services would make reply translation ambiguous: REVERSE maps
     // (address, port, protocol) to exactly one VIP.
-    let mut endpoints: HashMap<(Ipv4Addr, u16, Protocol), (usize, usize)> = HashMap::new();
+    let mut endpoints: HashMap<(IpAddr, u16, Protocol), (usize, usize)> = HashMap::new();
     for (i, s) in valid() {
         for (j, b) in s.backends.iter().enumerate() {
             let field = format!("services[{i}].backends[{j}]");
@@ -924,6 +940,7 @@ fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Op
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     /// The example from the config contract, every field set.
     const FULL: &str = r#"
@@ -1077,7 +1094,7 @@ port = 5353
                 },
                 services: vec![ServiceConfig {
                     name: "web".into(),
-                    vip: Ipv4Addr::new(10, 0, 0, 100),
+                    vip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 100)),
                     port: 80,
                     protocol: Protocol::Tcp,
                     affinity: AffinityConfig { timeout: Duration::from_secs(1800), ipv4_prefix: 32, ipv6_prefix: 64, max_age: None },
@@ -1090,7 +1107,7 @@ port = 5353
                         rise: 2,
                         fall: 3,
                     },
-                    backends: vec![BackendConfig { address: Ipv4Addr::new(10, 1, 0, 11), port: 8080, weight: 100, state: BackendState::Active }],
+                    backends: vec![BackendConfig { address: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 11)), port: 8080, weight: 100, state: BackendState::Active }],
                 }],
             }
         );
@@ -1124,7 +1141,7 @@ port = 5353
                 fall: 3,
             }
         );
-        assert_eq!(s.backends, [BackendConfig { address: Ipv4Addr::new(10, 1, 0, 11), port: 8080, weight: 100, state: BackendState::Active }]);
+        assert_eq!(s.backends, [BackendConfig { address: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 11)), port: 8080, weight: 100, state: BackendState::Active }]);
     }
 
     #[test]
@@ -1334,9 +1351,10 @@ port = 5353
     }
 
     #[test]
-    fn vip_ipv4_unicast_only() {
-        rejects_minimal(&[("10.0.0.100", "fd00::100")], "services[0].vip", "datapath-breadth issue");
-        rejects_minimal(&[("10.0.0.100", "10.0.0")], "services[0].vip", "not an IPv4 address");
+    fn vip_unicast_only() {
+        rejects_minimal(&[("10.0.0.100", "10.0.0")], "services[0].vip", "not an IP address");
+        rejects_minimal(&[("10.0.0.100", "::")], "services[0].vip", "unspecified");
+        rejects_minimal(&[("10.0.0.100", "ff02::1")], "services[0].vip", "multicast");
         rejects_minimal(&[("10.0.0.100", "0.0.0.0")], "services[0].vip", "unspecified");
         rejects_minimal(&[("10.0.0.100", "224.0.0.1")], "services[0].vip", "multicast");
         rejects_minimal(&[("10.0.0.100", "255.255.255.255")], "services[0].vip", "broadcast");
@@ -1411,9 +1429,9 @@ port = 5353
     }
 
     #[test]
-    fn backend_address_ipv4_unicast_only() {
-        rejects_minimal(&[("10.1.0.11", "fd00::11")], "services[0].backends[0].address", "datapath-breadth issue");
-        rejects_minimal(&[("10.1.0.11", "backend1")], "services[0].backends[0].address", "not an IPv4 address");
+    fn backend_address_unicast_only() {
+        rejects_minimal(&[("10.1.0.11", "fd00::11")], "services[0].backends[0].address", "is IPv6 but the service's vip");
+        rejects_minimal(&[("10.1.0.11", "backend1")], "services[0].backends[0].address", "not an IP address");
         rejects_minimal(&[("10.1.0.11", "0.0.0.0")], "services[0].backends[0].address", "unspecified");
         rejects_minimal(&[("10.1.0.11", "239.1.1.1")], "services[0].backends[0].address", "multicast");
         rejects_minimal(&[("10.1.0.11", "255.255.255.255")], "services[0].backends[0].address", "broadcast");
@@ -1505,7 +1523,7 @@ metrics = "nowhere"
 
 [[services]]
 name = "bad name"
-vip = "::1"
+vip = "::"
 port = 0
 
 [services.health]
@@ -1552,6 +1570,28 @@ port = 80
         let shown = errs.to_string();
         assert_eq!(shown.lines().count(), fields.len());
         assert!(shown.lines().next().unwrap().starts_with("datapath.interfaces[1]: "));
+    }
+
+    #[test]
+    fn ipv6_services() {
+        let c = Config::parse(
+            r#"[datapath]
+interfaces = ["eth0"]
+[[services]]
+name = "web6"
+vip = "2001:db8::100"
+port = 80
+[services.affinity]
+ipv6_prefix = 56
+[[services.backends]]
+address = "2001:db8:1::11"
+port = 8080
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.services[0].vip, "2001:db8::100".parse::<IpAddr>().unwrap());
+        assert_eq!(c.services[0].backends[0].address, "2001:db8:1::11".parse::<IpAddr>().unwrap());
+        assert_eq!(c.services[0].affinity.ipv6_prefix, 56);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::SocketAddrV4,
+    net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -147,14 +147,16 @@ pub struct DrainRequest {
 
 /// The `ADDRESS:PORT` of a drain request's backend (IPv4 only, as the datapath); the error is
 /// the message the API answers with.
-pub fn parse_backend(backend: &str) -> std::result::Result<SocketAddrV4, String> {
-    backend.parse().map_err(|_| format!("backend {backend:?}: expected ADDRESS:PORT, e.g. 10.1.0.11:8080"))
+pub fn parse_backend(backend: &str) -> std::result::Result<SocketAddr, String> {
+    backend
+        .parse()
+        .map_err(|_| format!("backend {backend:?}: expected ADDRESS:PORT, e.g. 10.1.0.11:8080 or [2001:db8::11]:8080"))
 }
 
 fn set_admin(d: &Shared, req: DrainRequest, admin: Admin) -> Result<Json<BackendReport>, (StatusCode, Json<ApiError>)> {
     let addr = parse_backend(&req.backend).map_err(|e| api_error(StatusCode::BAD_REQUEST, e))?;
     let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
-    d.set_admin(&req.service, *addr.ip(), addr.port(), admin)
+    d.set_admin(&req.service, addr.ip(), addr.port(), admin)
         .map(Json)
         .map_err(|e| api_error(StatusCode::NOT_FOUND, format!("{e:#}")))
 }
@@ -376,9 +378,10 @@ mod tests {
     }
 
     #[test]
-    fn parse_backend_is_ipv4_address_and_port() {
+    fn parse_backend_is_address_and_port() {
         assert_eq!(parse_backend("10.1.0.11:8080"), Ok("10.1.0.11:8080".parse().unwrap()));
-        for bad in ["10.1.0.11", "10.1.0.11:", "10.1.0.11:65536", "[::1]:80", "backend:80", " 10.1.0.11:80"] {
+        assert_eq!(parse_backend("[2001:db8::11]:8080"), Ok("[2001:db8::11]:8080".parse().unwrap()));
+        for bad in ["10.1.0.11", "10.1.0.11:", "10.1.0.11:65536", "::1:80", "backend:80", " 10.1.0.11:80"] {
             let e = parse_backend(bad).unwrap_err();
             assert!(e.contains(&format!("{bad:?}")) && e.contains("ADDRESS:PORT"), "{e}");
         }

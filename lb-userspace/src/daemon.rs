@@ -6,7 +6,7 @@
 //! first start) is what removes the pinned state.
 
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -180,7 +180,7 @@ impl Daemon {
     }
 
     /// `lb drain` / `lb undrain`.
-    pub fn set_admin(&mut self, service: &str, addr: Ipv4Addr, port: u16, admin: Admin) -> Result<BackendReport> {
+    pub fn set_admin(&mut self, service: &str, addr: IpAddr, port: u16, admin: Admin) -> Result<BackendReport> {
         let b = self.rt.update_backend(&mut self.dp, service, addr, port, |b| {
             if b.admin == admin {
                 return false;
@@ -251,10 +251,17 @@ pub fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The IPv4 addresses of this network namespace (the balancer's own).
-pub fn local_ipv4_addrs() -> Vec<Ipv4Addr> {
-    let mut out: Vec<Ipv4Addr> = match nix::ifaddrs::getifaddrs() {
-        Ok(addrs) => addrs.filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|s| s.ip()))).collect(),
+/// The addresses of this network namespace (the balancer's own), both families.
+pub fn local_addrs() -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs
+            .filter_map(|a| {
+                let s = a.address?;
+                s.as_sockaddr_in()
+                    .map(|s| IpAddr::V4(s.ip()))
+                    .or_else(|| s.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            })
+            .collect(),
         Err(e) => {
             tracing::warn!(error = %e, "listing local addresses");
             Vec::new()
@@ -284,7 +291,7 @@ fn start(cfg: &Config, pins: &PinDir) -> Result<(Datapath, Runtime, bool)> {
     if adopted {
         tracing::info!(?changes, "adopted the pinned datapath state: every pin is kept");
     }
-    dp.set_local_addrs(&local_ipv4_addrs())?;
+    dp.set_local_addrs(&local_addrs())?;
     for iface in &cfg.datapath.interfaces {
         let mode = dp.attach(iface, cfg.datapath.xdp_mode)?;
         let adopted_link = dp.attachments().last().is_some_and(|a| a.adopted);
@@ -404,7 +411,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
                 });
             }
             _ = tick.tick() => {
-                let addrs = local_ipv4_addrs();
+                let addrs = local_addrs();
                 if let Err(e) = lock().dp.set_local_addrs(&addrs) {
                     tracing::warn!(error = %format!("{e:#}"), "refreshing LOCAL_ADDRS");
                 }

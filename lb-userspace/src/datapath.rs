@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
@@ -19,8 +19,8 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counters, GlobalConfig, LAYOUT_VERSION, LINK_PIN_PREFIX, PROGRAM_NAME,
-    Reverse, Service, ServiceKey, maps, stat,
+    AddrKey, AffinityKey, AffinityValue, Backend, Counters, GlobalConfig, LAYOUT_VERSION, LINK_PIN_PREFIX,
+    PROGRAM_NAME, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, maps, stat,
 };
 use serde::Serialize;
 
@@ -30,7 +30,7 @@ use crate::config::{DatapathConfig, XdpMode};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
 /// Every map the daemon pins, by name.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 16] = [
     maps::CONFIG,
     maps::SERVICES,
     maps::BACKENDS,
@@ -42,7 +42,79 @@ pub const ALL_MAPS: [&str; 11] = [
     maps::BACKEND_STATS,
     maps::STATS,
     maps::ATTACH_MODES,
+    maps::SERVICES6,
+    maps::REVERSE6,
+    maps::LOCAL_ADDRS6,
+    maps::ADDRS,
+    maps::FRAGS,
 ];
+
+/// A (address, port, protocol) endpoint of either family: a VIP (`SERVICES`/`SERVICES6` key) or a
+/// backend (`REVERSE`/`REVERSE6` key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    V4(ServiceKey),
+    V6(ServiceKey6),
+}
+
+/// Network-order words of an address, as the datapath stores them (IPv4 uses the first).
+pub fn addr_words(a: IpAddr) -> [u32; 4] {
+    match a {
+        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+        }
+    }
+}
+
+/// The address back from network-order words.
+pub fn words_addr(w: &[u32; 4], v6: bool) -> IpAddr {
+    if v6 {
+        let mut o = [0u8; 16];
+        for (i, x) in w.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&x.to_ne_bytes());
+        }
+        IpAddr::V6(std::net::Ipv6Addr::from(o))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(w[0].to_ne_bytes()))
+    }
+}
+
+/// The `ADDRS` key of an address.
+pub fn addr_key(a: IpAddr) -> AddrKey {
+    AddrKey { addr: addr_words(a), family: if a.is_ipv6() { 6 } else { 4 } }
+}
+
+impl Endpoint {
+    pub fn new(addr: IpAddr, port: u16, proto: u8) -> Self {
+        match addr {
+            IpAddr::V4(a) => Endpoint::V4(ServiceKey::new(u32::from(a), port, proto)),
+            IpAddr::V6(_) => Endpoint::V6(ServiceKey6 { addr: addr_words(addr), port: port.to_be(), proto, _pad: 0 }),
+        }
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        match self {
+            Endpoint::V4(k) => words_addr(&[k.addr, 0, 0, 0], false),
+            Endpoint::V6(k) => words_addr(&k.addr, true),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be(match self {
+            Endpoint::V4(k) => k.port,
+            Endpoint::V6(k) => k.port,
+        })
+    }
+
+    pub fn proto(&self) -> u8 {
+        match self {
+            Endpoint::V4(k) => k.proto,
+            Endpoint::V6(k) => k.proto,
+        }
+    }
+}
 
 /// Map capacities, fixed at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +219,10 @@ impl Datapath {
             .map_max_entries(maps::BACKENDS, cap.max_backends)
             .map_max_entries(maps::BACKEND_STATS, cap.max_backends)
             .map_max_entries(maps::REVERSE, cap.max_backends)
+            .map_max_entries(maps::SERVICES6, cap.max_services)
+            .map_max_entries(maps::REVERSE6, cap.max_backends)
+            // Every VIP and every backend address, with room for both.
+            .map_max_entries(maps::ADDRS, cap.max_backends + cap.max_services)
             .map_max_entries(maps::MAGLEV, maglev_entries)
             .map_max_entries(maps::AFFINITY, cap.affinity_entries);
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
@@ -393,21 +469,56 @@ impl Datapath {
         Ok(true)
     }
 
-    pub fn write_service(&mut self, key: ServiceKey, svc: Service) -> Result<()> {
-        let mut m: HashMap<&mut MapData, ServiceKey, Service> =
-            HashMap::try_from(self.map_mut(maps::SERVICES)?)?;
-        m.insert(key, svc, 0).with_context(|| format!("writing SERVICES entry of service {}", svc.id))
+    pub fn write_service(&mut self, key: &Endpoint, svc: Service) -> Result<()> {
+        let ctx = || format!("writing the SERVICES entry of service {}", svc.id);
+        match key {
+            Endpoint::V4(k) => HashMap::<_, ServiceKey, Service>::try_from(self.map_mut(maps::SERVICES)?)?
+                .insert(k, svc, 0)
+                .with_context(ctx),
+            Endpoint::V6(k) => HashMap::<_, ServiceKey6, Service>::try_from(self.map_mut(maps::SERVICES6)?)?
+                .insert(k, svc, 0)
+                .with_context(ctx),
+        }
     }
 
-    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        let mut m: HashMap<&mut MapData, ServiceKey, Service> =
-            HashMap::try_from(self.map_mut(maps::SERVICES)?)?;
-        ignore_missing(m.remove(key)).context("removing a SERVICES entry")
+    pub fn remove_service(&mut self, key: &Endpoint) -> Result<()> {
+        match key {
+            Endpoint::V4(k) => ignore_missing(
+                HashMap::<_, ServiceKey, Service>::try_from(self.map_mut(maps::SERVICES)?)?.remove(k),
+            ),
+            Endpoint::V6(k) => ignore_missing(
+                HashMap::<_, ServiceKey6, Service>::try_from(self.map_mut(maps::SERVICES6)?)?.remove(k),
+            ),
+        }
+        .context("removing a SERVICES entry")
     }
 
-    pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>> {
-        let m: HashMap<&MapData, ServiceKey, Service> = HashMap::try_from(self.map(maps::SERVICES)?)?;
-        m.iter().collect::<Result<Vec<_>, _>>().context("reading SERVICES")
+    /// Every service entry of both families.
+    pub fn services(&self) -> Result<Vec<(Endpoint, Service)>> {
+        let v4: HashMap<&MapData, ServiceKey, Service> = HashMap::try_from(self.map(maps::SERVICES)?)?;
+        let v6: HashMap<&MapData, ServiceKey6, Service> = HashMap::try_from(self.map(maps::SERVICES6)?)?;
+        let mut out: Vec<(Endpoint, Service)> =
+            v4.iter().map(|r| r.map(|(k, v)| (Endpoint::V4(k), v))).collect::<Result<_, _>>().context("reading SERVICES")?;
+        for r in v6.iter() {
+            let (k, v) = r.context("reading SERVICES6")?;
+            out.push((Endpoint::V6(k), v));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the `ADDRS` set (every VIP and backend address with its `ADDR_F_*` flags).
+    pub fn set_addrs(&mut self, want: &BTreeMap<AddrKey, u32>) -> Result<()> {
+        let mut m: HashMap<&mut MapData, AddrKey, u32> = HashMap::try_from(self.map_mut(maps::ADDRS)?)?;
+        let have: Vec<(AddrKey, u32)> = m.iter().filter_map(Result::ok).collect();
+        for (k, _) in have.iter().filter(|(k, _)| !want.contains_key(k)) {
+            ignore_missing(m.remove(k)).context("removing an ADDRS entry")?;
+        }
+        for (k, v) in want {
+            if !have.contains(&(*k, *v)) {
+                m.insert(k, v, 0).context("writing ADDRS")?;
+            }
+        }
+        Ok(())
     }
 
     pub fn write_backend(&mut self, id: u32, b: Backend) -> Result<()> {
@@ -420,16 +531,29 @@ impl Datapath {
         a.get(&id, 0).with_context(|| format!("reading BACKENDS[{id}]"))
     }
 
-    pub fn write_reverse(&mut self, key: ServiceKey, r: Reverse) -> Result<()> {
-        let mut m: HashMap<&mut MapData, ServiceKey, Reverse> =
-            HashMap::try_from(self.map_mut(maps::REVERSE)?)?;
-        m.insert(key, r, 0).context("writing REVERSE")
+    /// Replies from `backend` are translated back to `vip` (same family).
+    pub fn write_reverse(&mut self, backend: &Endpoint, vip: &Endpoint, service_id: u32, backend_id: u32) -> Result<()> {
+        match (backend, vip) {
+            (Endpoint::V4(b), Endpoint::V4(v)) => HashMap::<_, ServiceKey, Reverse>::try_from(self.map_mut(maps::REVERSE)?)?
+                .insert(b, Reverse { vip: v.addr, port: v.port, _pad: 0, service_id, backend_id }, 0)
+                .context("writing REVERSE"),
+            (Endpoint::V6(b), Endpoint::V6(v)) => HashMap::<_, ServiceKey6, Reverse6>::try_from(self.map_mut(maps::REVERSE6)?)?
+                .insert(b, Reverse6 { vip: v.addr, port: v.port, _pad: 0, service_id, backend_id }, 0)
+                .context("writing REVERSE6"),
+            _ => bail!("backend {} and VIP {} are of different address families", backend.addr(), vip.addr()),
+        }
     }
 
-    pub fn remove_reverse(&mut self, key: &ServiceKey) -> Result<()> {
-        let mut m: HashMap<&mut MapData, ServiceKey, Reverse> =
-            HashMap::try_from(self.map_mut(maps::REVERSE)?)?;
-        ignore_missing(m.remove(key)).context("removing a REVERSE entry")
+    pub fn remove_reverse(&mut self, key: &Endpoint) -> Result<()> {
+        match key {
+            Endpoint::V4(k) => ignore_missing(
+                HashMap::<_, ServiceKey, Reverse>::try_from(self.map_mut(maps::REVERSE)?)?.remove(k),
+            ),
+            Endpoint::V6(k) => ignore_missing(
+                HashMap::<_, ServiceKey6, Reverse6>::try_from(self.map_mut(maps::REVERSE6)?)?.remove(k),
+            ),
+        }
+        .context("removing a REVERSE entry")
     }
 
     /// Every in-use BACKENDS slot, by id.
@@ -498,18 +622,13 @@ impl Datapath {
         Ok(lb_common::maglev_slot_id(word, slot))
     }
 
-    /// Replaces the set of the balancer's own addresses.
-    pub fn set_local_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<()> {
-        let mut m: HashMap<&mut MapData, u32, u32> = HashMap::try_from(self.map_mut(maps::LOCAL_ADDRS)?)?;
-        let want: Vec<u32> = addrs.iter().map(|a| u32::from_ne_bytes(a.octets())).collect();
-        let have: Vec<u32> = m.keys().filter_map(Result::ok).collect();
-        for k in have.iter().filter(|k| !want.contains(k)) {
-            let _ = m.remove(k);
-        }
-        for k in want.iter().filter(|k| !have.contains(k)) {
-            m.insert(*k, 1, 0).context("writing LOCAL_ADDRS")?;
-        }
-        Ok(())
+    /// Replaces the set of the balancer's own addresses (both families).
+    pub fn set_local_addrs(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        let v4: Vec<u32> = addrs.iter().filter(|a| a.is_ipv4()).map(|a| addr_words(*a)[0]).collect();
+        let v6: Vec<[u32; 4]> = addrs.iter().filter(|a| a.is_ipv6()).map(|a| addr_words(*a)).collect();
+        sync_set(&mut HashMap::<_, u32, u32>::try_from(self.map_mut(maps::LOCAL_ADDRS)?)?, &v4).context("writing LOCAL_ADDRS")?;
+        sync_set(&mut HashMap::<_, [u32; 4], u32>::try_from(self.map_mut(maps::LOCAL_ADDRS6)?)?, &v6)
+            .context("writing LOCAL_ADDRS6")
     }
 
     pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
@@ -568,6 +687,18 @@ impl Datapath {
     }
 }
 
+
+/// Makes the key set of `m` equal to `want` (values 1).
+fn sync_set<K: aya::Pod + PartialEq>(m: &mut HashMap<&mut MapData, K, u32>, want: &[K]) -> Result<()> {
+    let have: Vec<K> = m.keys().filter_map(Result::ok).collect();
+    for k in have.iter().filter(|k| !want.contains(k)) {
+        ignore_missing(m.remove(k))?;
+    }
+    for k in want.iter().filter(|k| !have.contains(k)) {
+        m.insert(k, 1, 0)?;
+    }
+    Ok(())
+}
 
 /// A delete of a key that is not there is not an error here (removal is idempotent).
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

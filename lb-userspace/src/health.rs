@@ -12,7 +12,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, SystemTime},
 };
@@ -39,13 +39,13 @@ const REASON_DISABLED: &str = "health checks disabled (kind none)";
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TargetKey {
     pub service: String,
-    pub address: std::net::Ipv4Addr,
+    pub address: std::net::IpAddr,
     pub port: u16,
 }
 
 impl TargetKey {
-    fn socket_addr(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.address, self.port)
+    fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
     }
 }
 
@@ -282,7 +282,11 @@ fn plural(n: u32, what: &str) -> String {
 /// FNV-1a over the key's fields.
 fn target_seed(key: &TargetKey) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let bytes = key.service.bytes().chain([0xff]).chain(key.address.octets()).chain(key.port.to_be_bytes());
+    let octets: Vec<u8> = match key.address {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let bytes = key.service.bytes().chain([0xff]).chain(octets).chain(key.port.to_be_bytes());
     for b in bytes {
         h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -314,7 +318,7 @@ fn jittered_interval(interval: Duration, seed: u64, n: u64) -> Duration {
 /// One probe, exposed for tests and `lb explain`-style diagnostics: Ok(detail) on success,
 /// Err(reason) on failure. Never takes longer than `check.timeout` (plus scheduling slack).
 /// `kind = none` succeeds without touching the network.
-pub async fn probe(addr: SocketAddrV4, check: &HealthConfig) -> Result<String, String> {
+pub async fn probe(addr: SocketAddr, check: &HealthConfig) -> Result<String, String> {
     let deadline = Instant::now() + check.timeout;
     let timed_out = |stage: &str| format!("timeout after {:?} {stage}", check.timeout);
     match check.kind {
@@ -338,11 +342,11 @@ pub async fn probe(addr: SocketAddrV4, check: &HealthConfig) -> Result<String, S
     }
 }
 
-async fn connect(addr: SocketAddrV4) -> Result<TcpStream, String> {
-    TcpStream::connect(SocketAddr::V4(addr)).await.map_err(|e| io_reason(&e))
+async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
+    TcpStream::connect(addr).await.map_err(|e| io_reason(&e))
 }
 
-fn http_request(addr: SocketAddrV4, check: &HealthConfig) -> String {
+fn http_request(addr: SocketAddr, check: &HealthConfig) -> String {
     let host = check.host.clone().unwrap_or_else(|| addr.to_string());
     format!(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",
@@ -483,7 +487,7 @@ mod tests {
     }
 
     fn key(service: &str, port: u16) -> TargetKey {
-        TargetKey { service: service.to_owned(), address: LOCALHOST, port }
+        TargetKey { service: service.to_owned(), address: std::net::IpAddr::V4(LOCALHOST), port }
     }
 
     fn target(key: &TargetKey, check: &HealthConfig, initially_up: bool) -> Target {
@@ -557,7 +561,7 @@ mod tests {
     /// Records each request head and answers it as the responder says; dropping it closes every
     /// connection.
     struct HttpServer {
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         requests: Arc<Mutex<Vec<String>>>,
         _task: AbortOnDrop,
     }
@@ -610,7 +614,7 @@ mod tests {
                     while connections.try_join_next().is_some() {}
                 }
             });
-            Self { addr, requests, _task: AbortOnDrop(task) }
+            Self { addr: SocketAddr::V4(addr), requests, _task: AbortOnDrop(task) }
         }
 
         fn status(status: u16) -> Self {
@@ -638,7 +642,7 @@ mod tests {
     #[tokio::test]
     async fn tcp_probe_connects_or_names_the_refusal() {
         let server = TcpServer::start(0);
-        let addr = SocketAddrV4::new(LOCALHOST, server.port);
+        let addr = SocketAddr::new(std::net::IpAddr::V4(LOCALHOST), server.port);
         let tcp = check(HealthKind::Tcp, 50, 1, 1);
         assert_eq!(probe(addr, &tcp).await, Ok("connected".to_owned()));
         server.stop().await;

@@ -7,21 +7,22 @@
 //! same backend. Freed ids are reused oldest-first, after every pin that named them is deleted.
 
 use std::{
-    collections::{BTreeSet, VecDeque},
-    net::{IpAddr, Ipv4Addr},
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::IpAddr,
     time::SystemTime,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
-    BACKEND_F_DRAINING, BACKEND_F_FORCED, BACKEND_F_HEALTH_DOWN, BACKEND_F_IN_USE, BACKEND_F_UP, Backend,
-    GlobalConfig, LAYOUT_VERSION, Reverse, SERVICE_F_FAIL_OPEN, Service, ServiceKey, v4_mask, v6_mask,
+    ADDR_F_BACKEND, ADDR_F_VIP, AddrKey, BACKEND_F_DRAINING, BACKEND_F_FORCED, BACKEND_F_HEALTH_DOWN,
+    BACKEND_F_IN_USE, BACKEND_F_UP, Backend, GlobalConfig, LAYOUT_VERSION, SERVICE_F_FAIL_OPEN, Service, v4_mask,
+    v6_mask,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{BackendConfig, BackendState, Config, HealthKind, ServiceConfig},
-    datapath::Datapath,
+    datapath::{Datapath, Endpoint, addr_key, addr_words, words_addr},
     maglev::{self, MaglevBackend},
 };
 
@@ -86,7 +87,7 @@ impl BackendRt {
 
     fn entry(&self, service_id: u32) -> Backend {
         Backend {
-            addr: [u32::from_ne_bytes(self.config.address.octets()), 0, 0, 0],
+            addr: addr_words(self.config.address),
             port: self.config.port.to_be(),
             flags: self.flags(),
             service_id,
@@ -97,7 +98,7 @@ impl BackendRt {
 #[derive(Clone, Debug)]
 pub struct ServiceRt {
     pub config: ServiceConfig,
-    pub key: ServiceKey,
+    pub key: Endpoint,
     /// The SERVICES entry as last written.
     pub entry: Service,
     pub backends: Vec<BackendRt>,
@@ -108,12 +109,12 @@ pub struct ServiceRt {
 }
 
 impl ServiceRt {
-    pub fn backend(&self, addr: Ipv4Addr, port: u16) -> Option<&BackendRt> {
+    pub fn backend(&self, addr: IpAddr, port: u16) -> Option<&BackendRt> {
         self.backends.iter().find(|b| b.config.address == addr && b.config.port == port)
     }
 
-    fn reverse_key(&self, b: &BackendRt) -> ServiceKey {
-        ServiceKey::new(u32::from(b.config.address), b.config.port, self.key.proto)
+    fn reverse_key(&self, b: &BackendRt) -> Endpoint {
+        Endpoint::new(b.config.address, b.config.port, self.key.proto())
     }
 
     /// The table the current states call for, how many backends it holds, and whether that is
@@ -123,7 +124,7 @@ impl ServiceRt {
             self.backends
                 .iter()
                 .filter(|b| f(b))
-                .map(|b| MaglevBackend { addr: IpAddr::V4(b.config.address), port: b.config.port, weight: b.config.weight, id: b.id })
+                .map(|b| MaglevBackend { addr: b.config.address, port: b.config.port, weight: b.config.weight, id: b.id })
                 .collect()
         };
         // Every backend with a weight gets at least one slot (weights are >= 1, N <= M).
@@ -268,9 +269,7 @@ impl Runtime {
         let now = SystemTime::now();
         for (key, entry) in pinned_services {
             rt.service_ids.take(entry.id).context("adopting SERVICES")?;
-            let config = cfg.services.iter().find(|s| {
-                ServiceKey::new(u32::from(s.vip), s.port, s.protocol.number()) == key
-            });
+            let config = cfg.services.iter().find(|s| Endpoint::new(s.vip, s.port, s.protocol.number()) == key);
             let (config, name_known) = match config {
                 Some(c) => (c.clone(), true),
                 None => (orphan_service_config(&key, entry.id), false),
@@ -278,7 +277,7 @@ impl Runtime {
             let mut backends = Vec::new();
             for (id, b) in pinned_backends.iter().filter(|(_, b)| b.service_id == entry.id) {
                 rt.backend_ids.take(*id).context("adopting BACKENDS")?;
-                let address = Ipv4Addr::from(u32::from_be(b.addr[0]));
+                let address = words_addr(&b.addr, key.addr().is_ipv6());
                 let port = u16::from_be(b.port);
                 let bc = config
                     .backends
@@ -374,7 +373,20 @@ impl Runtime {
             ch.pins_flushed += self.retire_backends(dp, s.entry.id, &removed)?;
         }
         self.services = ordered;
+        dp.set_addrs(&self.addr_flags())?;
         Ok(ch)
+    }
+
+    /// Every VIP and backend address with its `ADDR_F_*` flags (for packets without ports).
+    pub fn addr_flags(&self) -> BTreeMap<AddrKey, u32> {
+        let mut m = BTreeMap::new();
+        for s in &self.services {
+            *m.entry(addr_key(s.config.vip)).or_insert(0) |= ADDR_F_VIP;
+            for b in &s.backends {
+                *m.entry(addr_key(b.config.address)).or_insert(0) |= ADDR_F_BACKEND;
+            }
+        }
+        m
     }
 
     /// A new service in the model (written by the caller).
@@ -393,7 +405,7 @@ impl Runtime {
             });
         }
         let mut s = ServiceRt {
-            key: ServiceKey::new(u32::from(sc.vip), sc.port, sc.protocol.number()),
+            key: Endpoint::new(sc.vip, sc.port, sc.protocol.number()),
             entry: service_entry(sc, id),
             config: sc.clone(),
             backends,
@@ -420,7 +432,7 @@ impl Runtime {
             return Ok(None);
         }
         let old_key = s.key;
-        let old_reverse: Vec<ServiceKey> = s.backends.iter().map(|b| s.reverse_key(b)).collect();
+        let old_reverse: Vec<Endpoint> = s.backends.iter().map(|b| s.reverse_key(b)).collect();
         let now = SystemTime::now();
         // Backends that are gone.
         let mut removed = Vec::new();
@@ -460,7 +472,7 @@ impl Runtime {
         }
         s.backends = backends;
         s.config = sc.clone();
-        s.key = ServiceKey::new(u32::from(sc.vip), sc.port, sc.protocol.number());
+        s.key = Endpoint::new(sc.vip, sc.port, sc.protocol.number());
         let fresh = service_entry(sc, s.entry.id);
         s.entry = Service { table: s.entry.table, generation: s.entry.generation, ..fresh };
         if s.key != old_key {
@@ -496,11 +508,11 @@ impl Runtime {
         }
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP != 0) {
             dp.write_backend(b.id, b.entry(s.entry.id))?;
-            dp.write_reverse(s.reverse_key(b), Reverse { vip: s.key.addr, port: s.key.port, _pad: 0, service_id: s.entry.id, backend_id: b.id })?;
+            dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id)?;
         }
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP == 0) {
             // Replies from a backend that is down still go back to the VIP.
-            dp.write_reverse(s.reverse_key(b), Reverse { vip: s.key.addr, port: s.key.port, _pad: 0, service_id: s.entry.id, backend_id: b.id })?;
+            dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id)?;
         }
         let next = if table != s.table { 1 - (s.entry.table & 1) } else { s.entry.table };
         if next != s.entry.table {
@@ -511,7 +523,7 @@ impl Runtime {
         s.entry.flags = if fail_open { SERVICE_F_FAIL_OPEN } else { 0 };
         s.entry.backend_count = in_table;
         s.entry.generation = s.entry.generation.wrapping_add(1);
-        dp.write_service(s.key, s.entry)?;
+        dp.write_service(&s.key, s.entry)?;
         s.table = table;
         s.fail_open = fail_open;
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP == 0) {
@@ -562,7 +574,7 @@ impl Runtime {
         &mut self,
         dp: &mut Datapath,
         service: &str,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         port: u16,
         f: impl FnOnce(&mut BackendRt) -> bool,
     ) -> Result<BackendRt> {
@@ -618,12 +630,12 @@ fn build_tables(services: Vec<&ServiceRt>, m: u32) -> Vec<(Vec<u32>, u32, bool)>
 }
 
 /// A stand-in config for a pinned service the new config does not have (it is removed next).
-fn orphan_service_config(key: &ServiceKey, id: u32) -> ServiceConfig {
+fn orphan_service_config(key: &Endpoint, id: u32) -> ServiceConfig {
     ServiceConfig {
         name: format!("#orphan-{id}"),
-        vip: Ipv4Addr::from(u32::from_be(key.addr)),
-        port: u16::from_be(key.port),
-        protocol: if key.proto == lb_common::PROTO_UDP { crate::config::Protocol::Udp } else { crate::config::Protocol::Tcp },
+        vip: key.addr(),
+        port: key.port(),
+        protocol: if key.proto() == lb_common::PROTO_UDP { crate::config::Protocol::Udp } else { crate::config::Protocol::Tcp },
         affinity: Default::default(),
         health: Default::default(),
         backends: Vec::new(),

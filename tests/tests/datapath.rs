@@ -80,6 +80,13 @@ address = "10.1.0.12"
 port = 9000
 "#;
 
+fn v4(a: std::net::IpAddr) -> Ipv4Addr {
+    match a {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("{a} is not IPv4"),
+    }
+}
+
 struct Fixture {
     dp: Datapath,
     rt: Runtime,
@@ -126,7 +133,7 @@ impl Fixture {
         let masked = u32::from_ne_bytes(client.octets()) & s.entry.v4_mask;
         let slot = client_slot(self.rt.global.hash_seed, &[masked, 0, 0, 0], self.rt.global.maglev_m);
         let id = s.table[slot as usize];
-        s.backends.iter().find(|b| b.id == id).expect("backend of the table").config.address
+        v4(s.backends.iter().find(|b| b.id == id).expect("backend of the table").config.address)
     }
 
     fn backend_id(&self, name: &str, addr: Ipv4Addr) -> u32 {
@@ -221,7 +228,7 @@ fn reply_from_backend_gets_the_vip_back() {
 #[test]
 fn reply_to_the_balancer_itself_is_not_translated() {
     in_fixture("local", |fx| {
-        fx.dp.set_local_addrs(&[Ipv4Addr::new(10, 1, 0, 1)]).unwrap();
+        fx.dp.set_local_addrs(&[Ipv4Addr::new(10, 1, 0, 1).into()]).unwrap();
         let p = Pkt::tcp(BACKEND1, 8080, Ipv4Addr::new(10, 1, 0, 1), 33000);
         let (v, out) = fx.run(&p.bytes(), "bk");
         assert_eq!(v, XDP_PASS);
@@ -369,7 +376,7 @@ fn a_pin_overrides_maglev() {
         let key = AffinityKey { service_id: multi, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
         fx.dp.write_affinity(key, AffinityValue { backend_id: other.id, _pad: 0, last_seen_ns: now, created_ns: now }).unwrap();
         let (_, out) = fx.run(&Pkt::tcp(client, 40000, VIP_MULTI, 80).bytes(), "cl");
-        assert_eq!(out[30..34], other.config.address.octets(), "went to the pinned backend: {}", decode(&out));
+        assert_eq!(out[30..34], v4(other.config.address).octets(), "went to the pinned backend: {}", decode(&out));
         assert_eq!(u16::from_be_bytes([out[36], out[37]]), 8081);
         assert_eq!(fx.dp.backend_counters(other.id).unwrap().hits, 1);
     });
@@ -426,7 +433,7 @@ fn pin_clients(fx: &mut Fixture) -> Vec<(Ipv4Addr, Ipv4Addr)> {
 
 fn set_backend(fx: &mut Fixture, addr: Ipv4Addr, f: impl FnOnce(&mut lb::state::BackendRt)) {
     fx.rt
-        .update_backend(&mut fx.dp, "multi", addr, 8081, |b| {
+        .update_backend(&mut fx.dp, "multi", addr.into(), 8081, |b| {
             f(b);
             true
         })
@@ -545,7 +552,7 @@ fn a_pin_past_max_age_is_reselected_even_when_busy() {
 fn reconcile_keeps_ids_and_pins_and_flushes_removed_backends() {
     in_fixture("reconcile", |fx| {
         let pins = pin_clients(fx);
-        let ids: Vec<(Ipv4Addr, u32)> = fx.service("multi").backends.iter().map(|b| (b.config.address, b.id)).collect();
+        let ids: Vec<(Ipv4Addr, u32)> = fx.service("multi").backends.iter().map(|b| (v4(b.config.address), b.id)).collect();
         // Add a backend: ids stay, no pin moves.
         let added = CONFIG.replace(
             "[[services]]\nname = \"noarp\"",
