@@ -86,8 +86,9 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 1024;
 pub const DEFAULT_MAGLEV_M: u32 = 65537;
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 1 << 20;
 
-/// `last_seen` of an affinity entry is refreshed only when it is older than this, so that a busy
-/// client does not write the same cache line from every CPU on every packet.
+/// `last_seen` of an affinity entry is refreshed only when it is older than this (or than half the
+/// service's timeout, if that is shorter), so that a busy client does not write the same cache line
+/// from every CPU on every packet.
 pub const LAST_SEEN_REFRESH_NS: u64 = 1_000_000_000;
 
 pub const PROTO_TCP: u8 = 6;

@@ -365,7 +365,9 @@ fn select_inner(ctx: &XdpContext, svc: &Service, key: &AffinityKey) -> Result<u3
             None => false,
         };
         if fresh && usable {
-            if idle > LAST_SEEN_REFRESH_NS {
+            // Refresh rarely (cache lines stay calm across CPUs), but well within the timeout.
+            let refresh = if svc.timeout_ns / 2 < LAST_SEEN_REFRESH_NS { svc.timeout_ns / 2 } else { LAST_SEEN_REFRESH_NS };
+            if idle > refresh {
                 e.last_seen_ns = now;
             }
             bump(&SERVICE_STATS, svc.id, |c| c.hits += 1);

@@ -466,6 +466,11 @@ impl Errors {
             "multicast"
         } else if matches!(a, IpAddr::V4(v4) if v4.is_broadcast()) {
             "broadcast"
+        } else if let IpAddr::V6(v6) = a
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            self.push(field, format!("{a} is an IPv4-mapped IPv6 address; write the IPv4 address {v4}"));
+            return None;
         } else {
             return Some(a);
         };
@@ -1355,6 +1360,7 @@ port = 5353
         rejects_minimal(&[("10.0.0.100", "10.0.0")], "services[0].vip", "not an IP address");
         rejects_minimal(&[("10.0.0.100", "::")], "services[0].vip", "unspecified");
         rejects_minimal(&[("10.0.0.100", "ff02::1")], "services[0].vip", "multicast");
+        rejects_minimal(&[("10.0.0.100", "::ffff:10.0.0.100")], "services[0].vip", "IPv4-mapped");
         rejects_minimal(&[("10.0.0.100", "0.0.0.0")], "services[0].vip", "unspecified");
         rejects_minimal(&[("10.0.0.100", "224.0.0.1")], "services[0].vip", "multicast");
         rejects_minimal(&[("10.0.0.100", "255.255.255.255")], "services[0].vip", "broadcast");

@@ -145,7 +145,7 @@ pub struct DrainRequest {
     pub force: bool,
 }
 
-/// The `ADDRESS:PORT` of a drain request's backend (IPv4 only, as the datapath); the error is
+/// The `ADDRESS:PORT` (IPv4, or `[IPv6]:PORT`) of a drain request's backend; the error is
 /// the message the API answers with.
 pub fn parse_backend(backend: &str) -> std::result::Result<SocketAddr, String> {
     backend

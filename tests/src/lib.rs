@@ -1,7 +1,11 @@
 //! Shared helpers for the datapath (`BPF_PROG_TEST_RUN`) and end-to-end tests: a packet builder
 //! with full checksums, a decoder for readable mismatches, and the fixture network namespace.
 
-use std::{fmt::Write as _, net::Ipv4Addr, process::Command};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    process::Command,
+};
 
 use lb_common::csum;
 
@@ -190,7 +194,9 @@ fn ip(args: &[&str]) {
 
 /// The fixture namespace: a veth pair with fixed MACs, the client side (10.0.0.1/24 on `cl`) and
 /// the backend side (10.1.0.1/24 on `bk`), forwarding on, and permanent neighbours for the client
-/// 10.0.0.2 and backend 10.1.0.11 (10.1.0.12 is left unresolved). Removed on drop, also on panic.
+/// 10.0.0.2 and backend 10.1.0.11 (10.1.0.12 is left unresolved); the same in IPv6 (2001:db8::/64
+/// on `cl`, 2001:db8:1::/64 on `bk`, client ::2, backend 2001:db8:1::11). Removed on drop, also on
+/// panic.
 pub struct FixtureNs {
     pub name: String,
 }
@@ -214,6 +220,13 @@ impl FixtureNs {
         ip(&["-n", n, "neigh", "replace", "10.1.0.11", "lladdr", &mac(MAC_BACKEND1), "dev", "bk", "nud", "permanent"]);
         ip(&["-n", n, "neigh", "replace", "10.0.0.2", "lladdr", &mac(MAC_CLIENT), "dev", "cl", "nud", "permanent"]);
         ip(&["netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // IPv6: 2001:db8::1/64 on `cl` (client 2001:db8::2), 2001:db8:1::1/64 on `bk` (backend
+        // 2001:db8:1::11 resolved; ::12 and ::13 are left unresolved), no DAD, forwarding on.
+        ip(&["-n", n, "addr", "add", "2001:db8::1/64", "dev", "cl", "nodad"]);
+        ip(&["-n", n, "addr", "add", "2001:db8:1::1/64", "dev", "bk", "nodad"]);
+        ip(&["-n", n, "neigh", "replace", "2001:db8:1::11", "lladdr", &mac(MAC_BACKEND1), "dev", "bk", "nud", "permanent"]);
+        ip(&["-n", n, "neigh", "replace", "2001:db8::2", "lladdr", &mac(MAC_CLIENT), "dev", "cl", "nud", "permanent"]);
+        ip(&["netns", "exec", n, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         ns
     }
 
@@ -244,4 +257,636 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv6, VLAN tags, fragments and ICMP: builders, a checksum verifier and a decoder that know all
+// of them (the breadth fixtures). The IPv4 helpers above are unchanged.
+// ---------------------------------------------------------------------------------------------
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const EXT_HOP_BY_HOP: u8 = 0;
+pub const EXT_ROUTING: u8 = 43;
+pub const EXT_FRAGMENT: u8 = 44;
+pub const EXT_AUTH: u8 = 51;
+pub const EXT_DEST_OPTS: u8 = 60;
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+/// The fixture namespace's IPv6 side: the balancer's addresses on `cl` and `bk`, the client and
+/// backend with permanent neighbours.
+pub const V6_LB_CLIENT_SIDE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+pub const V6_LB_BACKEND_SIDE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+pub const V6_CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+pub const V6_BACKEND1: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x11);
+
+/// A TCP or UDP header (checksum zero) followed by `payload`; returns it and the checksum offset.
+fn transport(proto: u8, sport: u16, dport: u16, payload: &[u8]) -> (Vec<u8>, usize) {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    if proto == PROTO_TCP {
+        l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
+        l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+        l4.extend_from_slice(&[0x50, 0x18]); // doff 5, PSH|ACK
+        l4.extend_from_slice(&64240u16.to_be_bytes()); // window
+        l4.extend_from_slice(&[0, 0, 0, 0]); // check, urg
+    } else {
+        l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+    }
+    l4.extend_from_slice(payload);
+    (l4, if proto == PROTO_TCP { 16 } else { 6 })
+}
+
+/// An Ethernet header (no tag) followed by `l3`.
+pub fn ether(dst: [u8; 6], src: [u8; 6], ethertype: u16, l3: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(14 + l3.len());
+    b.extend_from_slice(&dst);
+    b.extend_from_slice(&src);
+    b.extend_from_slice(&ethertype.to_be_bytes());
+    b.extend_from_slice(l3);
+    b
+}
+
+/// Inserts a VLAN tag (`tpid`, VLAN id `vid`, priority 0) right after the MAC addresses: it
+/// becomes the outermost tag. Tag twice (0x8100 first, then 0x88a8) for an 802.1ad frame.
+pub fn vlan_tag(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
+    let mut b = frame[..12].to_vec();
+    b.extend_from_slice(&tpid.to_be_bytes());
+    b.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    b.extend_from_slice(&frame[12..]);
+    b
+}
+
+/// The offset of the L3 header of a frame (after any VLAN tags) and its ethertype.
+pub fn l3_of(frame: &[u8]) -> Option<(usize, u16)> {
+    let mut off = 12;
+    loop {
+        let t = u16::from_be_bytes([*frame.get(off)?, *frame.get(off + 1)?]);
+        if t == ETH_P_8021Q || t == ETH_P_8021AD {
+            off += 4;
+            continue;
+        }
+        return Some((off + 2, t));
+    }
+}
+
+/// An IPv4 header (no options, valid checksum) followed by `payload`.
+#[allow(clippy::too_many_arguments)]
+pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, proto: u8, id: u16, frag: u16, payload: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
+    ip[6..8].copy_from_slice(&frag.to_be_bytes());
+    ip[8] = ttl;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = csum::checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    ip.extend_from_slice(payload);
+    ip
+}
+
+/// An IPv6 header (traffic class and flow label 0) followed by `payload` (extension headers and
+/// upper layer, as given).
+pub fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    ip[6] = next;
+    ip[7] = hop_limit;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+    ip.extend_from_slice(payload);
+    ip
+}
+
+/// An ICMP message (type, code, the 4 bytes after the checksum, body) with a valid checksum.
+pub fn icmp4(ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = csum::checksum(&m);
+    m[2..4].copy_from_slice(&c.to_ne_bytes());
+    m
+}
+
+/// An ICMPv6 message with a valid checksum over the IPv6 pseudo-header of `src` -> `dst`.
+pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = csum::l4_checksum_v6(src.octets(), dst.octets(), PROTO_ICMPV6, &m);
+    m[2..4].copy_from_slice(&c.to_ne_bytes());
+    m
+}
+
+/// An IPv6 extension header; its first byte (next header) is filled in by `Pkt6::bytes`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ext {
+    pub kind: u8,
+    pub bytes: Vec<u8>,
+}
+
+impl Ext {
+    /// Hop-by-hop (0) or destination options (60): `8 * (len8 + 1)` bytes holding one PadN option.
+    pub fn options(kind: u8, len8: u8) -> Self {
+        let n = 8 * (len8 as usize + 1);
+        let mut b = vec![0u8; n];
+        b[1] = len8;
+        b[2] = 1; // PadN
+        b[3] = (n - 4) as u8;
+        Self { kind, bytes: b }
+    }
+
+    /// A fragment header: `offset` in bytes (a multiple of 8), more-fragments flag, identification.
+    pub fn fragment(offset: usize, more: bool, id: u32) -> Self {
+        assert!(offset % 8 == 0);
+        let mut b = vec![0u8; 8];
+        b[2..4].copy_from_slice(&((offset as u16) | more as u16).to_be_bytes());
+        b[4..8].copy_from_slice(&id.to_be_bytes());
+        Self { kind: EXT_FRAGMENT, bytes: b }
+    }
+}
+
+/// An IPv6 TCP/UDP frame described field by field, like `Pkt`; `bytes()` lays it out with a valid
+/// upper-layer checksum (over the IPv6 pseudo-header; extension headers are not covered).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pkt6 {
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub hop_limit: u8,
+    /// Traffic class and flow label.
+    pub tclass: u8,
+    pub flow: u32,
+    pub proto: u8,
+    /// Extension headers between the fixed header and the TCP/UDP header, in order.
+    pub ext: Vec<Ext>,
+    pub sport: u16,
+    pub dport: u16,
+    pub payload: Vec<u8>,
+    /// UDP only: send a zero checksum (invalid over IPv6).
+    pub udp_no_checksum: bool,
+}
+
+impl Pkt6 {
+    pub fn tcp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Self {
+        Self {
+            eth_dst: MAC_LB_CLIENT_SIDE,
+            eth_src: MAC_CLIENT,
+            src,
+            dst,
+            hop_limit: 64,
+            tclass: 0,
+            flow: 0x12345,
+            proto: PROTO_TCP,
+            ext: Vec::new(),
+            sport,
+            dport,
+            payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            udp_no_checksum: false,
+        }
+    }
+
+    pub fn udp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Self {
+        Self { proto: PROTO_UDP, payload: b"query".to_vec(), ..Self::tcp(src, sport, dst, dport) }
+    }
+
+    /// The TCP/UDP header and payload, checksum filled in.
+    pub fn l4(&self) -> Vec<u8> {
+        let (mut l4, at) = transport(self.proto, self.sport, self.dport, &self.payload);
+        if !(self.proto == PROTO_UDP && self.udp_no_checksum) {
+            let c = csum::l4_checksum_v6(self.src.octets(), self.dst.octets(), self.proto, &l4);
+            let c = if self.proto == PROTO_UDP { csum::udp_nonzero(c) } else { c };
+            l4[at..at + 2].copy_from_slice(&c.to_ne_bytes());
+        }
+        l4
+    }
+
+    /// Bytes of extension headers before the TCP/UDP header.
+    pub fn ext_len(&self) -> usize {
+        self.ext.iter().map(|e| e.bytes.len()).sum()
+    }
+
+    /// The IPv6 packet (no Ethernet header).
+    pub fn ip(&self) -> Vec<u8> {
+        let mut payload = Vec::new();
+        let kinds: Vec<u8> = self.ext.iter().map(|e| e.kind).chain([self.proto]).collect();
+        for (i, e) in self.ext.iter().enumerate() {
+            let mut b = e.bytes.clone();
+            b[0] = kinds[i + 1];
+            payload.extend_from_slice(&b);
+        }
+        payload.extend_from_slice(&self.l4());
+        let mut ip = ipv6_packet(self.src, self.dst, self.hop_limit, kinds[0], &payload);
+        let vcf = (6u32 << 28) | ((self.tclass as u32) << 20) | (self.flow & 0xfffff);
+        ip[0..4].copy_from_slice(&vcf.to_be_bytes());
+        ip
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        ether(self.eth_dst, self.eth_src, ETH_P_IPV6, &self.ip())
+    }
+}
+
+/// Splits an untagged IPv4 frame into fragments: the IP payload is cut at the byte offsets `cuts`
+/// (multiples of 8, increasing). Every fragment keeps the Ethernet header and the IP header
+/// (identification, TTL, addresses), with its length, MF flag and offset set and DF cleared.
+pub fn fragment_v4(frame: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+    assert_eq!(frame[12..14], [0x08, 0x00], "fragment_v4 wants an untagged IPv4 frame");
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    let tot = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    let data = &frame[14 + ihl..14 + tot];
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(data.len());
+    let mut out = Vec::new();
+    for w in bounds.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        assert!(a % 8 == 0 && a < b, "fragment offsets must be increasing multiples of 8");
+        let last = b == data.len();
+        let mut f = frame[..14 + ihl].to_vec();
+        f[16..18].copy_from_slice(&((ihl + b - a) as u16).to_be_bytes());
+        let flags = (u16::from_be_bytes([frame[20], frame[21]]) & 0x8000) | if last { 0 } else { 0x2000 };
+        f[20..22].copy_from_slice(&(flags | (a / 8) as u16).to_be_bytes());
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = csum::checksum(&f[14..14 + ihl]);
+        f[24..26].copy_from_slice(&c.to_ne_bytes());
+        f.extend_from_slice(&data[a..b]);
+        out.push(f);
+    }
+    out
+}
+
+/// Reassembles untagged IPv4 fragments (any order) into one frame: the Ethernet and IP header of
+/// the fragment at offset 0, the data of all by offset, MF/offset cleared, checksum recomputed.
+pub fn reassemble_v4(frags: &[Vec<u8>]) -> Vec<u8> {
+    let mut parts: Vec<(usize, &[u8])> = frags
+        .iter()
+        .map(|f| {
+            let ihl = ((f[14] & 0x0f) as usize) * 4;
+            let tot = u16::from_be_bytes([f[16], f[17]]) as usize;
+            let off = (u16::from_be_bytes([f[20], f[21]]) & 0x1fff) as usize * 8;
+            (off, &f[14 + ihl..14 + tot])
+        })
+        .collect();
+    parts.sort_by_key(|p| p.0);
+    let first = frags.iter().find(|f| u16::from_be_bytes([f[20], f[21]]) & 0x1fff == 0).expect("a first fragment");
+    let ihl = ((first[14] & 0x0f) as usize) * 4;
+    let mut out = first[..14 + ihl].to_vec();
+    let mut data = Vec::new();
+    for (off, d) in parts {
+        assert_eq!(off, data.len(), "fragments must be contiguous");
+        data.extend_from_slice(d);
+    }
+    out[16..18].copy_from_slice(&((ihl + data.len()) as u16).to_be_bytes());
+    let df = u16::from_be_bytes([out[20], out[21]]) & 0x4000;
+    out[20..22].copy_from_slice(&df.to_be_bytes());
+    out[24..26].copy_from_slice(&[0, 0]);
+    let c = csum::checksum(&out[14..14 + ihl]);
+    out[24..26].copy_from_slice(&c.to_ne_bytes());
+    out.extend_from_slice(&data);
+    out
+}
+
+/// Splits an untagged IPv6 frame without extension headers into fragments: a fragment header
+/// (identification `id`) is inserted after the fixed header and the payload cut at `cuts`.
+pub fn fragment_v6(frame: &[u8], id: u32, cuts: &[usize]) -> Vec<Vec<u8>> {
+    assert_eq!(frame[12..14], [0x86, 0xdd], "fragment_v6 wants an untagged IPv6 frame");
+    let next = frame[20];
+    assert!(!matches!(next, 0 | 43 | 44 | 51 | 60), "fragment_v6 wants a frame without extension headers");
+    let plen = u16::from_be_bytes([frame[18], frame[19]]) as usize;
+    let data = &frame[54..54 + plen];
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(data.len());
+    let mut out = Vec::new();
+    for w in bounds.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        assert!(a % 8 == 0 && a < b, "fragment offsets must be increasing multiples of 8");
+        let mut f = frame[..54].to_vec();
+        f[18..20].copy_from_slice(&((8 + b - a) as u16).to_be_bytes());
+        f[20] = EXT_FRAGMENT;
+        let mut h = Ext::fragment(a, b != data.len(), id).bytes;
+        h[0] = next;
+        f.extend_from_slice(&h);
+        f.extend_from_slice(&data[a..b]);
+        out.push(f);
+    }
+    out
+}
+
+/// Reassembles untagged IPv6 fragments (fragment header right after the fixed header) into one
+/// frame without the fragment header.
+pub fn reassemble_v6(frags: &[Vec<u8>]) -> Vec<u8> {
+    let mut parts: Vec<(usize, &[u8])> = frags
+        .iter()
+        .map(|f| {
+            assert_eq!(f[20], EXT_FRAGMENT, "reassemble_v6 wants the fragment header first");
+            let plen = u16::from_be_bytes([f[18], f[19]]) as usize;
+            let off = (u16::from_be_bytes([f[56], f[57]]) & !7) as usize;
+            (off, &f[62..54 + plen])
+        })
+        .collect();
+    parts.sort_by_key(|p| p.0);
+    let first = frags.iter().find(|f| u16::from_be_bytes([f[56], f[57]]) & !7 == 0).expect("a first fragment");
+    let mut out = first[..54].to_vec();
+    out[20] = first[54];
+    let mut data = Vec::new();
+    for (off, d) in parts {
+        assert_eq!(off, data.len(), "fragments must be contiguous");
+        data.extend_from_slice(d);
+    }
+    out[18..20].copy_from_slice(&(data.len() as u16).to_be_bytes());
+    out.extend_from_slice(&data);
+    out
+}
+
+/// The L4 part of an IPv6 packet at `ip`: (protocol, offset of the upper layer, fragment
+/// (offset, more)) after walking the extension headers.
+fn walk_v6(ip: &[u8]) -> Result<(u8, usize, Option<(usize, bool, u32)>), String> {
+    if ip.len() < 40 {
+        return Err("IPv6 header truncated".into());
+    }
+    let mut next = ip[6];
+    let mut off = 40;
+    let mut frag = None;
+    loop {
+        match next {
+            EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS | EXT_AUTH => {
+                let h = ip.get(off..off + 2).ok_or("extension header truncated")?;
+                next = h[0];
+                off += if next == EXT_AUTH { (h[1] as usize + 2) * 4 } else { (h[1] as usize + 1) * 8 };
+            }
+            EXT_FRAGMENT => {
+                let h = ip.get(off..off + 8).ok_or("fragment header truncated")?;
+                next = h[0];
+                let fo = u16::from_be_bytes([h[2], h[3]]);
+                frag = Some(((fo & !7) as usize, fo & 1 != 0, u32::from_be_bytes([h[4], h[5], h[6], h[7]])));
+                off += 8;
+            }
+            _ => return Ok((next, off, frag)),
+        }
+    }
+}
+
+/// Checks the TCP/UDP checksum of `l4` against an IPv4 pseudo-header.
+fn check_l4_v4(src: &[u8], dst: &[u8], proto: u8, l4: &[u8], what: &str) -> Result<(), String> {
+    if proto == PROTO_UDP && l4.len() >= 8 && l4[6..8] == [0, 0] {
+        return Ok(());
+    }
+    let mut acc = csum::sum(0, src);
+    acc = csum::sum(acc, dst);
+    acc = csum::sum(acc, &[0, proto]);
+    acc = csum::sum(acc, &(l4.len() as u16).to_be_bytes());
+    acc = csum::sum(acc, l4);
+    if !csum::fold(acc) != 0 {
+        return Err(format!("bad {what} {} checksum", proto_name(proto)));
+    }
+    Ok(())
+}
+
+/// Checks an upper-layer checksum against an IPv6 pseudo-header (a zero UDP checksum is invalid).
+fn check_l4_v6(src: &[u8], dst: &[u8], proto: u8, l4: &[u8], what: &str) -> Result<(), String> {
+    if proto == PROTO_UDP && l4.len() >= 8 && l4[6..8] == [0, 0] {
+        return Err(format!("{what} IPv6 UDP checksum is zero"));
+    }
+    let mut acc = csum::sum(0, src);
+    acc = csum::sum(acc, dst);
+    acc = csum::sum(acc, &(l4.len() as u32).to_be_bytes());
+    acc = csum::sum(acc, &[0, 0, 0, proto]);
+    acc = csum::sum(acc, l4);
+    if !csum::fold(acc) != 0 {
+        return Err(format!("bad {what} {} checksum", proto_name(proto)));
+    }
+    Ok(())
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        PROTO_TCP => "TCP".into(),
+        PROTO_UDP => "UDP".into(),
+        PROTO_ICMP => "ICMP".into(),
+        PROTO_ICMPV6 => "ICMPv6".into(),
+        _ => format!("proto {p}"),
+    }
+}
+
+/// Checks an embedded (quoted) packet of an ICMP error: its IPv4 header checksum, and its L4
+/// checksum when the whole embedded datagram is quoted.
+fn check_quote(q: &[u8], v6: bool) -> Result<(), String> {
+    if v6 {
+        let (proto, l4, frag) = walk_v6(q).map_err(|e| format!("embedded: {e}"))?;
+        let plen = u16::from_be_bytes([q[4], q[5]]) as usize;
+        if frag.is_none() && q.len() >= 40 + plen && (proto == PROTO_TCP || proto == PROTO_UDP) {
+            check_l4_v6(&q[8..24], &q[24..40], proto, &q[l4..40 + plen], "embedded")?;
+        }
+        return Ok(());
+    }
+    if q.len() < 20 {
+        return Err("embedded IPv4 header truncated".into());
+    }
+    let ihl = ((q[0] & 0x0f) as usize) * 4;
+    if csum::checksum(q.get(..ihl).ok_or("embedded IPv4 header truncated")?) != 0 {
+        return Err("bad embedded IPv4 header checksum".into());
+    }
+    let tot = u16::from_be_bytes([q[2], q[3]]) as usize;
+    let frags = u16::from_be_bytes([q[6], q[7]]);
+    if frags & 0x3fff == 0 && q.len() >= tot && (q[9] == PROTO_TCP || q[9] == PROTO_UDP) {
+        check_l4_v4(&q[12..16], &q[16..20], q[9], &q[ihl..tot], "embedded")?;
+    }
+    Ok(())
+}
+
+/// Checks every checksum of a frame that can be checked: VLAN tags are skipped; IPv4 header
+/// checksum; TCP/UDP (IPv4 or IPv6 pseudo-header, whole unfragmented packets only), ICMP, ICMPv6
+/// (pseudo-header); for ICMP errors also the quoted packet's IPv4 and L4 checksums.
+pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
+    let (l3, ty) = l3_of(frame).ok_or("frame truncated in the Ethernet header")?;
+    let ip = &frame[l3..];
+    match ty {
+        ETH_P_IPV4 => {
+            if ip.len() < 20 {
+                return Err("IPv4 header truncated".into());
+            }
+            let ihl = ((ip[0] & 0x0f) as usize) * 4;
+            if csum::checksum(ip.get(..ihl).ok_or("IPv4 header truncated")?) != 0 {
+                return Err("bad IPv4 header checksum".into());
+            }
+            let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+            let l4 = ip.get(ihl..tot).ok_or("IPv4 total length beyond the frame")?;
+            if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+                return Ok(()); // a fragment: its L4 checksum covers the whole datagram
+            }
+            match ip[9] {
+                PROTO_TCP | PROTO_UDP => check_l4_v4(&ip[12..16], &ip[16..20], ip[9], l4, "outer"),
+                PROTO_ICMP => {
+                    if csum::checksum(l4) != 0 {
+                        return Err("bad ICMP checksum".into());
+                    }
+                    if l4.len() > 8 && matches!(l4[0], 3 | 11 | 12) {
+                        check_quote(&l4[8..], false)?;
+                    }
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        }
+        ETH_P_IPV6 => {
+            let (proto, off, frag) = walk_v6(ip)?;
+            let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+            let l4 = ip.get(off..40 + plen).ok_or("IPv6 payload length beyond the frame")?;
+            if matches!(frag, Some((o, m, _)) if o != 0 || m) {
+                return Ok(());
+            }
+            match proto {
+                PROTO_TCP | PROTO_UDP => check_l4_v6(&ip[8..24], &ip[24..40], proto, l4, "outer"),
+                PROTO_ICMPV6 => {
+                    check_l4_v6(&ip[8..24], &ip[24..40], proto, l4, "outer")?;
+                    if l4.len() > 8 && matches!(l4[0], 1..=4) {
+                        check_quote(&l4[8..], true)?;
+                    }
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        }
+        _ => Err(format!("ethertype {ty:04x} is neither IPv4 nor IPv6")),
+    }
+}
+
+/// A one-line decode of any frame the breadth fixtures build: VLAN tags, IPv4 or IPv6 with
+/// extension headers, fragments, ports, ICMP (with the quoted packet of an error) and the
+/// checksum verdict of `verify_checksums`.
+pub fn decode_any(f: &[u8]) -> String {
+    let mut s = String::new();
+    if f.len() < 14 {
+        return format!("runt frame of {} bytes", f.len());
+    }
+    let mac = |m: &[u8]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let _ = write!(s, "{} bytes: eth {} > {}", f.len(), mac(&f[6..12]), mac(&f[0..6]));
+    let mut off = 12;
+    while f.len() >= off + 4 {
+        let t = u16::from_be_bytes([f[off], f[off + 1]]);
+        if t != ETH_P_8021Q && t != ETH_P_8021AD {
+            break;
+        }
+        let _ = write!(s, " | tag {t:04x} vid {}", u16::from_be_bytes([f[off + 2], f[off + 3]]) & 0xfff);
+        off += 4;
+    }
+    let Some(tb) = f.get(off..off + 2) else { return s };
+    let ty = u16::from_be_bytes([tb[0], tb[1]]);
+    let _ = write!(s, " type {ty:04x}");
+    decode_ip(&mut s, &f[off + 2..], ty, 0);
+    let _ = write!(s, " | checksums: {}", verify_checksums(f).err().unwrap_or_else(|| "ok".into()));
+    s
+}
+
+fn decode_ip(s: &mut String, ip: &[u8], ty: u16, depth: u32) {
+    let (proto, l4, frag) = match ty {
+        ETH_P_IPV4 if ip.len() >= 20 => {
+            let ihl = ((ip[0] & 0x0f) as usize) * 4;
+            let fr = u16::from_be_bytes([ip[6], ip[7]]);
+            let _ = write!(
+                s,
+                " | ipv4 ihl {ihl} len {} id {:04x} frag {}{}+{} ttl {} proto {} {} > {} check {:02x}{:02x}",
+                u16::from_be_bytes([ip[2], ip[3]]),
+                u16::from_be_bytes([ip[4], ip[5]]),
+                if fr & 0x4000 != 0 { "DF " } else { "" },
+                if fr & 0x2000 != 0 { "MF" } else { "-" },
+                (fr & 0x1fff) * 8,
+                ip[8],
+                ip[9],
+                Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+                Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+                ip[10],
+                ip[11]
+            );
+            (ip[9], ihl, fr & 0x1fff != 0)
+        }
+        ETH_P_IPV6 if ip.len() >= 40 => {
+            let a = |b: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap());
+            let _ = write!(
+                s,
+                " | ipv6 plen {} hlim {} {} > {}",
+                u16::from_be_bytes([ip[4], ip[5]]),
+                ip[7],
+                a(&ip[8..24]),
+                a(&ip[24..40])
+            );
+            match walk_v6(ip) {
+                Ok((proto, l4, frag)) => {
+                    if l4 > 40 {
+                        let _ = write!(s, " ext {} bytes", l4 - 40);
+                    }
+                    if let Some((o, m, id)) = frag {
+                        let _ = write!(s, " frag id {id:08x} {}+{o}", if m { "MF" } else { "-" });
+                    }
+                    let _ = write!(s, " next {proto}");
+                    (proto, l4, matches!(frag, Some((o, _, _)) if o != 0))
+                }
+                Err(e) => {
+                    let _ = write!(s, " ({e})");
+                    return;
+                }
+            }
+        }
+        _ => return,
+    };
+    if frag || ip.len() < l4 + 4 {
+        return;
+    }
+    let h = &ip[l4..];
+    match proto {
+        PROTO_TCP | PROTO_UDP => {
+            let c = if proto == PROTO_TCP { 16 } else { 6 };
+            let _ = write!(s, " | {} {} > {}", proto_name(proto), u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]));
+            if h.len() >= c + 2 {
+                let _ = write!(s, " check {:02x}{:02x}", h[c], h[c + 1]);
+            }
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let _ = write!(s, " | {} type {} code {} check {:02x}{:02x}", proto_name(proto), h[0], h[1], h[2], h[3]);
+            let error = if proto == PROTO_ICMP { matches!(h[0], 3 | 11 | 12) } else { matches!(h[0], 1..=4) };
+            if error && h.len() > 8 && depth == 0 {
+                s.push_str(" | quote [");
+                decode_ip(s, &h[8..], if proto == PROTO_ICMP { ETH_P_IPV4 } else { ETH_P_IPV6 }, depth + 1);
+                s.push_str(" ]");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Asserts two frames are byte-identical; on a mismatch prints both decoded (`decode_any`), the
+/// first differing offset and a hex dump of both.
+#[track_caller]
+pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        let hex = |b: &[u8]| {
+            b.chunks(16)
+                .enumerate()
+                .map(|(i, c)| format!("    {:04x}: {}", i * 16, c.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        panic!(
+            "{what}: output frame differs (first at byte {first}, lengths {} vs {})\n  got:  {}\n  want: {}\n  got bytes:\n{}\n  want bytes:\n{}",
+            got.len(),
+            want.len(),
+            decode_any(got),
+            decode_any(want),
+            hex(got),
+            hex(want)
+        );
+    }
 }

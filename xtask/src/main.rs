@@ -221,19 +221,19 @@ fn test(filter: Option<&str>) -> Result<()> {
             c.arg(f);
         }
     };
-    println!("\n== unit tests");
+    println!("\n== unit and property tests");
     let mut c = cargo();
-    c.args(["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "xtask", "--lib", "--bins", "--", "--test-threads=2"]);
+    c.args(["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "xtask", "--", "--test-threads=2"]);
     with_filter(&mut c);
     sh(&mut c)?;
     println!("\n== datapath tests (BPF_PROG_TEST_RUN)");
     let mut c = cargo();
-    c.args(["test", "-p", "tests", "--test", "datapath", "--"]);
+    c.args(["test", "-p", "tests", "--test", "datapath", "--test", "breadth", "--"]);
     with_filter(&mut c);
     sh(&mut c)?;
     println!("\n== end-to-end tests (network namespaces, real servers)");
     let mut c = cargo();
-    c.args(["test", "-p", "tests", "--test", "e2e", "--", "--test-threads=1"]).env("LB_BIN", &lb);
+    c.args(["test", "-p", "tests", "--test", "e2e", "--test", "control", "--", "--test-threads=1"]).env("LB_BIN", &lb);
     with_filter(&mut c);
     sh(&mut c)?;
     println!("\nxtask: all test layers passed");
