@@ -221,6 +221,11 @@ pub struct Service {
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 56);
 
+/// `GlobalConfig::flags`: direct server return. Only the destination MAC is rewritten (to the
+/// backend's, on the same L2 segment); backends hold the VIP themselves and answer clients
+/// directly, so there is no reply path.
+pub const GLOBAL_F_DSR: u32 = 1;
+
 /// Service flags (`Service::flags`).
 /// Every backend is down: the table holds all of them and pins to down backends stay valid
 /// ("fail open": routing to a maybe-dead backend beats dropping everything).

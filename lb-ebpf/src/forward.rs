@@ -20,8 +20,11 @@ use crate::{Verdict, drop, parse::Meta, pass, ptr_at, verdict};
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Forwards the packet described by `m` (whose addresses are now `src` -> `dst`). Out of line (a
-/// BPF-to-BPF call): every path shares one copy and one stack frame for the FIB parameters.
+/// Forwards the packet described by `m` (whose addresses are now `src` -> `dst`). In DSR mode the
+/// packet still goes to the VIP and `dst` is the backend: the backend must be directly connected
+/// (the FIB's next hop is the backend itself) and the frame is switched to it, TTL untouched.
+/// Out of line (a BPF-to-BPF call): every path shares one copy and one stack frame for the FIB
+/// parameters.
 #[inline(never)]
 pub fn forward(raw: *mut xdp_md, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Verdict {
     let ctx = &crate::ctx_of(raw);
@@ -51,11 +54,21 @@ pub fn forward(raw: *mut xdp_md, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Ve
         _ => return pass(stat::PASS_FIB),
     }
     let same_if = fib.ifindex == ctx.ingress_ifindex() as u32;
-    if m.vlan && !same_if {
+    if m.dsr {
+        // The FIB reports the next hop in the destination fields: a gateway there means the
+        // backend is not on a segment we share, and DSR cannot reach it.
+        // SAFETY: plain reads of the union the helper filled.
+        let nexthop_is_backend = unsafe {
+            if m.v6 { fib.__bindgen_anon_4.ipv6_dst == *dst } else { fib.__bindgen_anon_4.ipv4_dst == dst[0] }
+        };
+        if !nexthop_is_backend {
+            return drop(stat::DROP_FIB);
+        }
+    } else if m.vlan && !same_if {
         // A tagged frame leaving through another interface: the kernel's VLAN devices re-tag it.
         return pass(stat::PASS_VLAN);
     }
-    if decrement_ttl(ctx, m).is_err() {
+    if !m.dsr && decrement_ttl(ctx, m).is_err() {
         // Expiring here (or unreadable): the kernel sends the ICMP time exceeded.
         return pass(stat::PASS_FIB);
     }

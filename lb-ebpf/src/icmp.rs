@@ -174,7 +174,8 @@ fn to_backend(raw: *mut xdp_md, m: &Meta, e: &Embedded) -> Verdict {
     };
     let Some(b) = BACKENDS.get(backend_id) else { return drop(stat::ABORTED) };
     let (baddr, bport) = (b.addr, b.port);
-    if !rewrite(raw, m, e, &baddr, bport) {
+    // DSR: the backend's own packet came from the VIP; the error goes to it unchanged.
+    if !m.dsr && !rewrite(raw, m, e, &baddr, bport) {
         return drop(stat::DROP_MALFORMED);
     }
     count(stat::ICMP_ERROR);

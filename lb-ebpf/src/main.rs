@@ -154,6 +154,7 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Err(v) = parse::parse(ctx, m) {
         return v;
     }
+    m.dsr = CONFIG.get(0).is_some_and(|c| c.flags & lb_common::GLOBAL_F_DSR != 0);
     if m.proto == parse::PROTO_ICMP || m.proto == parse::PROTO_ICMPV6 {
         return icmp::handle(ctx.ctx, m);
     }
@@ -255,7 +256,8 @@ fn to_backend(raw: *mut xdp_md, m: &Meta, svc: &Service) -> Verdict {
         c.bytes += len;
     });
     record_fragment(m, &baddr, FRAG_TO_BACKEND, svc.id, backend_id);
-    if !nat::rewrite(ctx.ctx, m, Side::Dst, &baddr, bport) {
+    // DSR: the packet stays addressed to the VIP; `forward` only finds the backend's MAC.
+    if !m.dsr && !nat::rewrite(ctx.ctx, m, Side::Dst, &baddr, bport) {
         return drop(stat::DROP_MALFORMED);
     }
     forward::forward(ctx.ctx, m, &m.src, &baddr)
@@ -308,7 +310,7 @@ fn later_fragment(raw: *mut xdp_md, m: &Meta) -> Verdict {
             c.packets += 1;
             c.bytes += len;
         });
-        if !nat::rewrite(ctx.ctx, m, Side::Dst, &f.addr, 0) {
+        if !m.dsr && !nat::rewrite(ctx.ctx, m, Side::Dst, &f.addr, 0) {
             return drop(stat::DROP_MALFORMED);
         }
         forward::forward(ctx.ctx, m, &m.src, &f.addr)

@@ -36,6 +36,8 @@ pub struct Meta {
     pub l4: u16,
     pub v6: bool,
     pub vlan: bool,
+    /// Direct server return (`GLOBAL_F_DSR`): only MACs change; set by the entry function.
+    pub dsr: bool,
     pub proto: u8,
     /// Addresses as in the packet (network order words; IPv4 uses [0]).
     pub src: [u32; 4],
@@ -170,6 +172,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Meta, V
         l4: (l3 + ihl) as u16,
         v6: false,
         vlan,
+        dsr: false,
         proto,
         src: [u32::from_ne_bytes(ip.src_addr), 0, 0, 0],
         dst: [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0],
@@ -269,6 +272,7 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<M
         l4: off as u16,
         v6: true,
         vlan,
+        dsr: false,
         proto: next,
         src,
         dst,

@@ -75,6 +75,9 @@ pub struct DatapathConfig {
 pub enum Mode {
     /// Rewrite the destination to the backend; replies come back through the balancer.
     Nat,
+    /// Direct server return: only the destination MAC is rewritten; the backends, on the same L2
+    /// segment as the balancer, hold the VIP on a loopback interface and answer clients directly.
+    Dsr,
 }
 
 /// How the XDP program is attached.
@@ -222,7 +225,7 @@ macro_rules! display_as_serde_name {
 }
 
 display_as_serde_name! {
-    Mode { Nat => "nat" }
+    Mode { Nat => "nat", Dsr => "dsr" }
     XdpMode { Auto => "auto", Native => "native", Skb => "skb" }
     Protocol { Tcp => "tcp", Udp => "udp" }
     HealthKind { Tcp => "tcp", Http => "http", None => "none" }
@@ -523,16 +526,7 @@ fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
         }
     };
 
-    let mode = match r.mode.as_deref() {
-        Some("dsr") => {
-            e.push(
-                "datapath.mode",
-                format!("\"dsr\" is not supported yet; it arrives with {BREADTH_ISSUE}. Use \"nat\""),
-            );
-            None
-        }
-        other => e.choice("datapath.mode", other, Mode::Nat, &[(Mode::Nat, "nat")]),
-    };
+    let mode = e.choice("datapath.mode", r.mode.as_deref(), Mode::Nat, &[(Mode::Nat, "nat"), (Mode::Dsr, "dsr")]);
     let xdp_mode = e.choice(
         "datapath.xdp_mode",
         r.xdp_mode.as_deref(),
@@ -840,6 +834,25 @@ struct Counts {
 fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Option<ServiceConfig>], counts: Counts) {
     let valid = || services.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
     let label = |i: usize| format!("services[{i}] (\"{}\")", services[i].as_ref().map_or("?", |s| s.name.as_str()));
+
+    // DSR rewrites no port: a backend answers on the service port itself.
+    if datapath.is_some_and(|d| d.mode == Mode::Dsr) {
+        for (i, s) in valid() {
+            for (j, b) in s.backends.iter().enumerate() {
+                if b.port != s.port {
+                    e.push(
+                        &format!("services[{i}].backends[{j}].port"),
+                        format!(
+                            "is {} but the service port is {}: in DSR mode only the MAC address is rewritten, \
+                             so a backend must listen on the service port (and hold the VIP {} on a loopback \
+                             interface, with arp_ignore=1 and arp_announce=2, on the balancer's L2 segment)",
+                            b.port, s.port, s.vip
+                        ),
+                    );
+                }
+            }
+        }
+    }
 
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut vips: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
@@ -1259,9 +1272,18 @@ port = 5353
     }
 
     #[test]
-    fn mode_nat_only_dsr_names_the_issue() {
-        rejects(&datapath("mode = \"dsr\""), "datapath.mode", "datapath-breadth issue");
-        rejects(&datapath("mode = \"tunnel\""), "datapath.mode", "must be one of \"nat\"");
+    fn mode_choices() {
+        let dsr = datapath("mode = \"dsr\"").replace("port = 8080", "port = 80");
+        assert_eq!(Config::parse(&dsr).unwrap().datapath.mode, Mode::Dsr);
+        rejects(&datapath("mode = \"tunnel\""), "datapath.mode", "must be one of \"nat\", \"dsr\"");
+    }
+
+    #[test]
+    fn dsr_backends_listen_on_the_service_port() {
+        let text = MINIMAL.replace("[datapath]", "[datapath]\nmode = \"dsr\"");
+        rejects(&text, "services[0].backends[0].port", "DSR");
+        let ok = text.replace("port = 8080", "port = 80");
+        assert!(Config::parse(&ok).is_ok(), "{:?}", Config::parse(&ok).err());
     }
 
     #[test]
@@ -1521,7 +1543,7 @@ port = 5353
         let text = r#"
 [datapath]
 interfaces = ["eth0", "eth0"]
-mode = "dsr"
+mode = "tunnel"
 maglev_table_size = 100
 
 [control]

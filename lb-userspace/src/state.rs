@@ -246,7 +246,7 @@ impl Runtime {
                 layout_version: LAYOUT_VERSION,
                 hash_seed: d.hash_seed,
                 maglev_m: d.maglev_table_size,
-                flags: 0,
+                flags: if d.mode == crate::config::Mode::Dsr { lb_common::GLOBAL_F_DSR } else { 0 },
                 max_services: d.max_services,
                 max_backends: d.max_backends,
                 affinity_entries: d.affinity_entries,
@@ -506,13 +506,19 @@ impl Runtime {
         } else if !fail_open && s.fail_open {
             tracing::warn!(service = %s.config.name, "a backend is up again: no longer failing open");
         }
+        // DSR has no reply path: backends answer clients from the VIP themselves.
+        let nat = self.global.flags & lb_common::GLOBAL_F_DSR == 0;
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP != 0) {
             dp.write_backend(b.id, b.entry(s.entry.id))?;
-            dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id)?;
+            if nat {
+                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id)?;
+            }
         }
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP == 0) {
             // Replies from a backend that is down still go back to the VIP.
-            dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id)?;
+            if nat {
+                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id)?;
+            }
         }
         let next = if table != s.table { 1 - (s.entry.table & 1) } else { s.entry.table };
         if next != s.entry.table {

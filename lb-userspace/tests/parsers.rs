@@ -765,7 +765,7 @@ fn wild_typed(kind: Kind) -> BoxedStrategy<String> {
         .boxed(),
         Kind::Choice(names) => prop_oneof![
             4 => (select(names), any::<bool>()).prop_map(|(n, up)| q(&ascii_case(n, up))),
-            1 => select(vec!["dsr", "tunnel", "icmp", "sctp", "off", ""]).prop_map(q),
+            1 => select(vec!["tunnel", "icmp", "sctp", "off", ""]).prop_map(q),
             1 => "(?s).{0,8}".prop_map(|s| q(&s)),
         ]
         .boxed(),
@@ -1316,7 +1316,7 @@ fn invalid_fields(c: &Config) -> Vec<BoxedStrategy<Mutation>> {
         format!("datapath.interfaces[{}]", ifs.len()),
         select(ifs.clone()).prop_map(move |dup| q_array(&[ifs.clone(), vec![dup]].concat())).boxed(),
     );
-    set("datapath", "mode", "datapath.mode".into(), prop_oneof![Just(q("dsr")), bad_choice(&["nat"])].boxed());
+    set("datapath", "mode", "datapath.mode".into(), bad_choice(&["nat", "dsr"]).boxed());
     set("datapath", "xdp_mode", "datapath.xdp_mode".into(), bad_choice(&["auto", "native", "skb"]));
     set("datapath", "affinity_entries", "datapath.affinity_entries".into(), int_outside(1024, 1 << 27));
     let relative = "([^/](?s:.){0,10})?".prop_map(|s| q(&s)).boxed();

@@ -336,7 +336,6 @@ pub fn l3_of(frame: &[u8]) -> Option<(usize, u16)> {
 }
 
 /// An IPv4 header (no options, valid checksum) followed by `payload`.
-#[allow(clippy::too_many_arguments)]
 pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, proto: u8, id: u16, frag: u16, payload: &[u8]) -> Vec<u8> {
     let mut ip = vec![0u8; 20];
     ip[0] = 0x45;
@@ -407,7 +406,7 @@ impl Ext {
 
     /// A fragment header: `offset` in bytes (a multiple of 8), more-fragments flag, identification.
     pub fn fragment(offset: usize, more: bool, id: u32) -> Self {
-        assert!(offset % 8 == 0);
+        assert!(offset.is_multiple_of(8));
         let mut b = vec![0u8; 8];
         b[2..4].copy_from_slice(&((offset as u16) | more as u16).to_be_bytes());
         b[4..8].copy_from_slice(&id.to_be_bytes());
@@ -511,7 +510,7 @@ pub fn fragment_v4(frame: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for w in bounds.windows(2) {
         let (a, b) = (w[0], w[1]);
-        assert!(a % 8 == 0 && a < b, "fragment offsets must be increasing multiples of 8");
+        assert!(a.is_multiple_of(8) && a < b, "fragment offsets must be increasing multiples of 8");
         let last = b == data.len();
         let mut f = frame[..14 + ihl].to_vec();
         f[16..18].copy_from_slice(&((ihl + b - a) as u16).to_be_bytes());
@@ -571,7 +570,7 @@ pub fn fragment_v6(frame: &[u8], id: u32, cuts: &[usize]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for w in bounds.windows(2) {
         let (a, b) = (w[0], w[1]);
-        assert!(a % 8 == 0 && a < b, "fragment offsets must be increasing multiples of 8");
+        assert!(a.is_multiple_of(8) && a < b, "fragment offsets must be increasing multiples of 8");
         let mut f = frame[..54].to_vec();
         f[18..20].copy_from_slice(&((8 + b - a) as u16).to_be_bytes());
         f[20] = EXT_FRAGMENT;
@@ -610,9 +609,12 @@ pub fn reassemble_v6(frags: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
-/// The L4 part of an IPv6 packet at `ip`: (protocol, offset of the upper layer, fragment
-/// (offset, more)) after walking the extension headers.
-fn walk_v6(ip: &[u8]) -> Result<(u8, usize, Option<(usize, bool, u32)>), String> {
+/// A fragment header's (offset in bytes, more fragments, identification).
+type FragInfo = (usize, bool, u32);
+
+/// The L4 part of an IPv6 packet at `ip`: (protocol, offset of the upper layer, fragment header)
+/// after walking the extension headers.
+fn walk_v6(ip: &[u8]) -> Result<(u8, usize, Option<FragInfo>), String> {
     if ip.len() < 40 {
         return Err("IPv6 header truncated".into());
     }
