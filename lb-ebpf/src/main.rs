@@ -183,7 +183,23 @@ fn to_vip(raw: *mut xdp_md, m: &Meta) -> Verdict {
     if let Err(v) = parse::check_l4(ctx, m) {
         return v;
     }
+    // No client has a multicast, broadcast or VIP source address: spoofed or looping, dropped.
+    if martian_source(m) {
+        return drop(stat::DROP_MALFORMED);
+    }
     to_backend(raw, m, &svc)
+}
+
+/// A source address no client can have.
+#[inline(always)]
+fn martian_source(m: &Meta) -> bool {
+    let first = u32::from_be(m.src[0]);
+    let bad = if m.v6 {
+        first >> 24 == 0xff
+    } else {
+        first >> 28 == 0xe || first == u32::MAX
+    };
+    bad || parse::addr_flags(m.v6, &m.src) & lb_common::ADDR_F_VIP != 0
 }
 
 /// Backend -> client, if the source is a backend's. Out of line like `to_vip`.

@@ -26,9 +26,6 @@ pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 /// The control socket `lb run` listens on and the CLI talks to unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 
-/// Issue that brings DSR and IPv6 to the datapath; named in errors so operators know it is
-/// planned, not forgotten.
-const BREADTH_ISSUE: &str = "the datapath-breadth issue";
 
 const DEFAULT_WEIGHT: u32 = 100;
 const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 60);

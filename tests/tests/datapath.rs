@@ -238,6 +238,18 @@ fn reply_to_the_balancer_itself_is_not_translated() {
 }
 
 #[test]
+fn martian_sources_to_a_vip_are_dropped() {
+    in_fixture("martian", |fx| {
+        for src in [VIP, Ipv4Addr::new(224, 0, 0, 5), Ipv4Addr::BROADCAST] {
+            let (v, _) = fx.run(&Pkt::tcp(src, 40000, VIP, 80).bytes(), "cl");
+            assert_eq!(v, XDP_DROP, "source {src}");
+        }
+        assert_eq!(fx.stat("drop_malformed"), 3);
+        assert_eq!(fx.stat("redirect"), 0);
+    });
+}
+
+#[test]
 fn traffic_that_is_not_ours_passes_untouched() {
     in_fixture("other", |fx| {
         let mut frames: Vec<(&str, Vec<u8>)> = vec![
@@ -407,7 +419,8 @@ fn an_expired_pin_is_reselected() {
 fn clients_spread_over_backends_and_stay() {
     in_fixture("spread", |fx| {
         let mut seen = std::collections::BTreeMap::new();
-        for i in 10..250u8 {
+        // 10.0.0.100-102 are VIPs, not clients.
+        for i in (10..250u8).filter(|i| !(100..=102).contains(i)) {
             let client = Ipv4Addr::new(10, 0, 0, i);
             let p = Pkt::tcp(client, 40000, VIP_MULTI, 80);
             let (_, a) = fx.run(&p.bytes(), "cl");
@@ -486,7 +499,7 @@ fn draining_keeps_pins_and_takes_no_new_clients_and_force_moves_them() {
         for (c, before) in &pins {
             assert_eq!(send_multi(fx, *c, 40001), *before, "pinned client {c} moved on a drain");
         }
-        for i in 100..200u8 {
+        for i in 110..210u8 {
             let c = Ipv4Addr::new(10, 0, 0, i);
             assert_ne!(send_multi(fx, c, 40000), drained, "new client {c} reached a draining backend");
         }
