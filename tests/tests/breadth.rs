@@ -762,7 +762,8 @@ fn other_icmp_errors_and_short_quotes_are_translated_too() {
 fn icmp_error_follows_the_clients_pin() {
     in_fixture("icmppin", |fx| {
         // A client Maglev sends elsewhere, pinned to backend 10.1.0.11 (which has a neighbour).
-        let client = (10..250u8)
+        // Clients are taken below 10.0.0.100: a VIP is no client's source address.
+        let client = (10..100u8)
             .map(|i| Ipv4Addr::new(10, 0, 0, i))
             .find(|c| fx.maglev_pick("multi", IpAddr::V4(*c)) != IpAddr::V4(BACKEND1))
             .unwrap();
@@ -781,7 +782,7 @@ fn icmp_error_follows_the_clients_pin() {
         // Another client, pinned by its own traffic to an unresolved backend: rewritten the same
         // way, passed to the kernel (TTL and MACs are its business then).
         let pinned = client;
-        let client = (10..250u8)
+        let client = (10..100u8)
             .map(|i| Ipv4Addr::new(10, 0, 0, i))
             .find(|c| *c != pinned && fx.maglev_pick("multi", IpAddr::V4(*c)) == IpAddr::V4(Ipv4Addr::new(10, 1, 0, 12)))
             .unwrap();
