@@ -43,6 +43,10 @@ pub fn handle(raw: *mut xdp_md, m: &Meta) -> Verdict {
     if m.frag != FRAG_NONE {
         return drop(stat::DROP_FRAGMENT);
     }
+    // Never answer (or pass on errors from) a broadcast, multicast or VIP source.
+    if crate::martian_source(m) {
+        return drop(stat::DROP_MALFORMED);
+    }
     let frame = ctx.data_end() - ctx.data();
     if m.l3() + m.ip_len as usize > frame || (m.l3() + m.ip_len as usize) < m.l4() + 8 {
         return drop(stat::DROP_MALFORMED);
@@ -160,6 +164,12 @@ fn error_v6(raw: *mut xdp_md, m: &Meta) -> Verdict {
 #[inline(never)]
 fn to_backend(raw: *mut xdp_md, m: &Meta, e: &Embedded) -> Verdict {
     let ctx = &crate::ctx_of(raw);
+    // The quoted IP header and the first 8 bytes of its L4 header must lie inside the datagram;
+    // what follows it in the frame (padding) is not part of the ICMP message.
+    let ip_end = m.l3() + m.ip_len as usize;
+    if e.l4 + 8 > ip_end {
+        return drop(stat::DROP_MALFORMED);
+    }
     let Some(ports) = ptr_at::<[u16; 4]>(ctx, e.l4) else { return drop(stat::DROP_MALFORMED) };
     // SAFETY: bounds-checked.
     let sport = unsafe { (*ports)[0] };
@@ -236,7 +246,9 @@ fn rewrite_v4_inner(ctx: &XdpContext, m: &Meta, e: &Embedded, baddr: &[u32; 4], 
                 q[3] = c1;
                 ic = csum::replace2(ic, c0, c1);
             }
-        } else if let Some(t) = ptr_at::<TcpHdr>(ctx, e.l4) {
+        } else if e.l4 + 18 <= m.l3() + m.ip_len as usize
+            && let Some(t) = ptr_at::<TcpHdr>(ctx, e.l4)
+        {
             let t = &mut *t;
             let c0 = u16::from_ne_bytes(t.check);
             let c1 = csum::replace_addr_port(c0, old_src, baddr[0], old_port, bport);
@@ -280,7 +292,9 @@ fn rewrite_v6_inner(ctx: &XdpContext, m: &Meta, e: &Embedded, baddr: &[u32; 4], 
             let c1 = l4_update(c0);
             q[3] = c1;
             ic = csum::replace2(ic, c0, c1);
-        } else if let Some(t) = ptr_at::<TcpHdr>(ctx, e.l4) {
+        } else if e.l4 + 18 <= m.l3() + m.ip_len as usize
+            && let Some(t) = ptr_at::<TcpHdr>(ctx, e.l4)
+        {
             let t = &mut *t;
             let c0 = u16::from_ne_bytes(t.check);
             let c1 = l4_update(c0);

@@ -192,7 +192,7 @@ fn to_vip(raw: *mut xdp_md, m: &Meta) -> Verdict {
 
 /// A source address no client can have.
 #[inline(always)]
-fn martian_source(m: &Meta) -> bool {
+pub fn martian_source(m: &Meta) -> bool {
     let first = u32::from_be(m.src[0]);
     let bad = if m.v6 {
         first >> 24 == 0xff

@@ -289,17 +289,19 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<M
 }
 
 /// Reads the ports of a TCP/UDP packet that has its L4 header; a packet too short for them passes
-/// (when we cannot tell whether it is ours) or is dropped (when its addresses say it is).
+/// untouched when it is not ours and is dropped when its addresses say it is (to a VIP, from a
+/// backend).
 #[inline(always)]
 fn read_ports(ctx: &XdpContext, m: &mut Meta) -> Result<(), Verdict> {
     if !m.has_ports() {
         return Ok(());
     }
-    if m.l4() > MAX_L4_OFFSET {
+    // The ports must lie inside the datagram (not in padding after it) and inside the frame.
+    if m.l4() > MAX_L4_OFFSET || m.l4() + 4 > m.l3() + m.ip_len as usize {
         return Err(malformed_unless_ours(m.v6, &m.src, &m.dst));
     }
     let Some(p) = ptr_at::<[u16; 2]>(ctx, m.l4()) else {
-        return Err(pass(stat::PASS_MALFORMED));
+        return Err(malformed_unless_ours(m.v6, &m.src, &m.dst));
     };
     // SAFETY: bounds-checked by ptr_at.
     let p = unsafe { *p };

@@ -688,7 +688,7 @@ fn check_quote(q: &[u8], v6: bool) -> Result<(), String> {
     if v6 {
         let (proto, l4, frag) = walk_v6(q).map_err(|e| format!("embedded: {e}"))?;
         let plen = u16::from_be_bytes([q[4], q[5]]) as usize;
-        if frag.is_none() && q.len() >= 40 + plen && (proto == PROTO_TCP || proto == PROTO_UDP) {
+        if frag.is_none() && q.len() >= 40 + plen && l4 <= 40 + plen && (proto == PROTO_TCP || proto == PROTO_UDP) {
             check_l4_v6(&q[8..24], &q[24..40], proto, &q[l4..40 + plen], "embedded")?;
         }
         return Ok(());
@@ -702,7 +702,7 @@ fn check_quote(q: &[u8], v6: bool) -> Result<(), String> {
     }
     let tot = u16::from_be_bytes([q[2], q[3]]) as usize;
     let frags = u16::from_be_bytes([q[6], q[7]]);
-    if frags & 0x3fff == 0 && q.len() >= tot && (q[9] == PROTO_TCP || q[9] == PROTO_UDP) {
+    if frags & 0x3fff == 0 && q.len() >= tot && ihl <= tot && (q[9] == PROTO_TCP || q[9] == PROTO_UDP) {
         check_l4_v4(&q[12..16], &q[16..20], q[9], &q[ihl..tot], "embedded")?;
     }
     Ok(())
