@@ -892,3 +892,161 @@ pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
         );
     }
 }
+
+/// XDP verdicts, as BPF_PROG_TEST_RUN returns them.
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// Counters that are counted besides a verdict, not as one.
+pub const INFORMATIONAL: [&str; 4] = ["to_vip", "reply", "fragment", "icmp_error"];
+
+/// One BPF_PROG_TEST_RUN: the verdict, the output frame and the counters it changed.
+pub struct Run {
+    pub verdict: u32,
+    pub out: Vec<u8>,
+    pub changed: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// The XDP program loaded (nothing attached, nothing pinned) with its maps written from a config,
+/// the core every datapath test file builds its fixture on.
+pub struct Loaded {
+    pub dp: lb::datapath::Datapath,
+    pub rt: lb::state::Runtime,
+}
+
+impl Loaded {
+    pub fn new(config: &str) -> Self {
+        assert!(nix::unistd::geteuid().is_root(), "datapath tests need root (BPF_PROG_TEST_RUN)");
+        let cfg = lb::config::Config::parse(config).unwrap_or_else(|e| panic!("fixture config: {e}"));
+        let mut dp = lb::datapath::Datapath::load(lb::datapath::Capacity::from_config(&cfg.datapath), None)
+            .expect("loading the XDP program");
+        let mut rt = lb::state::Runtime::new(&cfg);
+        rt.reconcile(&cfg, &mut dp).expect("writing the maps");
+        Self { dp, rt }
+    }
+
+    /// Runs one frame arriving on interface `ifindex` of the calling thread's namespace; Err is
+    /// the kernel refusing to run it.
+    pub fn test_run(&mut self, frame: &[u8], ifindex: u32) -> Result<Run, String> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let before = self.dp.stats().expect("reading STATS");
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        };
+        let r = self.dp.program().test_run(opts).map_err(|e| e.to_string());
+        let after = self.dp.stats().expect("reading STATS");
+        let changed = after.iter().filter(|(k, v)| **v != before[*k]).map(|(k, v)| (*k, v - before[k])).collect();
+        let r = r?;
+        out.truncate(r.data_size_out as usize);
+        Ok(Run { verdict: r.return_value, out, changed })
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        self.dp.stats().expect("reading STATS")[name]
+    }
+
+    pub fn service(&self, name: &str) -> &lb::state::ServiceRt {
+        self.rt.service(name).expect("fixture service")
+    }
+
+    /// The backend address Maglev gives `client` in service `name` (after the service's mask).
+    pub fn maglev_pick(&self, name: &str, client: std::net::IpAddr) -> std::net::IpAddr {
+        let s = self.service(name);
+        let w = lb::datapath::addr_words(client);
+        let masked = match client {
+            std::net::IpAddr::V4(_) => [w[0] & s.entry.v4_mask, 0, 0, 0],
+            std::net::IpAddr::V6(_) => std::array::from_fn(|i| w[i] & s.entry.v6_mask[i]),
+        };
+        let slot = lb_common::hash::client_slot(self.rt.global.hash_seed, &masked, self.rt.global.maglev_m);
+        let id = s.table[slot as usize];
+        s.backends.iter().find(|b| b.id == id).expect("backend of the table").config.address
+    }
+
+    pub fn backend_id(&self, name: &str, addr: std::net::IpAddr) -> u32 {
+        self.service(name).backends.iter().find(|b| b.config.address == addr).expect("fixture backend").id
+    }
+}
+
+/// The fixture config of the breadth and corpus tests: the IPv4 services of `datapath.rs` (web,
+/// dns, multi) plus their IPv6 twins: web6 and dns6 with one resolved backend (exact-bytes cases),
+/// multi6 with three backends (affinity cases; only ::11 has a neighbour entry).
+pub const FIXTURE_CONFIG: &str = r#"
+[datapath]
+interfaces = ["cl", "bk"]
+affinity_entries = 1024
+max_services = 16
+max_backends = 32
+maglev_table_size = 251
+hash_seed = 7
+
+[[services]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+[[services.backends]]
+address = "10.1.0.11"
+port = 8080
+
+[[services]]
+name = "dns"
+vip = "10.0.0.100"
+port = 53
+protocol = "udp"
+[[services.backends]]
+address = "10.1.0.11"
+port = 5353
+
+[[services]]
+name = "multi"
+vip = "10.0.0.101"
+port = 80
+[[services.backends]]
+address = "10.1.0.11"
+port = 8081
+[[services.backends]]
+address = "10.1.0.12"
+port = 8081
+[[services.backends]]
+address = "10.1.0.13"
+port = 8081
+
+[[services]]
+name = "web6"
+vip = "2001:db8::100"
+port = 80
+[[services.backends]]
+address = "2001:db8:1::11"
+port = 8080
+
+[[services]]
+name = "dns6"
+vip = "2001:db8::100"
+port = 53
+protocol = "udp"
+[[services.backends]]
+address = "2001:db8:1::11"
+port = 5353
+
+[[services]]
+name = "multi6"
+vip = "2001:db8::101"
+port = 80
+[[services.backends]]
+address = "2001:db8:1::11"
+port = 8081
+[[services.backends]]
+address = "2001:db8:1::12"
+port = 8081
+[[services.backends]]
+address = "2001:db8:1::13"
+port = 8081
+"#;

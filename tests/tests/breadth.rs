@@ -10,24 +10,15 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use aya::programs::{TestRun as _, TestRunOptions};
-use lb::{
-    config::Config,
-    datapath::{Capacity, Datapath, addr_words},
-    state::{Runtime, ServiceRt},
-};
-use lb_common::{AffinityKey, AffinityValue, hash::client_slot};
+use lb::datapath::addr_words;
+use lb_common::{AffinityKey, AffinityValue};
 use tests::{
-    ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT,
+    INFORMATIONAL, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT,
     MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, PROTO_ICMP, PROTO_ICMPV6, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT,
     assert_bytes_eq, checksums_valid, decode_any, ether, fragment_v4, fragment_v6, icmp4, icmp6, ipv4_packet,
     ipv6_packet, monotonic_ns, reassemble_v4, reassemble_v6, verify_checksums, vlan_tag,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP_MULTI: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
@@ -45,119 +36,38 @@ const BACKEND6: Ipv6Addr = V6_BACKEND1;
 const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
 const NOT_A_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50);
 
-/// The IPv4 services of `datapath.rs` (web, dns, multi) plus their IPv6 twins: web6 and dns6 with
-/// one resolved backend (exact-bytes cases), multi6 with three backends (affinity cases; only ::11
-/// has a neighbour entry).
-const CONFIG: &str = r#"
-[datapath]
-interfaces = ["cl", "bk"]
-affinity_entries = 1024
-max_services = 16
-max_backends = 32
-maglev_table_size = 251
-hash_seed = 7
+use tests::FIXTURE_CONFIG as CONFIG;
 
-[[services]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-[[services.backends]]
-address = "10.1.0.11"
-port = 8080
-
-[[services]]
-name = "dns"
-vip = "10.0.0.100"
-port = 53
-protocol = "udp"
-[[services.backends]]
-address = "10.1.0.11"
-port = 5353
-
-[[services]]
-name = "multi"
-vip = "10.0.0.101"
-port = 80
-[[services.backends]]
-address = "10.1.0.11"
-port = 8081
-[[services.backends]]
-address = "10.1.0.12"
-port = 8081
-[[services.backends]]
-address = "10.1.0.13"
-port = 8081
-
-[[services]]
-name = "web6"
-vip = "2001:db8::100"
-port = 80
-[[services.backends]]
-address = "2001:db8:1::11"
-port = 8080
-
-[[services]]
-name = "dns6"
-vip = "2001:db8::100"
-port = 53
-protocol = "udp"
-[[services.backends]]
-address = "2001:db8:1::11"
-port = 5353
-
-[[services]]
-name = "multi6"
-vip = "2001:db8::101"
-port = 80
-[[services.backends]]
-address = "2001:db8:1::11"
-port = 8081
-[[services.backends]]
-address = "2001:db8:1::12"
-port = 8081
-[[services.backends]]
-address = "2001:db8:1::13"
-port = 8081
-"#;
-
-/// Counters that are counted besides a verdict, not as one.
-const INFORMATIONAL: [&str; 4] = ["to_vip", "reply", "fragment", "icmp_error"];
 
 struct Fixture {
-    dp: Datapath,
-    rt: Runtime,
+    l: Loaded,
     /// The counters the last `run` changed, with their increments.
     last: BTreeMap<&'static str, u64>,
 }
 
+impl std::ops::Deref for Fixture {
+    type Target = Loaded;
+    fn deref(&self) -> &Loaded {
+        &self.l
+    }
+}
+
+impl std::ops::DerefMut for Fixture {
+    fn deref_mut(&mut self) -> &mut Loaded {
+        &mut self.l
+    }
+}
+
 impl Fixture {
     fn new() -> Self {
-        assert!(nix::unistd::geteuid().is_root(), "datapath tests need root (BPF_PROG_TEST_RUN)");
-        let cfg = Config::parse(CONFIG).unwrap_or_else(|e| panic!("fixture config: {e}"));
-        let mut dp = Datapath::load(Capacity::from_config(&cfg.datapath), None).expect("loading the XDP program");
-        let mut rt = Runtime::new(&cfg);
-        rt.reconcile(&cfg, &mut dp).expect("writing the maps");
-        Self { dp, rt, last: BTreeMap::new() }
+        Self { l: Loaded::new(CONFIG), last: BTreeMap::new() }
     }
 
     /// Runs one frame arriving on `ingress`; returns the verdict and the output frame. Asserts
     /// that exactly one verdict counter went up, by one.
     fn run(&mut self, frame: &[u8], ingress: &str) -> (u32, Vec<u8>) {
-        let before = self.dp.stats().expect("reading STATS");
-        let ifindex = FixtureNs::ifindex(ingress);
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        };
-        let r = self.dp.program().test_run(opts).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
-        out.truncate(r.data_size_out as usize);
-        let after = self.dp.stats().expect("reading STATS");
-        self.last = after.iter().filter(|(k, v)| **v != before[*k]).map(|(k, v)| (*k, v - before[k])).collect();
+        let r = self.l.test_run(frame, FixtureNs::ifindex(ingress)).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
+        self.last = r.changed;
         let verdicts: Vec<_> = self.last.iter().filter(|(k, _)| !INFORMATIONAL.contains(k)).collect();
         assert!(
             verdicts.len() == 1 && *verdicts[0].1 == 1,
@@ -165,7 +75,7 @@ impl Fixture {
             self.last,
             decode_any(frame)
         );
-        (r.return_value, out)
+        (r.verdict, r.out)
     }
 
     /// Asserts what the last `run` counted: the verdict counter `verdict` and each of `also`.
@@ -174,27 +84,6 @@ impl Fixture {
         for name in std::iter::once(&verdict).chain(also) {
             assert_eq!(self.last.get(name), Some(&1), "counter {name} after the last frame; changed: {:?}", self.last);
         }
-    }
-
-    fn service(&self, name: &str) -> &ServiceRt {
-        self.rt.service(name).expect("fixture service")
-    }
-
-    /// The backend address Maglev gives `client` in service `name` (after the service's mask).
-    fn maglev_pick(&self, name: &str, client: IpAddr) -> IpAddr {
-        let s = self.service(name);
-        let w = addr_words(client);
-        let masked = match client {
-            IpAddr::V4(_) => [w[0] & s.entry.v4_mask, 0, 0, 0],
-            IpAddr::V6(_) => std::array::from_fn(|i| w[i] & s.entry.v6_mask[i]),
-        };
-        let slot = client_slot(self.rt.global.hash_seed, &masked, self.rt.global.maglev_m);
-        let id = s.table[slot as usize];
-        s.backends.iter().find(|b| b.id == id).expect("backend of the table").config.address
-    }
-
-    fn backend_id(&self, name: &str, addr: IpAddr) -> u32 {
-        self.service(name).backends.iter().find(|b| b.config.address == addr).expect("fixture backend").id
     }
 }
 

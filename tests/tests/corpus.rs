@@ -22,24 +22,14 @@ use std::{
     time::Instant,
 };
 
-use aya::programs::{TestRun as _, TestRunOptions};
-use lb::{
-    config::Config,
-    datapath::{Capacity, Datapath, addr_words},
-    state::Runtime,
-};
-use lb_common::{csum, hash::client_slot};
+use lb_common::csum;
 use tests::{
+    INFORMATIONAL, Loaded, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE,
     MAC_LB_CLIENT_SIDE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT, decode_any,
     ether, fragment_v4, fragment_v6, icmp4, icmp6, ipv4_packet, ipv6_packet, l3_of, vlan_tag,
 };
 
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP_MULTI: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
@@ -58,81 +48,8 @@ const BACKEND6_12: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x12);
 const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
 const NOT_A_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50);
 
-/// The services of `breadth.rs`: IPv4 and IPv6, TCP and UDP, one- and three-backend services.
-const CONFIG: &str = r#"
-[datapath]
-interfaces = ["cl", "bk"]
-affinity_entries = 1024
-max_services = 16
-max_backends = 32
-maglev_table_size = 251
-hash_seed = 7
+use tests::FIXTURE_CONFIG as CONFIG;
 
-[[services]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-[[services.backends]]
-address = "10.1.0.11"
-port = 8080
-
-[[services]]
-name = "dns"
-vip = "10.0.0.100"
-port = 53
-protocol = "udp"
-[[services.backends]]
-address = "10.1.0.11"
-port = 5353
-
-[[services]]
-name = "multi"
-vip = "10.0.0.101"
-port = 80
-[[services.backends]]
-address = "10.1.0.11"
-port = 8081
-[[services.backends]]
-address = "10.1.0.12"
-port = 8081
-[[services.backends]]
-address = "10.1.0.13"
-port = 8081
-
-[[services]]
-name = "web6"
-vip = "2001:db8::100"
-port = 80
-[[services.backends]]
-address = "2001:db8:1::11"
-port = 8080
-
-[[services]]
-name = "dns6"
-vip = "2001:db8::100"
-port = 53
-protocol = "udp"
-[[services.backends]]
-address = "2001:db8:1::11"
-port = 5353
-
-[[services]]
-name = "multi6"
-vip = "2001:db8::101"
-port = 80
-[[services.backends]]
-address = "2001:db8:1::11"
-port = 8081
-[[services.backends]]
-address = "2001:db8:1::12"
-port = 8081
-[[services.backends]]
-address = "2001:db8:1::13"
-port = 8081
-"#;
-
-/// Counters that are counted besides a verdict, not as one.
-const INFORMATIONAL: [&str; 4] = ["to_vip", "reply", "fragment", "icmp_error"];
 
 /// The verdict counters each XDP action may be counted under.
 fn counters_of(verdict: u32) -> &'static [&'static str] {
@@ -181,8 +98,7 @@ impl Outcome {
 }
 
 struct Fixture {
-    dp: Datapath,
-    rt: Runtime,
+    l: Loaded,
     ifindex: BTreeMap<&'static str, u32>,
     /// Frames the program ran on (the kernel accepted them).
     frames: u64,
@@ -190,42 +106,18 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        assert!(nix::unistd::geteuid().is_root(), "datapath tests need root (BPF_PROG_TEST_RUN)");
-        let cfg = Config::parse(CONFIG).unwrap_or_else(|e| panic!("fixture config: {e}"));
-        let mut dp = Datapath::load(Capacity::from_config(&cfg.datapath), None).expect("loading the XDP program");
-        let mut rt = Runtime::new(&cfg);
-        rt.reconcile(&cfg, &mut dp).expect("writing the maps");
         let ifindex = ["cl", "bk"].into_iter().map(|d| (d, FixtureNs::ifindex(d))).collect();
-        Self { dp, rt, ifindex, frames: 0 }
+        Self { l: Loaded::new(CONFIG), ifindex, frames: 0 }
     }
 
     /// Runs one frame arriving on `ingress`; Err is the kernel refusing to run it.
     fn try_run(&mut self, frame: &[u8], ingress: &str) -> Result<Outcome, String> {
-        let before = self.dp.stats().expect("reading STATS");
-        let ifindex = self.ifindex[ingress];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        };
-        let r = self.dp.program().test_run(opts);
-        let after = self.dp.stats().expect("reading STATS");
-        let changed: BTreeMap<_, _> =
-            after.iter().filter(|(k, v)| **v != before[*k]).map(|(k, v)| (*k, v - before[k])).collect();
-        match r {
+        match self.l.test_run(frame, self.ifindex[ingress]) {
             Ok(r) => {
                 self.frames += 1;
-                out.truncate(r.data_size_out as usize);
-                Ok(Outcome { verdict: r.return_value, out, changed })
+                Ok(Outcome { verdict: r.verdict, out: r.out, changed: r.changed })
             }
-            Err(e) => {
-                assert!(changed.is_empty(), "a refused frame changed counters: {changed:?}");
-                Err(e.to_string())
-            }
+            Err(e) => Err(e),
         }
     }
 
@@ -233,22 +125,13 @@ impl Fixture {
         self.try_run(frame, ingress).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN refused {}: {e}", decode(frame)))
     }
 
-    /// The backend address Maglev gives `client` in service `name` (after the service's mask).
     fn maglev_pick(&self, name: &str, client: IpAddr) -> IpAddr {
-        let s = self.rt.service(name).expect("fixture service");
-        let w = addr_words(client);
-        let masked = match client {
-            IpAddr::V4(_) => [w[0] & s.entry.v4_mask, 0, 0, 0],
-            IpAddr::V6(_) => std::array::from_fn(|i| w[i] & s.entry.v6_mask[i]),
-        };
-        let slot = client_slot(self.rt.global.hash_seed, &masked, self.rt.global.maglev_m);
-        let id = s.table[slot as usize];
-        s.backends.iter().find(|b| b.id == id).expect("backend of the table").config.address
+        self.l.maglev_pick(name, client)
     }
 
     /// Property 5: the verdict counters add up to the frames run.
     fn assert_counters_add_up(&self) {
-        let stats = self.dp.stats().expect("reading STATS");
+        let stats = self.l.dp.stats().expect("reading STATS");
         let sum: u64 = stats.iter().filter(|(k, _)| !INFORMATIONAL.contains(k)).map(|(_, v)| v).sum();
         assert_eq!(sum, self.frames, "verdict counters {stats:?} do not add up to the {} frames run", self.frames);
     }

@@ -5,21 +5,17 @@
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use lb::{
     config::Config,
     datapath::{Capacity, Datapath},
-    state::{Runtime, ServiceRt},
+    state::Runtime,
 };
-use lb_common::{AffinityKey, AffinityValue, hash::client_slot};
+use lb_common::{AffinityKey, AffinityValue};
 use tests::{
-    FixtureNs, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, Pkt, assert_frame_eq,
+    FixtureNs, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, Pkt, assert_frame_eq,
     checksums_valid, decode, monotonic_ns,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP_MULTI: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
@@ -87,57 +83,39 @@ fn v4(a: std::net::IpAddr) -> Ipv4Addr {
     }
 }
 
-struct Fixture {
-    dp: Datapath,
-    rt: Runtime,
+struct Fixture(Loaded);
+
+impl std::ops::Deref for Fixture {
+    type Target = Loaded;
+    fn deref(&self) -> &Loaded {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Fixture {
+    fn deref_mut(&mut self) -> &mut Loaded {
+        &mut self.0
+    }
 }
 
 impl Fixture {
     fn new() -> Self {
-        assert!(nix::unistd::geteuid().is_root(), "datapath tests need root (BPF_PROG_TEST_RUN)");
-        let cfg = Config::parse(CONFIG).unwrap_or_else(|e| panic!("fixture config: {e}"));
-        let mut dp = Datapath::load(Capacity::from_config(&cfg.datapath), None).expect("loading the XDP program");
-        let mut rt = Runtime::new(&cfg);
-        rt.reconcile(&cfg, &mut dp).expect("writing the maps");
-        Self { dp, rt }
+        Self(Loaded::new(CONFIG))
     }
 
     /// Runs one frame arriving on `ingress`; returns the verdict and the output frame.
     fn run(&mut self, frame: &[u8], ingress: &str) -> (u32, Vec<u8>) {
-        let ifindex = FixtureNs::ifindex(ingress);
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        };
-        let r = self.dp.program().test_run(opts).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        let r = self.0.test_run(frame, FixtureNs::ifindex(ingress)).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
+        (r.verdict, r.out)
     }
 
-    fn stat(&self, name: &str) -> u64 {
-        self.dp.stats().expect("reading STATS")[name]
-    }
-
-    fn service(&self, name: &str) -> &ServiceRt {
-        self.rt.service(name).expect("fixture service")
-    }
-
-    /// The backend address Maglev gives `client` in service `name`.
+    /// The (IPv4) backend address Maglev gives `client` in service `name`.
     fn maglev_pick(&self, name: &str, client: Ipv4Addr) -> Ipv4Addr {
-        let s = self.service(name);
-        let masked = u32::from_ne_bytes(client.octets()) & s.entry.v4_mask;
-        let slot = client_slot(self.rt.global.hash_seed, &[masked, 0, 0, 0], self.rt.global.maglev_m);
-        let id = s.table[slot as usize];
-        v4(s.backends.iter().find(|b| b.id == id).expect("backend of the table").config.address)
+        v4(self.0.maglev_pick(name, client.into()))
     }
 
     fn backend_id(&self, name: &str, addr: Ipv4Addr) -> u32 {
-        self.service(name).backends.iter().find(|b| b.config.address == addr).expect("fixture backend").id
+        self.0.backend_id(name, addr.into())
     }
 
     fn affinity_of(&self, name: &str, client: Ipv4Addr) -> Option<AffinityValue> {
@@ -445,8 +423,8 @@ fn pin_clients(fx: &mut Fixture) -> Vec<(Ipv4Addr, Ipv4Addr)> {
 }
 
 fn set_backend(fx: &mut Fixture, addr: Ipv4Addr, f: impl FnOnce(&mut lb::state::BackendRt)) {
-    fx.rt
-        .update_backend(&mut fx.dp, "multi", addr.into(), 8081, |b| {
+    let Loaded { dp, rt } = &mut fx.0;
+    rt.update_backend(dp, "multi", addr.into(), 8081, |b| {
             f(b);
             true
         })
@@ -544,7 +522,7 @@ fn a_pin_past_max_age_is_reselected_even_when_busy() {
         let mut dp = Datapath::load(Capacity::from_config(&cfg.datapath), None).unwrap();
         let mut rt = Runtime::new(&cfg);
         rt.reconcile(&cfg, &mut dp).unwrap();
-        let mut fx = Fixture { dp, rt };
+        let mut fx = Fixture(Loaded { dp, rt });
         let client = Ipv4Addr::new(10, 0, 0, 2);
         let multi = fx.service("multi").entry.id;
         let pick = fx.maglev_pick("multi", client);
@@ -572,7 +550,7 @@ fn reconcile_keeps_ids_and_pins_and_flushes_removed_backends() {
             "[[services.backends]]\naddress = \"10.1.0.14\"\nport = 8081\n\n[[services]]\nname = \"noarp\"",
         );
         let cfg = Config::parse(&added).unwrap();
-        let ch = fx.rt.reconcile(&cfg, &mut fx.dp).unwrap();
+        let ch = fx.0.rt.reconcile(&cfg, &mut fx.0.dp).unwrap();
         assert_eq!(ch.backends_added, ["multi/10.1.0.14:8081"]);
         for (a, id) in &ids {
             assert_eq!(fx.backend_id("multi", *a), *id, "backend {a} kept its id");
@@ -585,7 +563,7 @@ fn reconcile_keeps_ids_and_pins_and_flushes_removed_backends() {
         let cfg = Config::parse(&removed).unwrap();
         let gone = Ipv4Addr::new(10, 1, 0, 13);
         let n_gone = pins.iter().filter(|(_, b)| *b == gone).count();
-        let ch = fx.rt.reconcile(&cfg, &mut fx.dp).unwrap();
+        let ch = fx.0.rt.reconcile(&cfg, &mut fx.0.dp).unwrap();
         assert_eq!(ch.backends_removed, ["multi/10.1.0.13:8081"]);
         assert_eq!(ch.pins_flushed, n_gone);
         for (c, before) in &pins {
@@ -599,7 +577,7 @@ fn reconcile_keeps_ids_and_pins_and_flushes_removed_backends() {
         // A service removed: its SERVICES entry and pins go.
         let without = CONFIG.split("[[services]]\nname = \"multi\"").next().unwrap().to_string();
         let cfg = Config::parse(&without).unwrap();
-        let ch = fx.rt.reconcile(&cfg, &mut fx.dp).unwrap();
+        let ch = fx.0.rt.reconcile(&cfg, &mut fx.0.dp).unwrap();
         assert_eq!(ch.services_removed, ["noarp", "multi"]);
         let (v, out) = fx.run(&Pkt::tcp(Ipv4Addr::new(10, 0, 0, 10), 1, VIP_MULTI, 80).bytes(), "cl");
         assert_eq!(v, XDP_PASS, "the removed VIP is no longer ours: {}", decode(&out));
