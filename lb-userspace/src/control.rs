@@ -300,6 +300,14 @@ pub fn socket_path(flag: Option<PathBuf>, config_socket: Option<PathBuf>) -> Pat
     flag.or(config_socket).unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_SOCKET))
 }
 
+/// `address:port`, with IPv6 addresses in brackets.
+fn endpoint(addr: &str, port: u16) -> String {
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(a) => std::net::SocketAddr::new(a, port).to_string(),
+        Err(_) => format!("{addr}:{port}"),
+    }
+}
+
 /// Renders `lb status` as a readable table.
 pub fn render_status(r: &StatusReport) -> String {
     let mut o = String::new();
@@ -318,8 +326,8 @@ pub fn render_status(r: &StatusReport) -> String {
         let c = &s.counters;
         let _ = writeln!(
             o,
-            "\nservice {} {}:{}/{}  affinity {} /{}  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {}",
-            s.name, s.vip, s.port, s.protocol, s.affinity_timeout, s.ipv4_prefix, c.packets, c.bytes,
+            "\nservice {} {}/{}  affinity {} /{}  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {}",
+            s.name, endpoint(&s.vip, s.port), s.protocol, s.affinity_timeout, s.ipv4_prefix, c.packets, c.bytes,
             c.new_pins, c.hits, c.expired, c.failovers, c.reply_packets
         );
         if s.fail_open {
@@ -335,7 +343,7 @@ pub fn render_status(r: &StatusReport) -> String {
             let _ = writeln!(
                 o,
                 "  {:<22} {:>6} {:>8} {:>7} {:>10} {:>12} {:>8} {:>10}  {} {}",
-                format!("{}:{}", b.address, b.port),
+                endpoint(&b.address, b.port),
                 b.weight,
                 b.state,
                 b.slots,

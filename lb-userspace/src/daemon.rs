@@ -194,7 +194,7 @@ impl Daemon {
             };
             true
         })?;
-        tracing::info!(service, backend = %format!("{addr}:{port}"), state = b.state_name(), reason = %b.reason, "backend state changed");
+        tracing::info!(service, backend = %std::net::SocketAddr::new(addr, port), state = b.state_name(), reason = %b.reason, "backend state changed");
         let s = self.rt.service(service).expect("updated just now");
         let slots = s.table.iter().filter(|id| **id == b.id).count() as u32;
         backend_report(&b, slots, &self.dp)
@@ -212,8 +212,8 @@ impl Daemon {
             true
         });
         match r {
-            Ok(b) if ev.up => tracing::info!(service = %ev.key.service, backend = %format!("{}:{}", ev.key.address, ev.key.port), state = b.state_name(), reason = %ev.reason, "backend is up"),
-            Ok(b) => tracing::warn!(service = %ev.key.service, backend = %format!("{}:{}", ev.key.address, ev.key.port), state = b.state_name(), reason = %ev.reason, "backend is down: its clients move to other backends"),
+            Ok(b) if ev.up => tracing::info!(service = %ev.key.service, backend = %std::net::SocketAddr::new(ev.key.address, ev.key.port), state = b.state_name(), reason = %ev.reason, "backend is up"),
+            Ok(b) => tracing::warn!(service = %ev.key.service, backend = %std::net::SocketAddr::new(ev.key.address, ev.key.port), state = b.state_name(), reason = %ev.reason, "backend is down: its clients move to other backends"),
             // A check of a backend a reload just removed.
             Err(e) => tracing::debug!(error = %format!("{e:#}"), "health event for an unknown backend"),
         }
@@ -364,7 +364,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
     for s in &rt.services {
         tracing::info!(
             service = %s.config.name,
-            vip = %format!("{}:{}/{}", s.config.vip, s.config.port, s.config.protocol),
+            vip = %format!("{}/{}", std::net::SocketAddr::new(s.config.vip, s.config.port), s.config.protocol),
             backends = s.backends.len(),
             "service ready"
         );
