@@ -21,18 +21,37 @@
 //! started again ([`Lab::stop_backend`], [`Lab::start_backend`]) and more backends added
 //! ([`Lab::add_backend`]).
 //!
+//! Topology variants ([`LabOptions`], fixed when the lab is created):
+//!
+//! - [`LabOptions::ipv6`]: IPv6 on every link as well (clients spread over /64s of
+//!   2001:db8:c::/48, a /64 per backend link, forwarding on in the balancer), and the IPv6
+//!   services `web6`/`dns6` on [`VIP6`]; see [`Ipv6Options`].
+//! - [`LabOptions::vlan`]: 802.1Q (or QinQ) tagged client link, optionally tagged backend links;
+//!   the addresses sit on VLAN devices `eth0.<vid>` while the balancer's XDP program stays on the
+//!   physical interfaces; see [`VlanOptions`] (the VLAN devices are stand-ins built from macvlan
+//!   and TCX programs, since the kernel may lack 802.1Q support).
+//! - [`LabOptions::dsr`]: one L2 segment instead of point-to-point links, for `mode = "dsr"`:
+//!
+//! ```text
+//!  ns <p>-cl 10.200.1.2/24 + .10..      ns <p>-sw: bridge br0     ns <p>-lb  eth0 10.200.1.1/24
+//!       eth0 ───────────────────── cl ─┤                     ├─ lb ──── eth0 (XDP)
+//!                                       ├─ b<i> ── ns <p>-b<i> eth0 10.200.1.(200+i)/24, VIP on lo
+//! ```
+//!
 //! `lb` runs under `nsenter --net=/run/netns/<p>-lb`, which changes only its network namespace
 //! (`ip netns exec` would also give it a private mount namespace and `/sys`, and its pins would
 //! die with it). The lab's config pins to `/run/lb-lab/<p>/bpf`, where `lb` mounts a bpffs itself,
 //! so a restarted `lb` finds the pins of the one before ([`Lab::restart_lb`]).
 
+mod bpf;
 mod http;
 mod traffic;
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -47,7 +66,8 @@ use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-pub use http::HttpConn;
+pub use bpf::{ETH_P_8021AD, ETH_P_8021Q};
+pub use http::{HttpConn, UdpCheck};
 pub use traffic::{
     ClientSummary, Record, TRAFFIC_REQUEST_TIMEOUT, TrafficHandle, TrafficOptions, TrafficSummary,
     summarize,
@@ -55,8 +75,24 @@ pub use traffic::{
 
 use http::{Counters, SERVER_POLL, ServerCtx};
 
-/// The virtual IP of both lab services; configured on no interface.
+/// The virtual IP of both lab services; configured on no interface (in the DSR topology: on
+/// every backend's `lo`).
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 100, 1);
+/// The IPv6 VIP of the IPv6 services `web6` and `dns6` of a lab with [`LabOptions::ipv6`].
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
+/// The balancer's client-side IPv6 address (the clients' default router), on a /48.
+pub const LB_CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 1);
+/// The client namespace's own IPv6 address (not one of the measured clients; for probes).
+pub const CLIENT_PROBE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 2);
+/// The client namespace's own IPv4 address (not one of the measured clients; for probes).
+pub const CLIENT_PROBE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
+/// Service ports of the DSR topology's backends: DSR rewrites no port, so a backend serves the
+/// service port itself.
+pub const DSR_BACKEND_HTTP_PORT: u16 = VIP_HTTP_PORT;
+/// See [`DSR_BACKEND_HTTP_PORT`].
+pub const DSR_BACKEND_UDP_PORT: u16 = VIP_UDP_PORT;
+/// Most client addresses of a DSR lab (10.200.1.10 .. 10.200.1.199; backends follow at .201).
+pub const DSR_MAX_CLIENTS: u32 = 190;
 /// Service port of the `web` (TCP/HTTP) service on the VIP.
 pub const VIP_HTTP_PORT: u16 = 80;
 /// Service port of the `dns` (UDP) service on the VIP.
@@ -166,6 +202,83 @@ pub struct LabOptions {
     /// fewer lets a lab start with backends the config does not use yet, whose interfaces are
     /// still listed, so a reload can add them without attaching XDP anywhere new.
     pub backends: Option<u32>,
+    /// Topology: IPv6 as well on every link (see [`Ipv6Options`]), and the IPv6 services `web6`
+    /// (TCP [`VIP6`]:80 -> backends' IPv6 addresses :8080, health checks as `web`) and `dns6`
+    /// (UDP :53 -> :5353). Fixed when the lab is created.
+    pub ipv6: Option<Ipv6Options>,
+    /// Topology: VLAN-tagged links (see [`VlanOptions`]). Fixed when the lab is created.
+    pub vlan: Option<VlanOptions>,
+    /// Topology and mode: `datapath.mode = "dsr"` on one L2 segment. A bridge `br0` in namespace
+    /// `<p>-sw` joins the client, the balancer (XDP on `eth0` only) and the backends
+    /// (10.200.1.(200+i)); the backends hold the VIP on `lo` (`arp_ignore=1`, `arp_announce=2`)
+    /// and serve the service ports themselves (HTTP :80, UDP :53). IPv4 only. Fixed when the lab
+    /// is created.
+    pub dsr: bool,
+}
+
+/// The VLANs of a lab with [`LabOptions::vlan`]: the wire between the client and the balancer
+/// carries `client_vid` (802.1Q; inside 802.1ad `client_outer_vid` for QinQ), and with
+/// `backend_vid` every backend link carries that VLAN too.
+///
+/// On a tagged link each end holds its addresses on a "VLAN device" `<physical>.<vid>` (e.g.
+/// `eth0.100` in the client and balancer namespaces) while the balancer's XDP program stays on the
+/// physical `eth0`/`eth<i>` and sees the tagged frames. The kernel here may lack
+/// `CONFIG_VLAN_8021Q`, so the VLAN device is a stand-in: a macvlan in passthru mode on the
+/// physical veth (a separate interface with the same MAC, as a VLAN device is) with two TCX
+/// programs that push the tag(s) on egress and accept only frames with exactly those tags on
+/// ingress, popping them (see `lab/vlan.rs`). tx VLAN offload is off on the physical veths so the
+/// tags are in the frame data, as they are on a wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VlanOptions {
+    /// 802.1Q VLAN id of the client link, 1..=4094.
+    pub client_vid: u16,
+    /// 802.1ad (QinQ) service VLAN id outside `client_vid`; unset: a single tag.
+    pub client_outer_vid: Option<u16>,
+    /// 802.1Q VLAN id of every backend link; unset: untagged.
+    pub backend_vid: Option<u16>,
+}
+
+impl VlanOptions {
+    /// Tags of the client link, outermost first.
+    fn client_tags(&self) -> Vec<(u16, u16)> {
+        let mut tags = Vec::new();
+        if let Some(outer) = self.client_outer_vid {
+            tags.push((ETH_P_8021AD, outer));
+        }
+        tags.push((ETH_P_8021Q, self.client_vid));
+        tags
+    }
+}
+
+/// The IPv6 side of a lab with [`LabOptions::ipv6`].
+///
+/// ```text
+///  ns <p>-cl                                 ns <p>-lb                        ns <p>-b<i>
+///  2001:db8:c::2/48                <──>      2001:db8:c::1/48
+///  + 2001:db8:c:<n>::<10+k>/48                2001:db8:b:<i>::1/64  <──>  2001:db8:b:<i>::2/64
+///    (n = 1..=client_prefixes, k < addrs_per_prefix)
+///  default via 2001:db8:c::1                  forwarding on               default via ...:<i>::1
+/// ```
+/// Every address is added with `nodad` (and DAD is off in the lab's namespaces), so it is usable
+/// at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Options {
+    /// Client /64s, 1..=200: 2001:db8:c:1::/64 onwards.
+    pub client_prefixes: u32,
+    /// Client addresses in each /64, 1..=200: ::10 onwards.
+    pub addrs_per_prefix: u32,
+    /// `affinity.ipv6_prefix` of the IPv6 services; unset: not written (lb's default, 64).
+    pub affinity_prefix: Option<u8>,
+}
+
+impl Default for Ipv6Options {
+    fn default() -> Self {
+        Ipv6Options {
+            client_prefixes: 4,
+            addrs_per_prefix: 2,
+            affinity_prefix: None,
+        }
+    }
 }
 
 impl LabOptions {
@@ -222,6 +335,85 @@ impl LabOptions {
         self
     }
 
+    /// IPv6 on every link and the IPv6 services (see [`LabOptions::ipv6`]).
+    pub fn with_ipv6(mut self, ipv6: Ipv6Options) -> Self {
+        self.ipv6 = Some(ipv6);
+        self
+    }
+
+    /// VLAN-tagged links (see [`LabOptions::vlan`]).
+    pub fn with_vlan(mut self, vlan: VlanOptions) -> Self {
+        self.vlan = Some(vlan);
+        self
+    }
+
+    /// The DSR topology and mode (see [`LabOptions::dsr`]).
+    pub fn with_dsr(mut self) -> Self {
+        self.dsr = true;
+        self
+    }
+
+    /// Backend ports (HTTP, UDP) of this topology.
+    fn backend_ports(&self) -> (u16, u16) {
+        if self.dsr {
+            (DSR_BACKEND_HTTP_PORT, DSR_BACKEND_UDP_PORT)
+        } else {
+            (BACKEND_HTTP_PORT, BACKEND_UDP_PORT)
+        }
+    }
+
+    /// Backend `i`'s IPv4 address in this topology.
+    fn backend_addr(&self, i: u32) -> Ipv4Addr {
+        if self.dsr {
+            dsr_backend_addr(i)
+        } else {
+            backend_addr(i)
+        }
+    }
+
+    /// Whether `other` has the same topology (the fields fixed at creation).
+    fn same_topology(&self, other: &LabOptions) -> bool {
+        self.ipv6.map(|v| (v.client_prefixes, v.addrs_per_prefix))
+            == other.ipv6.map(|v| (v.client_prefixes, v.addrs_per_prefix))
+            && self.vlan == other.vlan
+            && self.dsr == other.dsr
+    }
+
+    /// Checks the topology options against the lab's size.
+    fn check_topology(&self, spec: &LabSpec) -> Result<()> {
+        if let Some(v6) = self.ipv6 {
+            ensure!(
+                (1..=200).contains(&v6.client_prefixes) && (1..=200).contains(&v6.addrs_per_prefix),
+                "Ipv6Options: client_prefixes and addrs_per_prefix must be 1..=200, got {} and {}",
+                v6.client_prefixes,
+                v6.addrs_per_prefix
+            );
+        }
+        if let Some(v) = self.vlan {
+            for vid in [Some(v.client_vid), v.client_outer_vid, v.backend_vid]
+                .into_iter()
+                .flatten()
+            {
+                ensure!(
+                    (1..=4094).contains(&vid),
+                    "VlanOptions: VLAN ids must be 1..=4094, got {vid}"
+                );
+            }
+        }
+        if self.dsr {
+            ensure!(
+                spec.clients <= DSR_MAX_CLIENTS,
+                "a DSR lab has at most {DSR_MAX_CLIENTS} clients, got {}",
+                spec.clients
+            );
+            ensure!(
+                self.ipv6.is_none() && self.vlan.is_none(),
+                "the lab's DSR topology is IPv4 without VLANs"
+            );
+        }
+        Ok(())
+    }
+
     /// Checks what the lab itself depends on (lb judges the values): the backend count and that
     /// every draining backend is written.
     fn check(&self, lab_backends: u32) -> Result<()> {
@@ -270,7 +462,10 @@ impl LabSpec {
         self.config_toml_with(interfaces, socket, &pin_path, &LabOptions::default())
     }
 
-    /// [`LabSpec::config_toml`] with an explicit pin path and `options`.
+    /// [`LabSpec::config_toml`] with an explicit pin path and `options`. With
+    /// [`LabOptions::ipv6`] the IPv6 services `web6` and `dns6` follow; with
+    /// [`LabOptions::dsr`] the mode is `dsr` and the backends are written at their DSR addresses
+    /// with the service ports.
     pub fn config_toml_with(
         &self,
         interfaces: &[String],
@@ -280,13 +475,14 @@ impl LabSpec {
     ) -> String {
         let ifs: Vec<String> = interfaces.iter().map(|s| toml_str(s)).collect();
         let backends = options.backends.unwrap_or(self.backends);
+        let (http_port, udp_port) = options.backend_ports();
         let mut s = String::new();
         let _ = write!(
             s,
             "# Written by the xtask lab.\n\
              [datapath]\n\
              interfaces = [{ifs}]\n\
-             mode = \"nat\"\n\
+             mode = \"{mode}\"\n\
              xdp_mode = \"auto\"\n\
              affinity_entries = 65536\n\
              # Outside /sys: lb runs under `nsenter --net` and mounts a bpffs here itself.\n\
@@ -294,6 +490,7 @@ impl LabSpec {
              max_services = 8\n\
              maglev_table_size = 65537\n",
             ifs = ifs.join(", "),
+            mode = if options.dsr { "dsr" } else { "nat" },
             pin = toml_str(&pin_path.to_string_lossy()),
         );
         if let Some(seed) = options.hash_seed {
@@ -302,21 +499,25 @@ impl LabSpec {
         let _ = write!(
             s,
             "\n[control]\n\
-             socket = {sock}\n\
-             \n\
-             [[services]]\n\
-             name = \"web\"\n\
-             vip = \"{VIP}\"\n\
-             port = {VIP_HTTP_PORT}\n\
-             protocol = \"tcp\"\n",
+             socket = {sock}\n",
             sock = toml_str(&socket.to_string_lossy()),
         );
-        let affinity = |s: &mut String, default_timeout: Option<&str>| {
+        let service = |s: &mut String, name: &str, vip: IpAddr, port: u16, proto: &str| {
+            let _ = write!(
+                s,
+                "\n[[services]]\n\
+                 name = \"{name}\"\n\
+                 vip = \"{vip}\"\n\
+                 port = {port}\n\
+                 protocol = \"{proto}\"\n"
+            );
+        };
+        let affinity = |s: &mut String, default_timeout: Option<&str>, v6_prefix: Option<u8>| {
             let timeout = options
                 .affinity_timeout
                 .map(duration_text)
                 .or(default_timeout.map(str::to_owned));
-            if timeout.is_none() && options.affinity_max_age.is_none() {
+            if timeout.is_none() && options.affinity_max_age.is_none() && v6_prefix.is_none() {
                 return;
             }
             s.push_str("[services.affinity]\n");
@@ -326,47 +527,61 @@ impl LabSpec {
             if let Some(a) = options.affinity_max_age {
                 let _ = writeln!(s, "max_age = \"{}\"", duration_text(a));
             }
+            if let Some(p) = v6_prefix {
+                let _ = writeln!(s, "ipv6_prefix = {p}");
+            }
         };
-        affinity(&mut s, Some("30m"));
-        let h = &options.health;
-        let _ = writeln!(s, "[services.health]\nkind = \"{}\"", h.kind.as_str());
-        if h.kind == HealthKind::Http {
-            let _ = writeln!(s, "path = {}", toml_str(&h.path));
-        }
-        for (key, value) in [("interval", h.interval), ("timeout", h.timeout)] {
-            if let Some(v) = value {
-                let _ = writeln!(s, "{key} = \"{}\"", duration_text(v));
+        let health = |s: &mut String| {
+            let h = &options.health;
+            let _ = writeln!(s, "[services.health]\nkind = \"{}\"", h.kind.as_str());
+            if h.kind == HealthKind::Http {
+                let _ = writeln!(s, "path = {}", toml_str(&h.path));
             }
-        }
-        for (key, value) in [("rise", h.rise), ("fall", h.fall)] {
-            if let Some(v) = value {
-                let _ = writeln!(s, "{key} = {v}");
+            for (key, value) in [("interval", h.interval), ("timeout", h.timeout)] {
+                if let Some(v) = value {
+                    let _ = writeln!(s, "{key} = \"{}\"", duration_text(v));
+                }
             }
-        }
-        let backend_list = |s: &mut String, port: u16| {
+            for (key, value) in [("rise", h.rise), ("fall", h.fall)] {
+                if let Some(v) = value {
+                    let _ = writeln!(s, "{key} = {v}");
+                }
+            }
+        };
+        let backend_list = |s: &mut String, port: u16, v6: bool| {
             for i in 1..=backends {
+                let address = if v6 {
+                    IpAddr::V6(backend_addr6(i))
+                } else {
+                    IpAddr::V4(options.backend_addr(i))
+                };
                 let _ = write!(
                     s,
-                    "[[services.backends]]\naddress = \"{}\"\nport = {port}\n",
-                    backend_addr(i)
+                    "[[services.backends]]\naddress = \"{address}\"\nport = {port}\n"
                 );
                 if options.draining.contains(&i) {
                     s.push_str("state = \"draining\"\n");
                 }
             }
         };
-        backend_list(&mut s, BACKEND_HTTP_PORT);
-        let _ = write!(
-            s,
-            "\n[[services]]\n\
-             name = \"dns\"\n\
-             vip = \"{VIP}\"\n\
-             port = {VIP_UDP_PORT}\n\
-             protocol = \"udp\"\n"
-        );
-        affinity(&mut s, None);
+        service(&mut s, "web", IpAddr::V4(VIP), VIP_HTTP_PORT, "tcp");
+        affinity(&mut s, Some("30m"), None);
+        health(&mut s);
+        backend_list(&mut s, http_port, false);
+        service(&mut s, "dns", IpAddr::V4(VIP), VIP_UDP_PORT, "udp");
+        affinity(&mut s, None, None);
         s.push_str("[services.health]\nkind = \"none\"\n");
-        backend_list(&mut s, BACKEND_UDP_PORT);
+        backend_list(&mut s, udp_port, false);
+        if let Some(v6) = options.ipv6 {
+            service(&mut s, "web6", IpAddr::V6(VIP6), VIP_HTTP_PORT, "tcp");
+            affinity(&mut s, Some("30m"), v6.affinity_prefix);
+            health(&mut s);
+            backend_list(&mut s, http_port, true);
+            service(&mut s, "dns6", IpAddr::V6(VIP6), VIP_UDP_PORT, "udp");
+            affinity(&mut s, None, v6.affinity_prefix);
+            s.push_str("[services.health]\nkind = \"none\"\n");
+            backend_list(&mut s, udp_port, true);
+        }
         s
     }
 }
@@ -374,6 +589,28 @@ impl LabSpec {
 /// Backend `i`'s own address (1-based), 10.200.(10+i).2.
 pub fn backend_addr(i: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, (10 + i) as u8, 2)
+}
+
+/// Backend `i`'s own address (1-based) in the DSR topology, 10.200.1.(200+i), on the clients'
+/// segment.
+pub fn dsr_backend_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 200, 1, (200 + i) as u8)
+}
+
+/// Backend `i`'s own IPv6 address (1-based) in a lab with IPv6, 2001:db8:b:<i>::2 (a /64 per
+/// backend link; the balancer's side is ::1).
+pub fn backend_addr6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xb, i as u16, 0, 0, 0, 2)
+}
+
+/// The balancer's address on backend `i`'s link, 2001:db8:b:<i>::1.
+fn lb_backend_side_addr6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xb, i as u16, 0, 0, 0, 1)
+}
+
+/// The /64 of client prefix `n` (1-based), 2001:db8:c:<n>::.
+pub fn client_prefix6(n: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xc, n as u16, 0, 0, 0, 0)
 }
 
 /// What one backend's servers have answered so far (over all its stops and starts).
@@ -426,6 +663,8 @@ pub struct Lab {
     options: LabOptions,
     ns_client: String,
     ns_lb: String,
+    /// The DSR topology's switch namespace `<p>-sw` (bridge `br0`).
+    ns_switch: Option<String>,
     /// Namespaces created so far, in creation order (deleted in reverse).
     namespaces: Vec<String>,
     dir: PathBuf,
@@ -435,6 +674,10 @@ pub struct Lab {
     pin_path: PathBuf,
     /// Backend `i` is `backends[i - 1]`.
     backends: Vec<Backend>,
+    /// The lab's own BPF links: TCX links of the VLAN stand-ins (see [`VlanOptions`]) and the
+    /// XDP_PASS program of the switch port facing the balancer; closed after the namespaces are
+    /// gone.
+    bpf_links: Vec<OwnedFd>,
     lb: Option<Child>,
     /// The `lb` binary last started (or set), for `lb down` on drop.
     lb_bin: Option<PathBuf>,
@@ -460,6 +703,7 @@ impl Lab {
             spec.backends
         );
         options.check(spec.backends)?;
+        options.check_topology(&spec)?;
         ensure!(
             is_root(),
             "the lab needs root (network namespaces, veth, XDP)"
@@ -481,6 +725,7 @@ impl Lab {
             dir,
             ns_client: format!("{prefix}-cl"),
             ns_lb: format!("{prefix}-lb"),
+            ns_switch: options.dsr.then(|| format!("{prefix}-sw")),
             prefix,
             spec: LabSpec {
                 backends: 0,
@@ -489,6 +734,7 @@ impl Lab {
             options,
             namespaces: Vec::new(),
             backends: Vec::new(),
+            bpf_links: Vec::new(),
             lb: None,
             lb_bin: None,
         };
@@ -506,41 +752,96 @@ impl Lab {
         let lb = self.ns_lb().to_owned();
         self.add_netns(&cl)?;
         self.add_netns(&lb)?;
-
-        // Client <-> balancer.
-        ip(&[
-            "link", "add", "eth0", "netns", &cl, "type", "veth", "peer", "name", "eth0", "netns",
-            &lb,
-        ])?;
-        let mut cmds = vec![
-            "link set lo up".to_owned(),
-            "addr add 10.200.1.2/24 dev eth0".to_owned(),
-        ];
-        for a in self.client_addrs() {
-            cmds.push(format!("addr add {a}/24 dev eth0"));
+        if let Some(sw) = self.ns_switch.clone() {
+            self.add_netns(&sw)?;
+            // No STP (ports forward at once) and no multicast snooping (IPv6 neighbour
+            // discovery and ARP are never filtered): a plain learning switch.
+            self.ip_batch(
+                &sw,
+                &[
+                    "link set lo up".to_owned(),
+                    "link add br0 type bridge stp_state 0 mcast_snooping 0".to_owned(),
+                    "link set br0 up".to_owned(),
+                ],
+            )?;
         }
-        cmds.push("link set eth0 up".to_owned());
+
+        // Client <-> balancer (or, in the DSR topology, both <-> the switch).
+        match self.ns_switch.clone() {
+            None => ip(&[
+                "link", "add", "eth0", "netns", &cl, "type", "veth", "peer", "name", "eth0",
+                "netns", &lb,
+            ])?,
+            Some(sw) => {
+                self.switch_port(&sw, "cl", &cl)?;
+                self.switch_port(&sw, "lb", &lb)?;
+                // The balancer sends its DSR frames back with XDP_TX: this port must have an XDP
+                // program, or they wait in its ring (GRO alone is not enough for XDP_TX).
+                let link = in_netns(&sw, || bpf::attach_xdp_pass_here("lb"))?
+                    .context("attaching XDP_PASS to the switch port facing the balancer")?;
+                self.bpf_links.push(link);
+            }
+        }
+        let v6 = self.options.ipv6.is_some();
+        // With a VLAN the addresses live on `eth0.<vid>`; `eth0` carries the tagged frames.
+        let client_if = self.client_side_if();
+        let client_tags = self.options.vlan.map(|v| v.client_tags());
+        // Each tag beyond the first needs 4 bytes more than the MTU on the wire ("baby giants";
+        // a veth accepts one tag beyond its MTU): the VLAN device keeps 1500.
+        let extra_tags = client_tags.as_ref().map_or(0, |t| t.len() - 1);
+        let mut cmds = vec!["link set lo up".to_owned(), "link set eth0 up".to_owned()];
+        cmds.extend(vlan_device_cmds("eth0", &client_if, extra_tags));
+        cmds.push(format!("addr add {CLIENT_PROBE_ADDR}/24 dev {client_if}"));
+        for a in self.client_addrs() {
+            cmds.push(format!("addr add {a}/24 dev {client_if}"));
+        }
+        if v6 {
+            cmds.push(format!(
+                "addr add {CLIENT_PROBE_ADDR6}/48 dev {client_if} nodad"
+            ));
+            for a in self.client_addrs6() {
+                cmds.push(format!("addr add {a}/48 dev {client_if} nodad"));
+            }
+        }
         cmds.push("route add default via 10.200.1.1".to_owned());
+        if v6 {
+            // `onlink`: the /48's prefix route appears only once the peer is up (carrier).
+            cmds.push(format!(
+                "route add ::/0 via {LB_CLIENT_ADDR6} dev {client_if} onlink"
+            ));
+        }
         self.ip_batch(&cl, &cmds)?;
         ethtool_lab_offloads(&cl, "eth0")?;
-        self.ip_batch(
-            &lb,
-            &[
-                "link set lo up".to_owned(),
-                "addr add 10.200.1.1/24 dev eth0".to_owned(),
-                "link set eth0 up".to_owned(),
-            ],
-        )?;
+        if let Some(tags) = &client_tags {
+            self.vlan_device(&cl, "eth0", &client_if, tags)?;
+        }
+        let mut cmds = vec!["link set lo up".to_owned(), "link set eth0 up".to_owned()];
+        cmds.extend(vlan_device_cmds("eth0", &client_if, extra_tags));
+        cmds.push(format!("addr add 10.200.1.1/24 dev {client_if}"));
+        if v6 {
+            cmds.push(format!(
+                "addr add {LB_CLIENT_ADDR6}/48 dev {client_if} nodad"
+            ));
+        }
+        self.ip_batch(&lb, &cmds)?;
         ethtool_lab_offloads(&lb, "eth0")?;
-        set_sysctls(
-            &lb,
-            &[
-                ("net/ipv4/ip_forward", "1"),
-                ("net/ipv4/conf/all/rp_filter", "0"),
-                ("net/ipv4/conf/default/rp_filter", "0"),
-                ("net/ipv4/conf/eth0/rp_filter", "0"),
-            ],
-        )?;
+        if let Some(tags) = &client_tags {
+            self.vlan_device(&lb, "eth0", &client_if, tags)?;
+        }
+        let mut sysctls = vec![
+            ("net/ipv4/ip_forward".to_owned(), "1"),
+            ("net/ipv4/conf/all/rp_filter".to_owned(), "0"),
+            ("net/ipv4/conf/default/rp_filter".to_owned(), "0"),
+            ("net/ipv4/conf/eth0/rp_filter".to_owned(), "0"),
+        ];
+        if client_if != "eth0" {
+            sysctls.push((format!("net/ipv4/conf/{client_if}/rp_filter"), "0"));
+        }
+        if v6 {
+            sysctls.push(("net/ipv6/conf/all/forwarding".to_owned(), "1"));
+        }
+        let sysctls: Vec<(&str, &str)> = sysctls.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        set_sysctls(&lb, &sysctls)?;
 
         // Balancer <-> backends.
         for i in 1..=backends {
@@ -560,38 +861,119 @@ impl Lab {
         self.rewrite_config()
     }
 
+    /// Turns `dev` (a macvlan on `phys`, made by [`vlan_device_cmds`]) in namespace `ns` into a
+    /// VLAN device for `tags` (see [`VlanOptions`]): tx VLAN offload off on `phys`, so the tags
+    /// are written into the frames, and the TCX programs on `dev`.
+    fn vlan_device(&mut self, ns: &str, phys: &str, dev: &str, tags: &[(u16, u16)]) -> Result<()> {
+        ethtool(
+            ns,
+            phys,
+            &["txvlan", "off", "tx-vlan-stag-hw-insert", "off"],
+        )?;
+        let links = in_netns(ns, || bpf::attach_here(dev, tags))?
+            .with_context(|| format!("making {dev} a VLAN device in {ns}"))?;
+        self.bpf_links.extend(links);
+        Ok(())
+    }
+
+    /// DSR topology: a veth pair from port `port` of the switch's bridge to `eth0` in `ns`, the
+    /// port enslaved and up, with the lab's offloads (GRO on the port: the balancer's XDP_TX
+    /// frames arrive on it).
+    fn switch_port(&self, sw: &str, port: &str, ns: &str) -> Result<()> {
+        ip(&[
+            "link", "add", port, "netns", sw, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
+        self.ip_batch(
+            sw,
+            &[
+                format!("link set {port} master br0"),
+                format!("link set {port} up"),
+            ],
+        )?;
+        ethtool_lab_offloads(sw, port)
+    }
+
     /// Creates backend `i`'s namespace, its veth pair (`eth<i>` in the balancer namespace,
-    /// `eth0` in the backend's), addresses, routes, offloads and the balancer-side sysctls, and
-    /// registers it (servers not started).
+    /// `eth0` in the backend's; in the DSR topology port `b<i>` of the switch), addresses,
+    /// routes, offloads and sysctls, and registers it (servers not started).
     fn wire_backend(&mut self, i: u32) -> Result<()> {
         let lb = self.ns_lb().to_owned();
         let b = self.ns_backend(i);
-        let ifname = format!("eth{i}");
         self.add_netns(&b)?;
-        ip(&[
-            "link", "add", &ifname, "netns", &lb, "type", "veth", "peer", "name", "eth0", "netns",
-            &b,
-        ])?;
-        self.ip_batch(
-            &b,
-            &[
-                "link set lo up".to_owned(),
-                format!("addr add {}/24 dev eth0", backend_addr(i)),
-                "link set eth0 up".to_owned(),
-                format!("route add default via 10.200.{}.1", 10 + i),
-            ],
-        )?;
-        ethtool_lab_offloads(&b, "eth0")?;
-        self.ip_batch(
-            &lb,
-            &[
-                format!("addr add 10.200.{}.1/24 dev {ifname}", 10 + i),
-                format!("link set {ifname} up"),
-            ],
-        )?;
-        ethtool_lab_offloads(&lb, &ifname)?;
-        let key = format!("net/ipv4/conf/{ifname}/rp_filter");
-        set_sysctls(&lb, &[(key.as_str(), "0")])?;
+        if let Some(sw) = self.ns_switch.clone() {
+            self.switch_port(&sw, &format!("b{i}"), &b)?;
+            self.ip_batch(
+                &b,
+                &[
+                    "link set lo up".to_owned(),
+                    // The VIP on loopback: the backend accepts packets to it and answers from it.
+                    format!("addr add {VIP}/32 dev lo"),
+                    format!("addr add {}/24 dev eth0", dsr_backend_addr(i)),
+                    "link set eth0 up".to_owned(),
+                    "route add default via 10.200.1.1".to_owned(),
+                ],
+            )?;
+            ethtool_lab_offloads(&b, "eth0")?;
+            // Never answer ARP for the VIP (it is on lo, not eth0), and never use it as the
+            // source of ARP requests: the segment must keep resolving the VIP to the balancer.
+            set_sysctls(
+                &b,
+                &[
+                    ("net/ipv4/conf/all/arp_ignore", "1"),
+                    ("net/ipv4/conf/all/arp_announce", "2"),
+                    ("net/ipv4/conf/eth0/arp_ignore", "1"),
+                    ("net/ipv4/conf/eth0/arp_announce", "2"),
+                ],
+            )?;
+        } else {
+            let phys = format!("eth{i}");
+            ip(&[
+                "link", "add", &phys, "netns", &lb, "type", "veth", "peer", "name", "eth0",
+                "netns", &b,
+            ])?;
+            let backend_vid = self.options.vlan.and_then(|v| v.backend_vid);
+            // The interfaces holding the addresses: the VLAN stand-ins on a tagged link.
+            let (b_if, lb_if) = match backend_vid {
+                Some(vid) => (format!("eth0.{vid}"), format!("{phys}.{vid}")),
+                None => ("eth0".to_owned(), phys.clone()),
+            };
+            let mut cmds = vec!["link set lo up".to_owned(), "link set eth0 up".to_owned()];
+            cmds.extend(vlan_device_cmds("eth0", &b_if, 0));
+            cmds.push(format!("addr add {}/24 dev {b_if}", backend_addr(i)));
+            if self.options.ipv6.is_some() {
+                cmds.push(format!("addr add {}/64 dev {b_if} nodad", backend_addr6(i)));
+            }
+            cmds.push(format!("route add default via 10.200.{}.1", 10 + i));
+            if self.options.ipv6.is_some() {
+                cmds.push(format!(
+                    "route add ::/0 via {} dev {b_if} onlink",
+                    lb_backend_side_addr6(i)
+                ));
+            }
+            self.ip_batch(&b, &cmds)?;
+            ethtool_lab_offloads(&b, "eth0")?;
+            let mut cmds = vec![format!("link set {phys} up")];
+            cmds.extend(vlan_device_cmds(&phys, &lb_if, 0));
+            cmds.push(format!("addr add 10.200.{}.1/24 dev {lb_if}", 10 + i));
+            if self.options.ipv6.is_some() {
+                cmds.push(format!(
+                    "addr add {}/64 dev {lb_if} nodad",
+                    lb_backend_side_addr6(i)
+                ));
+            }
+            self.ip_batch(&lb, &cmds)?;
+            ethtool_lab_offloads(&lb, &phys)?;
+            if let Some(vid) = backend_vid {
+                self.vlan_device(&b, "eth0", &b_if, &[(ETH_P_8021Q, vid)])?;
+                self.vlan_device(&lb, &phys, &lb_if, &[(ETH_P_8021Q, vid)])?;
+            }
+            let mut sysctls = vec![format!("net/ipv4/conf/{phys}/rp_filter")];
+            if lb_if != phys {
+                sysctls.push(format!("net/ipv4/conf/{lb_if}/rp_filter"));
+            }
+            let sysctls: Vec<(&str, &str)> = sysctls.iter().map(|k| (k.as_str(), "0")).collect();
+            set_sysctls(&lb, &sysctls)?;
+        }
         self.backends.push(Backend {
             ns: b,
             counters: Arc::new(Counters::default()),
@@ -604,6 +986,17 @@ impl Lab {
     fn add_netns(&mut self, name: &str) -> Result<()> {
         ip(&["netns", "add", name])?;
         self.namespaces.push(name.to_owned());
+        if self.options.ipv6.is_some() {
+            // Before any interface exists, so every interface inherits it: no duplicate
+            // address detection, so link-local and global addresses are usable at once.
+            set_sysctls(
+                name,
+                &[
+                    ("net/ipv6/conf/all/accept_dad", "0"),
+                    ("net/ipv6/conf/default/accept_dad", "0"),
+                ],
+            )?;
+        }
         Ok(())
     }
 
@@ -630,25 +1023,53 @@ impl Lab {
 
     /// Starts backend `i`'s HTTP (:8080) and UDP (:5353) servers again after
     /// [`Lab::stop_backend`], on the same addresses (the lab starts every backend itself;
-    /// starting a running backend does nothing). Its counters and health flag carry on.
+    /// starting a running backend does nothing). Its counters and health flag carry on. With
+    /// IPv6 the servers listen on `[::]` too; in the DSR topology they serve :80 and :53, and a
+    /// second UDP socket bound to the VIP answers datagrams to the VIP from the VIP.
     pub fn start_backend(&mut self, i: u32) -> Result<()> {
         let backend = self.backend(i)?;
         if backend.servers.is_some() {
             return Ok(());
         }
         let ns = backend.ns.clone();
-        let (tcp, udp) = in_netns(&ns, || -> Result<(TcpListener, UdpSocket)> {
+        let (http_port, udp_port) = self.options.backend_ports();
+        let v6 = self.options.ipv6.is_some();
+        let dsr = self.options.dsr;
+        let (tcps, udps) = in_netns(&ns, || -> Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
             // std sets SO_REUSEADDR on listeners: connections of the previous generation that
             // are still open or in TIME_WAIT do not block the bind.
-            let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, BACKEND_HTTP_PORT))
-                .with_context(|| format!("binding TCP 0.0.0.0:{BACKEND_HTTP_PORT}"))?;
-            tcp.set_nonblocking(true)
-                .context("making the HTTP listener non-blocking")?;
-            let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, BACKEND_UDP_PORT))
-                .with_context(|| format!("binding UDP 0.0.0.0:{BACKEND_UDP_PORT}"))?;
-            udp.set_read_timeout(Some(SERVER_POLL))
-                .context("setting the UDP read timeout")?;
-            Ok((tcp, udp))
+            let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, http_port))
+                .with_context(|| format!("binding TCP 0.0.0.0:{http_port}"))?;
+            let mut tcps = vec![tcp];
+            let mut udps = Vec::new();
+            if dsr {
+                // The wildcard socket answers the balancer's own traffic; the VIP socket
+                // (preferred by the kernel for datagrams to the VIP) answers clients from the
+                // VIP, as DSR needs.
+                udps.push(http::udp_bind_shared(SocketAddr::from((
+                    Ipv4Addr::UNSPECIFIED,
+                    udp_port,
+                )))?);
+                udps.push(http::udp_bind_shared(SocketAddr::from((VIP, udp_port)))?);
+            } else {
+                udps.push(
+                    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, udp_port))
+                        .with_context(|| format!("binding UDP 0.0.0.0:{udp_port}"))?,
+                );
+            }
+            if v6 {
+                tcps.push(http::tcp_listen_v6only(http_port)?);
+                udps.push(http::udp_bind_v6only(udp_port)?);
+            }
+            for tcp in &tcps {
+                tcp.set_nonblocking(true)
+                    .context("making the HTTP listener non-blocking")?;
+            }
+            for udp in &udps {
+                udp.set_read_timeout(Some(SERVER_POLL))
+                    .context("setting the UDP read timeout")?;
+            }
+            Ok((tcps, udps))
         })?
         .with_context(|| format!("starting the servers of backend {i} in {ns}"))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -662,24 +1083,48 @@ impl Lab {
             stop,
             threads: Vec::new(),
         };
-        let c = ctx.clone();
-        let spawned = thread::Builder::new()
-            .name(format!("{ns}-http"))
-            .spawn(move || http::serve_http(tcp, c))
-            .context("spawning the HTTP server thread")
-            .and_then(|t| {
-                servers.threads.push(t);
-                thread::Builder::new()
-                    .name(format!("{ns}-udp"))
-                    .spawn(move || http::serve_udp(udp, ctx))
-                    .context("spawning the UDP server thread")
-            });
-        match spawned {
-            Ok(t) => servers.threads.push(t),
-            Err(e) => {
-                servers.stop();
-                return Err(e);
+        let mut spawned = Ok(());
+        for (k, tcp) in tcps.into_iter().enumerate() {
+            let c = ctx.clone();
+            let name = format!(
+                "{ns}-http{}",
+                if k == 0 { String::new() } else { k.to_string() }
+            );
+            match thread::Builder::new()
+                .name(name)
+                .spawn(move || http::serve_http(tcp, c))
+                .context("spawning the HTTP server thread")
+            {
+                Ok(t) => servers.threads.push(t),
+                Err(e) => {
+                    spawned = Err(e);
+                    break;
+                }
             }
+        }
+        if spawned.is_ok() {
+            for (k, udp) in udps.into_iter().enumerate() {
+                let c = ctx.clone();
+                let name = format!(
+                    "{ns}-udp{}",
+                    if k == 0 { String::new() } else { k.to_string() }
+                );
+                match thread::Builder::new()
+                    .name(name)
+                    .spawn(move || http::serve_udp(udp, c))
+                    .context("spawning the UDP server thread")
+                {
+                    Ok(t) => servers.threads.push(t),
+                    Err(e) => {
+                        spawned = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        if let Err(e) = spawned {
+            servers.stop();
+            return Err(e);
         }
         self.backends[i as usize - 1].servers = Some(servers);
         Ok(())
@@ -717,6 +1162,9 @@ impl Lab {
     /// wants lb to know. A running lb has no XDP program on the new interface, so in NAT mode
     /// replies from the new backend are translated only once lb attaches there too; a lab
     /// started with spare backends (see [`LabOptions::backends`]) avoids that.
+    ///
+    /// In the DSR topology the new backend is port `b<N+1>` of the switch instead, and the
+    /// balancer gets no new interface.
     pub fn add_backend(&mut self) -> Result<u32> {
         let i = self.spec.backends + 1;
         ensure!(
@@ -728,6 +1176,9 @@ impl Lab {
             self.wire_backend(i)?;
             wait_links_running(&self.ns_backend(i), Duration::from_secs(5))?;
             wait_links_running(&self.ns_lb, Duration::from_secs(5))?;
+            if let Some(sw) = &self.ns_switch {
+                wait_links_running(sw, Duration::from_secs(5))?;
+            }
             self.spec.backends = i;
             self.start_backend(i)
         })();
@@ -768,6 +1219,10 @@ impl Lab {
     /// a running lb sees the change on reload (e.g. `signal_lb(Signal::SIGHUP)`).
     pub fn set_options(&mut self, options: LabOptions) -> Result<()> {
         options.check(self.spec.backends)?;
+        ensure!(
+            self.options.same_topology(&options),
+            "LabOptions.ipv6 (its addresses), vlan and dsr are fixed when the lab is created"
+        );
         self.options = options;
         self.rewrite_config()
     }
@@ -829,9 +1284,9 @@ impl Lab {
             .collect()
     }
 
-    /// Backend `i`'s own address (1-based), 10.200.(10+i).2.
+    /// Backend `i`'s own address (1-based), 10.200.(10+i).2 (DSR topology: 10.200.1.(200+i)).
     pub fn backend_addr(&self, i: u32) -> Ipv4Addr {
-        backend_addr(i)
+        self.options.backend_addr(i)
     }
 
     /// The backend number (1-based) whose address is `addr`, if any.
@@ -839,9 +1294,86 @@ impl Lab {
         (1..=self.spec.backends).find(|&i| self.backend_addr(i) == addr)
     }
 
-    /// The balancer's interfaces: `eth0` (clients) and `eth1..ethN` (backends).
+    /// The IPv6 VIP of the services `web6` and `dns6` (configured only with
+    /// [`LabOptions::ipv6`]).
+    pub fn vip6(&self) -> Ipv6Addr {
+        VIP6
+    }
+
+    /// Backend `i`'s own IPv6 address (1-based), 2001:db8:b:<i>::2 (only with
+    /// [`LabOptions::ipv6`]).
+    pub fn backend_addr6(&self, i: u32) -> Ipv6Addr {
+        backend_addr6(i)
+    }
+
+    /// The client IPv6 addresses grouped by /64: (prefix, its addresses), empty without
+    /// [`LabOptions::ipv6`].
+    pub fn client_prefixes6(&self) -> Vec<(Ipv6Addr, Vec<Ipv6Addr>)> {
+        let Some(v6) = self.options.ipv6 else {
+            return Vec::new();
+        };
+        (1..=v6.client_prefixes)
+            .map(|n| {
+                let p = client_prefix6(n).segments();
+                let addrs = (0..v6.addrs_per_prefix)
+                    .map(|k| Ipv6Addr::new(p[0], p[1], p[2], p[3], 0, 0, 0, (0x10 + k) as u16))
+                    .collect();
+                (client_prefix6(n), addrs)
+            })
+            .collect()
+    }
+
+    /// Every client IPv6 address (see [`Lab::client_prefixes6`]).
+    pub fn client_addrs6(&self) -> Vec<Ipv6Addr> {
+        self.client_prefixes6()
+            .into_iter()
+            .flat_map(|(_, addrs)| addrs)
+            .collect()
+    }
+
+    /// Ports (HTTP, UDP) the backends' servers listen on: 8080 and 5353, in the DSR topology the
+    /// service ports 80 and 53.
+    pub fn backend_ports(&self) -> (u16, u16) {
+        self.options.backend_ports()
+    }
+
+    /// The DSR topology's switch namespace, `<p>-sw`.
+    pub fn ns_switch(&self) -> Option<&str> {
+        self.ns_switch.as_deref()
+    }
+
+    /// The client-side interface holding the addresses in the client and balancer namespaces:
+    /// `eth0`, or the VLAN device `eth0.<vid>` with [`LabOptions::vlan`].
+    pub fn client_side_if(&self) -> String {
+        match self.options.vlan {
+            Some(v) => format!("eth0.{}", v.client_vid),
+            None => "eth0".to_owned(),
+        }
+    }
+
+    /// The balancer's XDP interfaces: `eth0` (clients) and `eth1..ethN` (backends); in the DSR
+    /// topology `eth0` only.
     pub fn interfaces(&self) -> Vec<String> {
-        self.spec.interfaces()
+        if self.options.dsr {
+            vec!["eth0".to_owned()]
+        } else {
+            self.spec.interfaces()
+        }
+    }
+
+    /// The kernel's counters of interface `ifname` in namespace `ns` (from
+    /// `/proc/net/dev` as seen from inside the namespace).
+    pub fn link_stats(&self, ns: &str, ifname: &str) -> Result<LinkStats> {
+        let text = in_netns(ns, || fs::read_to_string("/proc/thread-self/net/dev"))?
+            .with_context(|| format!("reading /proc/net/dev in {ns}"))?;
+        parse_net_dev(&text, ifname).with_context(|| format!("interface {ifname} in {ns}"))
+    }
+
+    /// [`Lab::link_stats`] of every interface in namespace `ns`.
+    pub fn all_link_stats(&self, ns: &str) -> Result<Vec<(String, LinkStats)>> {
+        let text = in_netns(ns, || fs::read_to_string("/proc/thread-self/net/dev"))?
+            .with_context(|| format!("reading /proc/net/dev in {ns}"))?;
+        parse_net_dev_all(&text).with_context(|| format!("/proc/net/dev in {ns}"))
     }
 
     /// Requests and datagrams backend `i` (1-based) has answered so far.
@@ -1196,6 +1728,70 @@ impl Lab {
         })
     }
 
+    /// HTTP `GET <path>` to `target` from `client` (IPv4 or IPv6, one of the client
+    /// namespace's addresses); the body of a `200` answer. The backends answer `GET
+    /// /bytes/<n>` with a body of `n` bytes: their name line, then filler.
+    pub fn http_get_from(
+        &self,
+        client: IpAddr,
+        target: SocketAddr,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        in_netns(self.ns_client(), || {
+            http::http_get_any(client, target, path, timeout)
+        })?
+        .with_context(|| {
+            format!(
+                "GET http://{target}{path} from {client} in {}",
+                self.ns_client()
+            )
+        })
+    }
+
+    /// [`Lab::udp_query`] for either family.
+    pub fn udp_query_from(
+        &self,
+        client: IpAddr,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(String, SocketAddr)> {
+        in_netns(self.ns_client(), || {
+            http::udp_query_any(client, target, timeout)
+        })?
+        .with_context(|| {
+            format!(
+                "UDP query to {target} from {client} in {}",
+                self.ns_client()
+            )
+        })
+    }
+
+    /// Sends one UDP datagram of exactly `size` bytes (at least 32) from `client` to `target`
+    /// and checks the reply: the backend must have received the datagram whole (it answers with
+    /// the length and FNV-1a hash of what it got, which must match what was sent) and its reply
+    /// of `reply_size` bytes (its name line, then a filler pattern) must arrive whole too.
+    /// Datagrams larger than the path MTU are fragmented by the sender's kernel, in both
+    /// directions. No (complete, correct) reply within `timeout` is an error.
+    pub fn udp_check(
+        &self,
+        client: IpAddr,
+        target: SocketAddr,
+        size: usize,
+        reply_size: usize,
+        timeout: Duration,
+    ) -> Result<UdpCheck> {
+        in_netns(self.ns_client(), || {
+            http::udp_check_here(client, target, size, reply_size, timeout)
+        })?
+        .with_context(|| {
+            format!(
+                "UDP check ({size} bytes, {reply_size} back) to {target} from {client} in {}",
+                self.ns_client()
+            )
+        })
+    }
+
     /// Continuous traffic from the client namespace: per client, one new HTTP connection
     /// (`GET /`) after another, `pause` apart, until [`TrafficHandle::stop`]. Every request
     /// becomes a [`Record`]; see [`summarize`].
@@ -1277,6 +1873,72 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// `ip -batch` lines that make `dev` the VLAN stand-in on `phys` (a passthru macvlan: a separate
+/// interface with `phys`'s MAC address that receives everything arriving on `phys`), up; nothing
+/// when `dev` is `phys` itself (an untagged link). With `extra_tags` (QinQ) `phys` gets 4 bytes
+/// of MTU per extra tag, so `dev` keeps 1500.
+fn vlan_device_cmds(phys: &str, dev: &str, extra_tags: usize) -> Vec<String> {
+    if dev == phys {
+        return Vec::new();
+    }
+    let mut cmds = vec![
+        format!("link add link {phys} name {dev} type macvlan mode passthru"),
+        format!("link set {dev} up"),
+    ];
+    if extra_tags > 0 {
+        cmds.push(format!("link set {phys} mtu {}", 1500 + 4 * extra_tags));
+    }
+    cmds
+}
+
+/// An interface's counters, as in `/proc/net/dev`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    /// Includes frames an XDP program dropped or failed to redirect.
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_dropped: u64,
+}
+
+/// Every interface's counters from the text of `/proc/net/dev`, in its order.
+fn parse_net_dev_all(text: &str) -> Result<Vec<(String, LinkStats)>> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(2) {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let v: Vec<u64> = rest
+            .split_whitespace()
+            .map(|w| w.parse().context("a counter that is no number"))
+            .collect::<Result<_>>()?;
+        ensure!(v.len() >= 12, "too few counters: {line:?}");
+        out.push((
+            name.trim().to_owned(),
+            LinkStats {
+                rx_bytes: v[0],
+                rx_packets: v[1],
+                rx_dropped: v[3],
+                tx_bytes: v[8],
+                tx_packets: v[9],
+                tx_dropped: v[11],
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The counters of `ifname` from the text of `/proc/net/dev`.
+fn parse_net_dev(text: &str, ifname: &str) -> Result<LinkStats> {
+    parse_net_dev_all(text)?
+        .into_iter()
+        .find(|(name, _)| name == ifname)
+        .map(|(_, s)| s)
+        .context("not in /proc/net/dev")
 }
 
 /// Writes `(key under /proc/sys, value)` pairs inside network namespace `ns`.
@@ -1448,14 +2110,11 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Turns tx checksum offload off (a local socket on a veth otherwise sends partial checksums,
-/// which an XDP program sees and would forward broken) and GRO on (frames XDP-redirected into a
-/// veth are dropped unless the receiving peer has GRO or an XDP program).
-fn ethtool_lab_offloads(ns: &str, ifname: &str) -> Result<()> {
-    let args = [
-        "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off", "gro", "on",
-    ];
-    let out = output_timeout(Command::new("ip").args(args), CMD_TIMEOUT)?;
+/// `ethtool -K <ifname> <features>` in namespace `ns`.
+fn ethtool(ns: &str, ifname: &str, features: &[&str]) -> Result<()> {
+    let mut args = vec!["netns", "exec", ns, "ethtool", "-K", ifname];
+    args.extend_from_slice(features);
+    let out = output_timeout(Command::new("ip").args(&args), CMD_TIMEOUT)?;
     ensure!(
         out.status.success(),
         "`ip {}` failed ({}): {}{}",
@@ -1465,6 +2124,13 @@ fn ethtool_lab_offloads(ns: &str, ifname: &str) -> Result<()> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
+}
+
+/// Turns tx checksum offload off (a local socket on a veth otherwise sends partial checksums,
+/// which an XDP program sees and would forward broken) and GRO on (frames XDP-redirected into a
+/// veth are dropped unless the receiving peer has GRO or an XDP program).
+fn ethtool_lab_offloads(ns: &str, ifname: &str) -> Result<()> {
+    ethtool(ns, ifname, &["tx", "off", "gro", "on"])
 }
 
 /// Waits until every interface in `ns` is up and running (IFF_RUNNING, operstate up).
@@ -1697,6 +2363,124 @@ mod tests {
     }
 
     #[test]
+    fn topology_options_are_rendered() {
+        let spec = LabSpec {
+            clients: 2,
+            backends: 2,
+        };
+        let v6 = LabOptions::default().with_ipv6(Ipv6Options {
+            client_prefixes: 3,
+            addrs_per_prefix: 2,
+            affinity_prefix: Some(56),
+        });
+        v6.check_topology(&spec).unwrap();
+        let cfg = spec.config_toml_with(&spec.interfaces(), Path::new("/s"), Path::new("/p"), &v6);
+        assert_eq!(cfg.matches("[[services]]").count(), 4, "{cfg}");
+        assert!(
+            cfg.contains("name = \"web6\"\nvip = \"2001:db8:ffff::1\"\nport = 80\nprotocol = \"tcp\"\n[services.affinity]\ntimeout = \"30m\"\nipv6_prefix = 56\n[services.health]\nkind = \"http\""),
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains("name = \"dns6\"\nvip = \"2001:db8:ffff::1\"\nport = 53\nprotocol = \"udp\"\n[services.affinity]\nipv6_prefix = 56\n[services.health]\nkind = \"none\"\n[[services.backends]]\naddress = \"2001:db8:b:1::2\"\nport = 5353\n"),
+            "{cfg}"
+        );
+        assert_eq!(
+            cfg.matches("ipv6_prefix").count(),
+            2,
+            "only the IPv6 services: {cfg}"
+        );
+        assert_eq!(
+            backend_addr6(2),
+            "2001:db8:b:2::2".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            client_prefix6(12),
+            "2001:db8:c:c::".parse::<Ipv6Addr>().unwrap()
+        );
+
+        let dsr = LabOptions::default().with_dsr();
+        dsr.check_topology(&spec).unwrap();
+        let cfg =
+            spec.config_toml_with(&["eth0".to_owned()], Path::new("/s"), Path::new("/p"), &dsr);
+        assert!(
+            cfg.contains("interfaces = [\"eth0\"]\nmode = \"dsr\"\n"),
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains("address = \"10.200.1.202\"\nport = 80\n"),
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains("address = \"10.200.1.201\"\nport = 53\n"),
+            "{cfg}"
+        );
+        assert!(!cfg.contains("8080") && !cfg.contains("5353"), "{cfg}");
+
+        let vlan = VlanOptions {
+            client_vid: 100,
+            client_outer_vid: Some(20),
+            backend_vid: None,
+        };
+        assert_eq!(
+            vlan.client_tags(),
+            vec![(ETH_P_8021AD, 20), (ETH_P_8021Q, 100)]
+        );
+        for (what, bad) in [
+            ("dsr with vlan", dsr.clone().with_vlan(vlan)),
+            (
+                "vid 0",
+                LabOptions::default().with_vlan(VlanOptions {
+                    client_vid: 0,
+                    ..vlan
+                }),
+            ),
+            (
+                "vid 4095",
+                LabOptions::default().with_vlan(VlanOptions {
+                    backend_vid: Some(4095),
+                    ..vlan
+                }),
+            ),
+            (
+                "no /64s",
+                LabOptions::default().with_ipv6(Ipv6Options {
+                    client_prefixes: 0,
+                    ..Ipv6Options::default()
+                }),
+            ),
+        ] {
+            assert!(bad.check_topology(&spec).is_err(), "{what}");
+        }
+        let many = LabSpec {
+            clients: DSR_MAX_CLIENTS + 1,
+            backends: 1,
+        };
+        assert!(dsr.check_topology(&many).is_err());
+        // Topology is fixed at creation; config-only fields may change.
+        assert!(!LabOptions::default().same_topology(&dsr));
+        assert!(v6.same_topology(&v6.clone().with_hash_seed(3)));
+    }
+
+    #[test]
+    fn net_dev_counters() {
+        let text = "Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0\n  eth0:    1420      21    0    5    0     0          0         0     1032      15    0    2    0     0       0          0\n";
+        let s = parse_net_dev(text, "eth0").unwrap();
+        assert_eq!(
+            s,
+            LinkStats {
+                rx_bytes: 1420,
+                rx_packets: 21,
+                rx_dropped: 5,
+                tx_bytes: 1032,
+                tx_packets: 15,
+                tx_dropped: 2,
+            }
+        );
+        assert!(parse_net_dev(text, "eth1").is_err());
+        assert_eq!(parse_net_dev_all(text).unwrap().len(), 2);
+    }
+
+    #[test]
     fn mountinfo_escapes() {
         assert_eq!(unescape_mountinfo(r"/run/a\040b\\c"), r"/run/a b\\c");
         assert_eq!(unescape_mountinfo(r"/x\011"), "/x\t");
@@ -1765,6 +2549,86 @@ mod tests {
                 "run".to_owned()
             ]
         );
+    }
+
+    /// The topology variants route without lb too: IPv6, VLAN-tagged links (also QinQ and tagged
+    /// backend links), and the DSR switch (backends reachable at their own addresses; the VIP on
+    /// their `lo` answers only on the backend itself).
+    #[test]
+    fn topology_variants_route_directly() {
+        if !is_root() {
+            eprintln!("skipping topology_variants_route_directly: needs root");
+            return;
+        }
+        let spec = LabSpec {
+            clients: 2,
+            backends: 2,
+        };
+        let v6 = Ipv6Options {
+            client_prefixes: 2,
+            addrs_per_prefix: 2,
+            affinity_prefix: None,
+        };
+        let variants = [
+            ("ipv6", LabOptions::default().with_ipv6(v6)),
+            (
+                "vlan",
+                LabOptions::default().with_ipv6(v6).with_vlan(VlanOptions {
+                    client_vid: 100,
+                    client_outer_vid: None,
+                    backend_vid: None,
+                }),
+            ),
+            (
+                "qinq+tagged backends",
+                LabOptions::default().with_vlan(VlanOptions {
+                    client_vid: 100,
+                    client_outer_vid: Some(20),
+                    backend_vid: Some(200),
+                }),
+            ),
+            ("dsr", LabOptions::default().with_dsr()),
+        ];
+        for (what, options) in variants {
+            let lab =
+                Lab::create_with(spec, options.clone()).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            let (http_port, udp_port) = lab.backend_ports();
+            let mut clients: Vec<IpAddr> = lab.client_addrs().into_iter().map(IpAddr::V4).collect();
+            clients.extend(lab.client_addrs6().into_iter().map(IpAddr::V6));
+            for client in clients {
+                for i in 1..=2 {
+                    let addr = if client.is_ipv6() {
+                        IpAddr::V6(lab.backend_addr6(i))
+                    } else {
+                        IpAddr::V4(lab.backend_addr(i))
+                    };
+                    let body = lab
+                        .http_get_from(client, SocketAddr::new(addr, http_port), "/", T)
+                        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                    assert_eq!(body, format!("backend-{i}\n"), "{what}");
+                    let target = SocketAddr::new(addr, udp_port);
+                    let check = lab
+                        .udp_check(client, target, 4000, 3000, T)
+                        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                    assert_eq!(
+                        (check.backend.as_str(), check.from),
+                        (format!("backend-{i}").as_str(), target),
+                        "{what}"
+                    );
+                }
+            }
+            if options.vlan.is_some() {
+                assert_eq!(lab.client_side_if(), "eth0.100");
+            }
+            if options.dsr {
+                assert_eq!(lab.interfaces(), vec!["eth0".to_owned()]);
+                assert!(lab.ns_switch().is_some());
+                assert!(
+                    lab.render_config(&lab.interfaces())
+                        .contains("mode = \"dsr\"")
+                );
+            }
+        }
     }
 
     /// Stop, start, health flag and add of backends, all without lb.

@@ -5,10 +5,19 @@
 //! `GET /healthz` of a backend marked unhealthy (`503`). It honours persistent connections:
 //! HTTP/1.1 without `Connection: close`, and HTTP/1.0 with `Connection: keep-alive`, stay open
 //! for the next request; `/healthz` answers always close the connection, so a health checker that
-//! reads until EOF never waits for the idle timeout.
+//! reads until EOF never waits for the idle timeout. `GET /bytes/<n>` answers a body of `n`
+//! bytes (the name line, then filler), for tests that need big replies.
+//!
+//! The UDP server answers every datagram with the backend's name, except a datagram starting
+//! with [`UDP_CHECK_MAGIC`] `<reply size>\n`: that one is answered with
+//! `<name> len=<bytes received> fnv=<FNV-1a 64 of them>\n`, padded with a filler pattern to the
+//! reply size, so a client can tell that a (fragmented) datagram arrived whole in both directions.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream,
+    UdpSocket,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -29,6 +38,12 @@ const CONN_POLL: Duration = Duration::from_millis(50);
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body the backend reads and discards (`413` beyond).
 const MAX_BODY: usize = 1 << 20;
+/// Largest `GET /bytes/<n>` body.
+const MAX_BYTES_BODY: usize = 1 << 20;
+/// First bytes of a UDP check datagram (see the module docs).
+pub const UDP_CHECK_MAGIC: &[u8] = b"lab-check ";
+/// Largest UDP datagram the lab sends or answers.
+const MAX_DATAGRAM: usize = 65_507;
 
 /// What one backend's servers have answered; shared by every generation of its servers.
 #[derive(Default)]
@@ -252,8 +267,20 @@ fn handle_http(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
             &ctx.counters.http
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        let bytes = path
+            .strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n <= MAX_BYTES_BODY);
+        let padded;
         let (status, body) = if healthz && !ctx.healthy.load(Ordering::Relaxed) {
             ("503 Service Unavailable", "unhealthy\n")
+        } else if let Some(n) = bytes {
+            let mut b = ctx.body.clone();
+            while b.len() < n {
+                b.push(char::from(b'a' + (b.len() % 26) as u8));
+            }
+            padded = b;
+            ("200 OK", padded.as_str())
         } else {
             ("200 OK", ctx.body.as_str())
         };
@@ -278,12 +305,14 @@ fn handle_http(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
 }
 
 pub(super) fn serve_udp(socket: UdpSocket, ctx: Arc<ServerCtx>) {
-    let mut buf = [0u8; 2048];
+    // One byte more than the largest datagram: a truncated datagram shows as too long.
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     while !ctx.stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buf) {
-            Ok((_, from)) => {
+            Ok((n, from)) => {
                 ctx.counters.udp.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = socket.send_to(ctx.body.as_bytes(), from) {
+                let reply = udp_reply(&buf[..n], &ctx.body);
+                if let Err(e) = socket.send_to(&reply, from) {
                     eprintln!("lab: UDP reply to {from}: {e}");
                 }
             }
@@ -296,6 +325,86 @@ pub(super) fn serve_udp(socket: UdpSocket, ctx: Arc<ServerCtx>) {
     }
 }
 
+/// The UDP server's answer to `datagram` (see the module docs).
+fn udp_reply(datagram: &[u8], body: &str) -> Vec<u8> {
+    let Some(rest) = datagram.strip_prefix(UDP_CHECK_MAGIC) else {
+        return body.as_bytes().to_vec();
+    };
+    let reply_size = rest
+        .iter()
+        .position(|&b| b == b'\n')
+        .and_then(|end| std::str::from_utf8(&rest[..end]).ok())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_DATAGRAM);
+    let mut reply = format!(
+        "{} len={} fnv={:016x}\n",
+        body.trim(),
+        datagram.len(),
+        fnv1a64(datagram)
+    )
+    .into_bytes();
+    while reply.len() < reply_size {
+        reply.push(filler(reply.len()));
+    }
+    reply
+}
+
+/// FNV-1a, 64 bits.
+pub(super) fn fnv1a64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Byte `i` of the reply filler: no period that a misplaced fragment could keep.
+fn filler(i: usize) -> u8 {
+    (i % 251) as u8 ^ (i >> 8) as u8
+}
+
+/// A UDP socket bound to `addr` with `SO_REUSEADDR`, so a wildcard and a specific address can
+/// share a port (the kernel hands a datagram to the most specific one).
+pub(super) fn udp_bind_shared(addr: SocketAddr) -> Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .context("creating a UDP socket")?;
+    socket
+        .set_reuse_address(true)
+        .context("setting SO_REUSEADDR")?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding UDP {addr}"))?;
+    Ok(socket.into())
+}
+
+/// A TCP listener on `[::]:port`, IPv6 only (IPv4 has its own listener), `SO_REUSEADDR` as std
+/// sets it.
+pub(super) fn tcp_listen_v6only(port: u16) -> Result<TcpListener> {
+    let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))
+        .context("creating a TCP socket")?;
+    socket.set_only_v6(true).context("setting IPV6_V6ONLY")?;
+    socket
+        .set_reuse_address(true)
+        .context("setting SO_REUSEADDR")?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding TCP {addr}"))?;
+    socket.listen(128).context("listening")?;
+    Ok(socket.into())
+}
+
+/// A UDP socket on `[::]:port`, IPv6 only.
+pub(super) fn udp_bind_v6only(port: u16) -> Result<UdpSocket> {
+    let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))
+        .context("creating a UDP socket")?;
+    socket.set_only_v6(true).context("setting IPV6_V6ONLY")?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding UDP {addr}"))?;
+    Ok(socket.into())
+}
+
 /// Time left until `deadline`, or an error once it has passed.
 pub(super) fn remaining(deadline: Instant, what: &str) -> Result<Duration> {
     let left = deadline.saturating_duration_since(Instant::now());
@@ -305,14 +414,22 @@ pub(super) fn remaining(deadline: Instant, what: &str) -> Result<Duration> {
 
 /// A TCP connection from `client` (bound before connecting) to `target`, in the calling thread's
 /// network namespace.
-fn connect_from(client: Ipv4Addr, target: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
-        .context("creating a TCP socket")?;
+fn connect_from(client: IpAddr, target: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    ensure!(
+        client.is_ipv6() == target.is_ipv6(),
+        "client {client} and target {target} are of different address families"
+    );
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .context("creating a TCP socket")?;
     socket
         .bind(&SocketAddr::from((client, 0)).into())
         .with_context(|| format!("binding to {client}"))?;
     socket
-        .connect_timeout(&SocketAddr::V4(target).into(), timeout)
+        .connect_timeout(&target.into(), timeout)
         .context("connecting")?;
     Ok(socket.into())
 }
@@ -399,14 +516,17 @@ fn read_response(stream: &mut TcpStream, deadline: Instant) -> Result<Response> 
 
 fn send_request(
     stream: &mut TcpStream,
-    target: SocketAddrV4,
+    target: SocketAddr,
     path: &str,
     connection: &str,
     deadline: Instant,
 ) -> Result<()> {
+    let host = match target.ip() {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    };
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-lab\r\nConnection: {connection}\r\n\r\n",
-        target.ip()
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-lab\r\nConnection: {connection}\r\n\r\n"
     );
     stream.set_write_timeout(Some(remaining(deadline, "before sending the request")?))?;
     stream
@@ -428,6 +548,16 @@ fn expect_200(response: Response) -> Result<Response> {
 pub(super) fn http_get_here(
     client: Ipv4Addr,
     target: SocketAddrV4,
+    path: &str,
+    timeout: Duration,
+) -> Result<String> {
+    http_get_any(client.into(), target.into(), path, timeout)
+}
+
+/// [`http_get_here`] for either address family.
+pub(super) fn http_get_any(
+    client: IpAddr,
+    target: SocketAddr,
     path: &str,
     timeout: Duration,
 ) -> Result<String> {
@@ -456,7 +586,7 @@ impl HttpConn {
         target: SocketAddrV4,
         timeout: Duration,
     ) -> Result<HttpConn> {
-        let stream = connect_from(client, target, timeout)?;
+        let stream = connect_from(client.into(), target.into(), timeout)?;
         let local = match stream.local_addr().context("reading the local address")? {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(a) => bail!("IPv6 local address {a} on an IPv4 connection"),
@@ -482,8 +612,14 @@ impl HttpConn {
             self.requests
         );
         let deadline = Instant::now() + timeout;
-        let result = send_request(&mut self.stream, self.target, path, "keep-alive", deadline)
-            .and_then(|()| read_response(&mut self.stream, deadline));
+        let result = send_request(
+            &mut self.stream,
+            self.target.into(),
+            path,
+            "keep-alive",
+            deadline,
+        )
+        .and_then(|()| read_response(&mut self.stream, deadline));
         let response = match result {
             Ok(r) => r,
             Err(e) => {
@@ -523,6 +659,109 @@ pub(super) fn udp_query_here(
     target: SocketAddrV4,
     timeout: Duration,
 ) -> Result<(String, SocketAddr)> {
+    udp_query_any(client.into(), target.into(), timeout)
+}
+
+/// What [`udp_check_here`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpCheck {
+    /// The answering backend's name (e.g. `backend-2`).
+    pub backend: String,
+    /// Where the reply came from (the VIP and service port when the balancer translated it).
+    pub from: SocketAddr,
+    /// Bytes sent (and received whole by the backend).
+    pub sent: usize,
+    /// Bytes of the reply (all checked).
+    pub received: usize,
+}
+
+/// Sends one check datagram of `size` bytes and verifies the reply (see
+/// [`super::Lab::udp_check`]).
+pub(super) fn udp_check_here(
+    client: IpAddr,
+    target: SocketAddr,
+    size: usize,
+    reply_size: usize,
+    timeout: Duration,
+) -> Result<UdpCheck> {
+    static SEED: AtomicU64 = AtomicU64::new(1);
+    ensure!(
+        client.is_ipv6() == target.is_ipv6(),
+        "client {client} and target {target} are of different address families"
+    );
+    let mut datagram = format!(
+        "{} {reply_size}\n",
+        String::from_utf8_lossy(UDP_CHECK_MAGIC).trim()
+    )
+    .into_bytes();
+    ensure!(
+        (datagram.len()..=MAX_DATAGRAM).contains(&size) && reply_size <= MAX_DATAGRAM,
+        "a check datagram is {}..={MAX_DATAGRAM} bytes, its reply at most {MAX_DATAGRAM}",
+        datagram.len()
+    );
+    // A fresh pattern per datagram: a fragment of another datagram spliced in changes the hash.
+    let seed = SEED.fetch_add(0x9e37_79b9, Ordering::Relaxed);
+    while datagram.len() < size {
+        let i = datagram.len() as u64;
+        datagram.push((seed.wrapping_mul(31).wrapping_add(i * 131) >> 3) as u8);
+    }
+    let want_hash = fnv1a64(&datagram);
+    let deadline = Instant::now() + timeout;
+    let socket = UdpSocket::bind((client, 0)).with_context(|| format!("binding to {client}"))?;
+    socket
+        .send_to(&datagram, target)
+        .context("sending the datagram")?;
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let (n, from) = loop {
+        socket.set_read_timeout(Some(remaining(deadline, "waiting for the reply")?))?;
+        match socket.recv_from(&mut buf) {
+            Ok(r) => break r,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => bail!("no reply within {timeout:?}"),
+            Err(e) => return Err(anyhow!(e).context("waiting for the reply")),
+        }
+    };
+    let reply = &buf[..n];
+    let line_end = reply
+        .iter()
+        .position(|&b| b == b'\n')
+        .with_context(|| format!("reply of {n} bytes from {from} has no first line"))?;
+    let line = String::from_utf8_lossy(&reply[..line_end]).into_owned();
+    let mut words = line.split_whitespace();
+    let backend = words.next().unwrap_or_default().to_owned();
+    let (len, hash) = (words.next(), words.next());
+    let expected = (
+        format!("len={}", datagram.len()),
+        format!("fnv={want_hash:016x}"),
+    );
+    ensure!(
+        (len, hash) == (Some(expected.0.as_str()), Some(expected.1.as_str())),
+        "the backend did not get the datagram whole: it says {line:?}, expected {} {}",
+        expected.0,
+        expected.1
+    );
+    let want_reply = reply_size.max(line_end + 1);
+    ensure!(
+        n == want_reply,
+        "reply from {from} ({backend}) is {n} bytes, expected {want_reply}"
+    );
+    if let Some(i) = (line_end + 1..n).find(|&i| reply[i] != filler(i)) {
+        bail!("reply from {from} ({backend}) is corrupt at byte {i} of {n}");
+    }
+    Ok(UdpCheck {
+        backend,
+        from,
+        sent: datagram.len(),
+        received: n,
+    })
+}
+
+/// [`udp_query_here`] for either address family.
+pub(super) fn udp_query_any(
+    client: IpAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<(String, SocketAddr)> {
     let deadline = Instant::now() + timeout;
     let socket = UdpSocket::bind((client, 0)).with_context(|| format!("binding to {client}"))?;
     socket
@@ -543,6 +782,25 @@ pub(super) fn udp_query_here(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_check_replies() {
+        assert_eq!(udp_reply(b"query\n", "backend-2\n"), b"backend-2\n");
+        let mut datagram = b"lab-check 100\n".to_vec();
+        datagram.extend(std::iter::repeat_n(7u8, 2000));
+        let reply = udp_reply(&datagram, "backend-2\n");
+        assert_eq!(reply.len(), 100);
+        let head = format!("backend-2 len=2014 fnv={:016x}\n", fnv1a64(&datagram));
+        assert!(reply.starts_with(head.as_bytes()));
+        assert!((head.len()..100).all(|i| reply[i] == filler(i)));
+        // A reply size smaller than the first line: just the line.
+        assert_eq!(
+            udp_reply(b"lab-check 5\n", "b\n"),
+            format!("b len=12 fnv={:016x}\n", fnv1a64(b"lab-check 5\n")).into_bytes()
+        );
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
 
     #[test]
     fn heads_and_persistence() {
