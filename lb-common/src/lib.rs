@@ -56,6 +56,10 @@ pub mod maps {
     /// LRU hash [`crate::FragKey`] -> [`crate::FragValue`]: how the first fragment of a datagram
     /// was translated, for the fragments that follow it (they carry no ports).
     pub const FRAGS: &str = "FRAGS";
+    /// Hash u32 (ifindex) -> u32 (1): the interfaces the program is attached to, the only ones a
+    /// frame is redirected to (others, e.g. VLAN or bridge devices, cannot transmit XDP frames:
+    /// the kernel forwards to them instead).
+    pub const TX_PORTS: &str = "TX_PORTS";
     /// Hash [u8; 16] (interface name, NUL-padded) -> u32 (`crate::ATTACH_NATIVE` or
     /// `crate::ATTACH_GENERIC`); written and read by the daemon only.
     pub const ATTACH_MODES: &str = "ATTACH_MODES";

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use lb_common::{csum, stat};
 use network_types::eth::EthHdr;
 
-use crate::{Verdict, drop, parse::Meta, pass, ptr_at, verdict};
+use crate::{Verdict, drop, maps::TX_PORTS, parse::Meta, pass, ptr_at, verdict};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -50,10 +50,14 @@ pub fn forward(raw: *mut xdp_md, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Ve
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             return drop(stat::DROP_FIB);
         }
+        // DSR: the kernel cannot forward a packet still addressed to the VIP (it has no route
+        // to it); the health checks keep the backends' neighbour entries resolved.
+        _ if m.dsr => return drop(stat::DROP_FIB),
         // No neighbour entry yet, forwarding disabled, needs fragmenting, ...: the kernel knows.
         _ => return pass(stat::PASS_FIB),
     }
     let same_if = fib.ifindex == ctx.ingress_ifindex() as u32;
+
     if m.dsr {
         // The FIB reports the next hop in the destination fields: a gateway there means the
         // backend is not on a segment we share, and DSR cannot reach it.
@@ -67,6 +71,13 @@ pub fn forward(raw: *mut xdp_md, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Ve
     } else if m.vlan && !same_if {
         // A tagged frame leaving through another interface: the kernel's VLAN devices re-tag it.
         return pass(stat::PASS_VLAN);
+    }
+    // SAFETY: presence only.
+    let attached = same_if || unsafe { TX_PORTS.get(&fib.ifindex) }.is_some();
+    if !attached {
+        // An interface we are not attached to (a VLAN, bridge or bond device on top of one we
+        // are): it cannot transmit an XDP frame, so the kernel forwards the rewritten packet.
+        return if m.dsr { drop(stat::DROP_FIB) } else { pass(stat::PASS_FIB) };
     }
     if !m.dsr && decrement_ttl(ctx, m).is_err() {
         // Expiring here (or unreadable): the kernel sends the ICMP time exceeded.

@@ -76,6 +76,10 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Interfaces the program is attached to (ifindex -> 1): the only redirect targets.
+#[map(name = "TX_PORTS")]
+pub static TX_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
 /// Interface name (NUL-padded) -> how the daemon attached there (`lb_common::ATTACH_*`). Read by
 /// the daemon only: a restarted daemon learns the modes of the links it adopts.
 #[map(name = "ATTACH_MODES")]

@@ -835,6 +835,7 @@ fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Op
     // DSR rewrites no port: a backend answers on the service port itself.
     if datapath.is_some_and(|d| d.mode == Mode::Dsr) {
         for (i, s) in valid() {
+
             for (j, b) in s.backends.iter().enumerate() {
                 if b.port != s.port {
                     e.push(
@@ -1281,6 +1282,7 @@ port = 5353
         rejects(&text, "services[0].backends[0].port", "DSR");
         let ok = text.replace("port = 8080", "port = 80");
         assert!(Config::parse(&ok).is_ok(), "{:?}", Config::parse(&ok).err());
+
     }
 
     #[test]

@@ -361,6 +361,16 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         }
     };
     spawn_ebpf_logger(&mut dp);
+    if cfg.datapath.mode == crate::config::Mode::Dsr {
+        for s in cfg.services.iter().filter(|s| s.health.kind == crate::config::HealthKind::None) {
+            tracing::warn!(
+                service = %s.name,
+                "DSR without health checks: nothing keeps the backends' MAC addresses resolved; packets are \
+                 dropped (drop_fib) while a backend's neighbour entry is missing (health checks of another \
+                 service to the same hosts, or static neighbour entries, resolve them)"
+            );
+        }
+    }
     for s in &rt.services {
         tracing::info!(
             service = %s.config.name,

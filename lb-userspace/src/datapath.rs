@@ -30,7 +30,7 @@ use crate::config::{DatapathConfig, XdpMode};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
 /// Every map the daemon pins, by name.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 17] = [
     maps::CONFIG,
     maps::SERVICES,
     maps::BACKENDS,
@@ -47,6 +47,7 @@ pub const ALL_MAPS: [&str; 16] = [
     maps::LOCAL_ADDRS6,
     maps::ADDRS,
     maps::FRAGS,
+    maps::TX_PORTS,
 ];
 
 /// A (address, port, protocol) endpoint of either family: a VIP (`SERVICES`/`SERVICES6` key) or a
@@ -267,6 +268,23 @@ impl Datapath {
     /// atomically to this program (traffic never stops); otherwise a new attachment is made —
     /// native first then generic for `auto`, or exactly as asked — and pinned.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachMode> {
+        let mode = self.attach_any(iface, mode)?;
+        self.set_tx_port(iface, true)?;
+        Ok(mode)
+    }
+
+    /// Adds or removes `iface` in TX_PORTS, the interfaces frames may be redirected to.
+    pub fn set_tx_port(&mut self, iface: &str, on: bool) -> Result<()> {
+        let idx = nix::net::if_::if_nametoindex(iface).with_context(|| format!("ifindex of {iface}"))?;
+        let mut m: HashMap<&mut MapData, u32, u32> = HashMap::try_from(self.map_mut(maps::TX_PORTS)?)?;
+        if on {
+            m.insert(idx, 1, 0).context("writing TX_PORTS")
+        } else {
+            ignore_missing(m.remove(&idx)).context("removing a TX_PORTS entry")
+        }
+    }
+
+    fn attach_any(&mut self, iface: &str, mode: XdpMode) -> Result<AttachMode> {
         if let Some(dir) = self.pin_dir.clone() {
             let pin = Self::link_pin(&dir, iface);
             if pin.exists() {
@@ -348,6 +366,8 @@ impl Datapath {
 
     /// Detaches `iface` for good: removes its pinned link (or drops the managed one).
     pub fn detach(&mut self, iface: &str) -> Result<()> {
+        // The interface may be gone already; then so is its ifindex.
+        let _ = self.set_tx_port(iface, false);
         if let Some(i) = self.attachments.iter().position(|a| a.interface == iface) {
             let a = self.attachments.remove(i);
             if let LinkHandle::Managed(id) = a.link {

@@ -925,6 +925,10 @@ impl Loaded {
             .expect("loading the XDP program");
         let mut rt = lb::state::Runtime::new(&cfg);
         rt.reconcile(&cfg, &mut dp).expect("writing the maps");
+        // As if attached to the fixture namespace's interfaces: redirect targets.
+        for dev in ["cl", "bk"] {
+            dp.set_tx_port(dev, true).expect("writing TX_PORTS");
+        }
         Self { dp, rt }
     }
 

@@ -5,11 +5,7 @@
 
 use std::net::Ipv4Addr;
 
-use lb::{
-    config::Config,
-    datapath::{Capacity, Datapath},
-    state::Runtime,
-};
+use lb::config::Config;
 use lb_common::{AffinityKey, AffinityValue};
 use tests::{
     FixtureNs, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, Pkt, assert_frame_eq,
@@ -321,6 +317,20 @@ fn bad_ihl_and_bad_total_length_are_dropped() {
 }
 
 #[test]
+fn egress_through_an_interface_we_are_not_attached_to_goes_through_the_kernel() {
+    in_fixture("notattached", |fx| {
+        // As if `bk` were a VLAN or bridge device on top of an attached interface.
+        fx.dp.set_tx_port("bk", false).unwrap();
+        let p = Pkt::tcp(CLIENT, 40000, VIP, 80);
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        assert_eq!(v, XDP_PASS);
+        // Rewritten, but TTL and MACs are left to the kernel.
+        assert_frame_eq(&out, &Pkt { dst: BACKEND1, dport: 8080, ..p.clone() }.bytes(), "egress not attached");
+        assert_eq!((fx.stat("pass_fib"), fx.stat("redirect")), (1, 0));
+    });
+}
+
+#[test]
 fn unresolved_next_hop_is_rewritten_and_passed_to_the_kernel() {
     in_fixture("noneigh", |fx| {
         let p = Pkt::tcp(CLIENT, 40000, Ipv4Addr::new(10, 0, 0, 102), 80);
@@ -518,11 +528,7 @@ fn a_pin_past_max_age_is_reselected_even_when_busy() {
     let cfg = CONFIG.replace("timeout = \"2s\"", "timeout = \"2s\"\nmax_age = \"5s\"");
     let ns = FixtureNs::new("maxage");
     ns.run(move || {
-        let cfg = Config::parse(&cfg).unwrap();
-        let mut dp = Datapath::load(Capacity::from_config(&cfg.datapath), None).unwrap();
-        let mut rt = Runtime::new(&cfg);
-        rt.reconcile(&cfg, &mut dp).unwrap();
-        let mut fx = Fixture(Loaded { dp, rt });
+        let mut fx = Fixture(Loaded::new(&cfg));
         let client = Ipv4Addr::new(10, 0, 0, 2);
         let multi = fx.service("multi").entry.id;
         let pick = fx.maglev_pick("multi", client);

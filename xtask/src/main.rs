@@ -233,7 +233,8 @@ fn test(filter: Option<&str>) -> Result<()> {
     sh(&mut c)?;
     println!("\n== end-to-end tests (network namespaces, real servers)");
     let mut c = cargo();
-    c.args(["test", "-p", "tests", "--test", "e2e", "--test", "control", "--", "--test-threads=1"]).env("LB_BIN", &lb);
+    c.args(["test", "-p", "tests", "--test", "e2e", "--test", "control", "--test", "breadth_e2e", "--", "--test-threads=1"])
+        .env("LB_BIN", &lb);
     with_filter(&mut c);
     sh(&mut c)?;
     println!("\nxtask: all test layers passed");
