@@ -84,6 +84,7 @@ fn main() {
     // Reload: 1,000 services x 16 backends onto a loaded datapath (root needed).
     if !nix::unistd::geteuid().is_root() {
         println!("reload_1000_ms skipped: loading the datapath needs root");
+        write_report(ms(build), None);
         return;
     }
     let first = Config::parse(&config(1000, 16, 100)).expect("bench config");
@@ -104,10 +105,20 @@ fn main() {
     let t = Instant::now();
     rt.reconcile(&same, &mut dp).expect("no-op reload");
     let noop = t.elapsed();
+    let reload = ms(median(times));
     println!(
-        "reload_1000_ms {:.1}   (1000 services x 16 backends re-weighted, median of {reps}; goal < 1000 ms; first apply {:.1} ms, unchanged reload {:.1} ms; parsing not included)",
-        ms(median(times)),
+        "reload_1000_ms {reload:.1}   (1000 services x 16 backends re-weighted, median of {reps}; goal < 1000 ms; first apply {:.1} ms, unchanged reload {:.1} ms; parsing not included)",
         ms(initial),
         ms(noop)
     );
+    write_report(ms(build), Some(reload));
+}
+
+/// `target/bench/control.json`, merged into the report by `cargo xtask bench`.
+fn write_report(maglev_build_ms: f64, reload_1000_ms: Option<f64>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let json = serde_json::json!({ "control": { "maglev_build_ms": maglev_build_ms, "reload_1000_ms": reload_1000_ms } });
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(dir.join("control.json"), json.to_string())) {
+        eprintln!("writing {}: {e}", dir.display());
+    }
 }

@@ -526,19 +526,19 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Replaces the `ADDRS` set (every VIP and backend address with its `ADDR_F_*` flags).
-    pub fn set_addrs(&mut self, want: &BTreeMap<AddrKey, u32>) -> Result<()> {
+    /// The `ADDRS` entries (every VIP and backend address with its `ADDR_F_*` flags).
+    pub fn addrs(&self) -> Result<BTreeMap<AddrKey, u32>> {
+        let m: HashMap<&MapData, AddrKey, u32> = HashMap::try_from(self.map(maps::ADDRS)?)?;
+        m.iter().collect::<Result<_, _>>().context("reading ADDRS")
+    }
+
+    /// Writes (`Some`) or removes (`None`) the `ADDRS` entry of `k`.
+    pub fn set_addr(&mut self, k: &AddrKey, flags: Option<u32>) -> Result<()> {
         let mut m: HashMap<&mut MapData, AddrKey, u32> = HashMap::try_from(self.map_mut(maps::ADDRS)?)?;
-        let have: Vec<(AddrKey, u32)> = m.iter().filter_map(Result::ok).collect();
-        for (k, _) in have.iter().filter(|(k, _)| !want.contains_key(k)) {
-            ignore_missing(m.remove(k)).context("removing an ADDRS entry")?;
+        match flags {
+            Some(v) => m.insert(k, v, 0).context("writing ADDRS"),
+            None => ignore_missing(m.remove(k)).context("removing an ADDRS entry"),
         }
-        for (k, v) in want {
-            if !have.contains(&(*k, *v)) {
-                m.insert(k, v, 0).context("writing ADDRS")?;
-            }
-        }
-        Ok(())
     }
 
     pub fn write_backend(&mut self, id: u32, b: Backend) -> Result<()> {

@@ -210,6 +210,8 @@ pub struct Runtime {
     pub services: Vec<ServiceRt>,
     service_ids: IdPool,
     backend_ids: IdPool,
+    /// `ADDRS` as last written (None: not known yet).
+    addrs: Option<BTreeMap<AddrKey, u32>>,
 }
 
 fn service_entry(s: &ServiceConfig, id: u32) -> Service {
@@ -255,6 +257,7 @@ impl Runtime {
             services: Vec::new(),
             service_ids: IdPool::new(d.max_services),
             backend_ids: IdPool::new(d.max_backends),
+            addrs: None,
         }
     }
 
@@ -373,8 +376,28 @@ impl Runtime {
             ch.pins_flushed += self.retire_backends(dp, s.entry.id, &removed)?;
         }
         self.services = ordered;
-        dp.set_addrs(&self.addr_flags())?;
+        self.sync_addrs(dp)?;
         Ok(ch)
+    }
+
+    /// Brings `ADDRS` to the current services, writing only what changed since the last time
+    /// (the map is read once, on the first call, to learn what a previous daemon left).
+    fn sync_addrs(&mut self, dp: &mut Datapath) -> Result<()> {
+        let want = self.addr_flags();
+        let have = match self.addrs.take() {
+            Some(h) => h,
+            None => dp.addrs()?,
+        };
+        for k in have.keys().filter(|k| !want.contains_key(*k)) {
+            dp.set_addr(k, None)?;
+        }
+        for (k, v) in &want {
+            if have.get(k) != Some(v) {
+                dp.set_addr(k, Some(*v))?;
+            }
+        }
+        self.addrs = Some(want);
+        Ok(())
     }
 
     /// Every VIP and backend address with its `ADDR_F_*` flags (for packets without ports).

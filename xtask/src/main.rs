@@ -202,12 +202,58 @@ fn run(args: Vec<String>) -> Result<()> {
 fn bench(quick: bool) -> Result<()> {
     setup()?;
     if !xtask::lab::is_root() {
-        bail!("the benchmarks load XDP programs: run as root");
+        bail!("the benchmarks load XDP programs and create namespaces: run as root");
     }
-    println!("\n== control plane (Maglev build, reload of 1000 services)");
-    sh(cargo()
-        .args(["bench", "-p", "lb-userspace", "--bench", "control"])
-        .env("LB_BENCH_REPS", if quick { "3" } else { "7" }))
+    let lb = build_release()?;
+    let dir = workspace_root().join("target/bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let reps = if quick { "3" } else { "7" };
+    let runs: [(&str, &[&str]); 3] = [
+        ("control plane: Maglev build, reload of 1000 services", &["bench", "-p", "lb-userspace", "--bench", "control"]),
+        ("datapath: per packet (BPF_PROG_TEST_RUN), table scale, veth", &["bench", "-p", "tests", "--bench", "datapath"]),
+        ("end to end: wrk through lb, HAProxy, nginx", &["bench", "-p", "tests", "--bench", "e2e"]),
+    ];
+    let mut failed = Vec::new();
+    for (what, args) in runs {
+        println!("\n== {what}");
+        let mut c = cargo();
+        c.args(args).env("LB_BENCH_REPS", reps).env("LB_BIN", &lb);
+        if quick {
+            c.env("LB_BENCH_QUICK", "1");
+        }
+        // One failing benchmark does not hide the others' figures.
+        if let Err(e) = sh(&mut c) {
+            eprintln!("xtask: {e:#}");
+            failed.push(what);
+        }
+    }
+    // Merge every section the benchmarks wrote into one report.
+    let mut report = serde_json::Map::new();
+    for entry in std::fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "json") && p.file_name().is_some_and(|n| n != "report.json") {
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?)
+                .with_context(|| format!("parsing {}", p.display()))?;
+            if let serde_json::Value::Object(m) = v {
+                report.extend(m);
+            }
+        }
+    }
+    let out = dir.join("report.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&serde_json::Value::Object(report.clone()))?)?;
+    println!("\n== report ({})", out.display());
+    for (section, v) in &report {
+        if let serde_json::Value::Object(m) = v {
+            for (k, x) in m {
+                println!("  {section:<11} {k:<16} {x}");
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("benchmarks failed: {}", failed.join("; "));
+    }
+    Ok(())
 }
 
 fn test(filter: Option<&str>) -> Result<()> {
