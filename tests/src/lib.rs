@@ -1054,3 +1054,21 @@ port = 8081
 address = "2001:db8:1::13"
 port = 8081
 "#;
+
+/// The `lb` binary under test (`LB_BIN`, else `target/release/lb`); panics with a clear message
+/// when it or root is missing.
+pub fn lb_bin() -> std::path::PathBuf {
+    assert!(
+        xtask::lab::is_root(),
+        "the end-to-end tests need root (network namespaces, veth, XDP): run `cargo xtask test` as root"
+    );
+    let bin = std::env::var_os("LB_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"));
+    assert!(
+        bin.is_file(),
+        "lb binary {} not found: build it with `cargo build --release -p lb-userspace` or point LB_BIN at it",
+        bin.display()
+    );
+    bin
+}

@@ -10,12 +10,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lb::control::{ServiceReport, StatusReport};
+use tests::lb_bin;
 use xtask::lab::{
-    self, CLIENT_PROBE_ADDR, CLIENT_PROBE_ADDR6, Ipv6Options, Lab, LabOptions, LabSpec,
+    CLIENT_PROBE_ADDR, CLIENT_PROBE_ADDR6, Ipv6Options, Lab, LabOptions, LabSpec,
     VIP_HTTP_PORT, VIP_UDP_PORT, VlanOptions,
 };
 
@@ -24,22 +25,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Until the first request through the VIP succeeds (health checks may still be settling).
 const WARMUP: Duration = Duration::from_secs(15);
 
-/// The `lb` binary under test; panics with a clear message when it or root is missing.
-fn lb_bin() -> PathBuf {
-    assert!(
-        lab::is_root(),
-        "the end-to-end tests need root (network namespaces, veth, XDP): run them as root"
-    );
-    let bin = std::env::var_os("LB_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"));
-    assert!(
-        bin.is_file(),
-        "lb binary {} not found: build it with `cargo build --release -p lb-userspace` or point LB_BIN at it",
-        bin.display()
-    );
-    bin
-}
 
 /// Panics with `msg`, the tail of lb's log, its verdict counters and the balancer namespace's
 /// interface counters (drops included: a failed XDP redirect shows there).

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use lb::control::{BackendReport, ServiceReport, StatusReport};
 use lb::maglev::{self, MaglevBackend};
 use lb::state::Admin;
 use nix::sys::signal::Signal;
+use tests::lb_bin;
 use xtask::lab::{
     self, BACKEND_HTTP_PORT, Lab, LabOptions, LabSpec, Record, TrafficHandle, VIP_HTTP_PORT,
     output_timeout, summarize,
@@ -64,22 +65,6 @@ fn detection_window() -> Duration {
     HC_INTERVAL * HC_FALL + HC_INTERVAL + SCHED_MARGIN
 }
 
-/// The `lb` binary under test; panics with a clear message when it or root is missing.
-fn lb_bin() -> PathBuf {
-    assert!(
-        lab::is_root(),
-        "the control-plane tests need root (network namespaces, veth, XDP)"
-    );
-    let bin = std::env::var_os("LB_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"));
-    assert!(
-        bin.is_file(),
-        "lb binary {} not found: build it with `cargo build --release -p lb-userspace --bin lb` or point LB_BIN at it",
-        bin.display()
-    );
-    bin
-}
 
 /// The backend number in an answer body (`backend-3` -> 3).
 fn backend_no(body: &str) -> Option<u32> {

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use xtask::lab::{self, Lab, LabSpec, VIP_HTTP_PORT, VIP_UDP_PORT, output_timeout};
+use tests::lb_bin;
+use xtask::lab::{Lab, LabSpec, VIP_HTTP_PORT, VIP_UDP_PORT, output_timeout};
 
 /// Per request; generous for a 2-core machine, small enough that a dead path fails fast.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -19,22 +20,6 @@ const CONNECTIONS_PER_CLIENT: usize = 5;
 /// Until the first request through the VIP succeeds (health checks may still be settling).
 const WARMUP: Duration = Duration::from_secs(15);
 
-/// The `lb` binary under test; panics with a clear message when it or root is missing.
-fn lb_bin() -> PathBuf {
-    assert!(
-        lab::is_root(),
-        "the end-to-end tests need root (network namespaces, veth, XDP): run `cargo xtask test` as root"
-    );
-    let bin = std::env::var_os("LB_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"));
-    assert!(
-        bin.is_file(),
-        "lb binary {} not found: build it with `cargo build --release -p lb-userspace` or point LB_BIN at it",
-        bin.display()
-    );
-    bin
-}
 
 /// Panics with `msg` and the tail of lb's log.
 fn fail(lab: &Lab, msg: &str) -> ! {
