@@ -15,7 +15,10 @@ const PRELOADED: [&str; 2] = ["maps.debug", "progs.debug"];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 fn is_bpffs(p: &Path) -> bool {
-    statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false)
+    // The f_type field is i64 on some targets and u32/i32 on others.
+    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between targets")]
+    let is = statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false);
+    is
 }
 
 /// Whether `p` is itself the mount point of a bpffs (per /proc/self/mountinfo).

@@ -335,8 +335,8 @@ pub fn render_status(r: &StatusReport) -> String {
         }
         let _ = writeln!(
             o,
-            "  {:<22} {:>6} {:>8} {:>7} {:>10} {:>12} {:>8} {:>10}  {}",
-            "backend", "weight", "state", "slots", "packets", "bytes", "pins", "replies", "since / reason"
+            "  {:<22} {:>6} {:>8} {:>7} {:>10} {:>12} {:>8} {:>10}  since / reason",
+            "backend", "weight", "state", "slots", "packets", "bytes", "pins", "replies"
         );
         for b in &s.backends {
             let c = &b.counters;
