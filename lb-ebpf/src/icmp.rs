@@ -35,7 +35,7 @@ const REPLY_TTL: u8 = 64;
 
 /// Out of line (a BPF-to-BPF call) to keep the entry function's stack small.
 #[inline(never)]
-pub fn handle(raw: *mut xdp_md, m: &Meta) -> Verdict {
+pub fn handle(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     let ctx = &crate::ctx_of(raw);
     if parse::addr_flags(m.v6, &m.dst) & ADDR_F_VIP == 0 {
         return pass(stat::PASS_NOT_OURS);
@@ -43,6 +43,7 @@ pub fn handle(raw: *mut xdp_md, m: &Meta) -> Verdict {
     if m.frag != FRAG_NONE {
         return drop(stat::DROP_FRAGMENT);
     }
+    m.dsr = crate::dsr_mode();
     // Never answer (or pass on errors from) a broadcast, multicast or VIP source.
     if crate::martian_source(m) {
         return drop(stat::DROP_MALFORMED);

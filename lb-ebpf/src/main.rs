@@ -154,7 +154,6 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Err(v) = parse::parse(ctx, m) {
         return v;
     }
-    m.dsr = CONFIG.get(0).is_some_and(|c| c.flags & lb_common::GLOBAL_F_DSR != 0);
     if m.proto == parse::PROTO_ICMP || m.proto == parse::PROTO_ICMPV6 {
         return icmp::handle(ctx.ctx, m);
     }
@@ -168,17 +167,25 @@ fn process(ctx: &XdpContext) -> Verdict {
     from_backend(ctx.ctx, m)
 }
 
+/// Whether the datapath runs in DSR mode; read only once a packet is known to be ours, so that
+/// other traffic pays no extra lookup.
+#[inline(always)]
+pub fn dsr_mode() -> bool {
+    CONFIG.get(0).is_some_and(|c| c.flags & lb_common::GLOBAL_F_DSR != 0)
+}
+
 /// Returned by `to_vip` when the packet is not to a service.
 const NOT_A_VIP: Verdict = Verdict(u32::MAX);
 
 /// Client -> VIP: check, pick the backend (affinity, else Maglev), rewrite, forward. Out of line
 /// (a BPF-to-BPF call) to keep the entry function's stack small.
 #[inline(never)]
-fn to_vip(raw: *mut xdp_md, m: &Meta) -> Verdict {
+fn to_vip(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     let ctx = &crate::ctx_of(raw);
     let Some(svc) = lookup_service(m.v6, &m.dst, m.dport, m.proto) else {
         return NOT_A_VIP;
     };
+    m.dsr = dsr_mode();
     count(stat::TO_VIP);
     if let Err(v) = parse::check_l4(ctx, m) {
         return v;
@@ -302,7 +309,7 @@ fn to_client(ctx: &XdpContext, m: &Meta, vip: &[u32; 4], rev: &Reverse) -> Verdi
 /// A fragment without the L4 header follows its first fragment's translation. Out of line (a
 /// BPF-to-BPF call) to keep the entry function's stack small.
 #[inline(never)]
-fn later_fragment(raw: *mut xdp_md, m: &Meta) -> Verdict {
+fn later_fragment(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     let ctx = &crate::ctx_of(raw);
     let key = FragKey { src: m.src, dst: m.dst, id: m.frag_id, proto: m.proto, family: m.family(), _pad: 0 };
     // SAFETY: a copy is taken at once.
@@ -315,6 +322,7 @@ fn later_fragment(raw: *mut xdp_md, m: &Meta) -> Verdict {
     if let Err(v) = parse::check_l4(ctx, m) {
         return v;
     }
+    m.dsr = dsr_mode();
     count(stat::FRAGMENT);
     let len = m.len;
     if f.dir == FRAG_TO_BACKEND {
