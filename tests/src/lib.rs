@@ -1072,3 +1072,53 @@ pub fn lb_bin() -> std::path::PathBuf {
     );
     bin
 }
+
+/// The VIPs and backend 1 of `FIXTURE_CONFIG` (the fixture namespace resolves backend 1).
+const FX_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const FX_BACKEND1: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 11);
+const FX_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+
+/// What the balancer sends toward backend 1 for `p`: destination rewritten, TTL - 1, MACs of the
+/// backend-side hop.
+pub fn to_backend1(p: &Pkt, port: u16) -> Pkt {
+    Pkt { dst: FX_BACKEND1, dport: port, ttl: p.ttl - 1, eth_dst: MAC_BACKEND1, eth_src: MAC_LB_BACKEND_SIDE, ..p.clone() }
+}
+
+/// A reply from backend 1 as the balancer sends it to the client: source = VIP:`vport`.
+pub fn to_client(p: &Pkt, vport: u16) -> Pkt {
+    Pkt { src: FX_VIP, sport: vport, ttl: p.ttl - 1, eth_dst: MAC_CLIENT, eth_src: MAC_LB_CLIENT_SIDE, ..p.clone() }
+}
+
+/// `to_backend1` for IPv6 (backend 1 = `V6_BACKEND1`).
+pub fn to_backend6(p: &Pkt6, port: u16) -> Pkt6 {
+    Pkt6 {
+        dst: V6_BACKEND1,
+        dport: port,
+        hop_limit: p.hop_limit - 1,
+        eth_dst: MAC_BACKEND1,
+        eth_src: MAC_LB_BACKEND_SIDE,
+        ..p.clone()
+    }
+}
+
+/// `to_client` for IPv6.
+pub fn to_client6(p: &Pkt6, vport: u16) -> Pkt6 {
+    Pkt6 {
+        src: FX_VIP6,
+        sport: vport,
+        hop_limit: p.hop_limit - 1,
+        eth_dst: MAC_CLIENT,
+        eth_src: MAC_LB_CLIENT_SIDE,
+        ..p.clone()
+    }
+}
+
+/// A reply packet from backend 1, arriving on `bk`.
+pub fn from_backend(p: Pkt) -> Pkt {
+    Pkt { eth_dst: MAC_LB_BACKEND_SIDE, eth_src: MAC_BACKEND1, ..p }
+}
+
+/// `from_backend` for IPv6.
+pub fn from_backend6(p: Pkt6) -> Pkt6 {
+    Pkt6 { eth_dst: MAC_LB_BACKEND_SIDE, eth_src: MAC_BACKEND1, ..p }
+}

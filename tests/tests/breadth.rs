@@ -13,6 +13,7 @@ use std::{
 use lb::datapath::addr_words;
 use lb_common::{AffinityKey, AffinityValue};
 use tests::{
+    from_backend, from_backend6, to_backend1, to_backend6, to_client, to_client6,
     INFORMATIONAL, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT,
     MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, PROTO_ICMP, PROTO_ICMPV6, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT,
     assert_bytes_eq, checksums_valid, decode_any, ether, fragment_v4, fragment_v6, icmp4, icmp6, ipv4_packet,
@@ -95,47 +96,11 @@ fn in_fixture(tag: &str, f: impl FnOnce(&mut Fixture) + Send) {
     });
 }
 
-/// What the balancer sends toward backend 1 for `p`: destination rewritten, TTL - 1, MACs of the
-/// backend-side hop.
-fn to_backend1(p: &Pkt, port: u16) -> Pkt {
-    Pkt { dst: BACKEND1, dport: port, ttl: p.ttl - 1, eth_dst: MAC_BACKEND1, eth_src: MAC_LB_BACKEND_SIDE, ..p.clone() }
-}
 
-/// A reply from backend 1 as the balancer sends it to the client: source = VIP:`vport`.
-fn to_client(p: &Pkt, vport: u16) -> Pkt {
-    Pkt { src: VIP, sport: vport, ttl: p.ttl - 1, eth_dst: MAC_CLIENT, eth_src: MAC_LB_CLIENT_SIDE, ..p.clone() }
-}
 
-fn to_backend6(p: &Pkt6, port: u16) -> Pkt6 {
-    Pkt6 {
-        dst: BACKEND6,
-        dport: port,
-        hop_limit: p.hop_limit - 1,
-        eth_dst: MAC_BACKEND1,
-        eth_src: MAC_LB_BACKEND_SIDE,
-        ..p.clone()
-    }
-}
 
-fn to_client6(p: &Pkt6, vport: u16) -> Pkt6 {
-    Pkt6 {
-        src: VIP6,
-        sport: vport,
-        hop_limit: p.hop_limit - 1,
-        eth_dst: MAC_CLIENT,
-        eth_src: MAC_LB_CLIENT_SIDE,
-        ..p.clone()
-    }
-}
 
-/// A reply packet from a backend, arriving on `bk`.
-fn from_backend(p: Pkt) -> Pkt {
-    Pkt { eth_dst: MAC_LB_BACKEND_SIDE, eth_src: MAC_BACKEND1, ..p }
-}
 
-fn from_backend6(p: Pkt6) -> Pkt6 {
-    Pkt6 { eth_dst: MAC_LB_BACKEND_SIDE, eth_src: MAC_BACKEND1, ..p }
-}
 
 fn v6_dst(frame: &[u8]) -> Ipv6Addr {
     Ipv6Addr::from(<[u8; 16]>::try_from(&frame[38..54]).unwrap())

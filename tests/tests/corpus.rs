@@ -24,6 +24,7 @@ use std::{
 
 use lb_common::csum;
 use tests::{
+    from_backend, from_backend6, to_backend1, to_backend6, to_client,
     INFORMATIONAL, Loaded, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE,
     MAC_LB_CLIENT_SIDE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT, decode_any,
@@ -465,32 +466,10 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + 3) as u8).collect()
 }
 
-fn to_backend1(p: &Pkt, port: u16) -> Pkt {
-    Pkt { dst: BACKEND1, dport: port, ttl: p.ttl - 1, eth_dst: MAC_BACKEND1, eth_src: MAC_LB_BACKEND_SIDE, ..p.clone() }
-}
 
-fn to_client(p: &Pkt, vport: u16) -> Pkt {
-    Pkt { src: VIP, sport: vport, ttl: p.ttl - 1, eth_dst: MAC_CLIENT, eth_src: MAC_LB_CLIENT_SIDE, ..p.clone() }
-}
 
-fn to_backend6(p: &Pkt6, port: u16) -> Pkt6 {
-    Pkt6 {
-        dst: BACKEND6,
-        dport: port,
-        hop_limit: p.hop_limit - 1,
-        eth_dst: MAC_BACKEND1,
-        eth_src: MAC_LB_BACKEND_SIDE,
-        ..p.clone()
-    }
-}
 
-fn from_backend(p: Pkt) -> Pkt {
-    Pkt { eth_dst: MAC_LB_BACKEND_SIDE, eth_src: MAC_BACKEND1, ..p }
-}
 
-fn from_backend6(p: Pkt6) -> Pkt6 {
-    Pkt6 { eth_dst: MAC_LB_BACKEND_SIDE, eth_src: MAC_BACKEND1, ..p }
-}
 
 fn quoted_v4(p: Pkt) -> Vec<u8> {
     Pkt { payload: Vec::new(), ttl: 63, ..p }.bytes()[14..].to_vec()
