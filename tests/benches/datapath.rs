@@ -28,7 +28,8 @@
 //!
 //! Every figure is the median of `LB_BENCH_REPS` repetitions (default 7; `LB_BENCH_QUICK=1`: 3
 //! and shorter runs); within a repetition the cases run side by side, one after the other.
-//! Debugging aids: `LB_BENCH_ONLY=veth` (the veth part alone, no report), `LB_BENCH_WINDOW_MS`.
+//! Debugging aids: `LB_BENCH_ONLY=veth` or `LB_BENCH_ONLY=per_packet` (that part alone, no
+//! report), `LB_BENCH_WINDOW_MS`.
 //! Namespaces are removed on drop, on Ctrl-C / SIGTERM, and (left by a killed run) at start.
 //!
 //! ## Method: single runs, not `repeat`
@@ -39,8 +40,12 @@
 //! harness cost) is measured as single runs (`repeat = 1`): the kernel's `duration` of each run
 //! (ns, it includes one `ktime_get_ns` pair and the bh disable/enable around the program: the
 //! harness' fixed cost, which the baseline shows), averaged over a batch of runs; the figure is
-//! the median of the batch means. The two idempotent cases (baseline, not ours) are also run with
-//! a large `repeat` and printed for information: that shows the fixed cost of a single run.
+//! the median of the batch means. Each case's runs alternate one by one with runs of the
+//! baseline, so that both see the same machine (this one is shared: its speed drifts by tens of
+//! percent within seconds); a case's ratio is the median over its batches of (case mean /
+//! interleaved baseline mean), and `baseline_ns` the median of every interleaved baseline mean.
+//! The two idempotent cases (baseline, not ours) are also run with a large `repeat` and printed
+//! for information: that shows the fixed cost of a single run.
 //!
 //! Raw eBPF here (the baseline, the live-frames generator, its sink, the veth baseline) is written
 //! as instructions and loaded with bpf(2), like xtask's lab programs: no eBPF toolchain needed.
@@ -737,17 +742,44 @@ fn run_once(p: Prog<'_>, frame: &[u8], ifindex: u32, out: &mut [u8], repeat: u32
     }
 }
 
-/// `n` single runs (frame `i % frames.len()` for run `i`); the mean kernel ns per run. Every run
-/// must give `expect` (a wrong verdict means the fixture is wrong, not slow).
-fn batch(p: Prog<'_>, frames: &[Vec<u8>], n: usize, ifindex: u32, expect: u32, what: &str) -> f64 {
+/// `n` single runs of `p` (frame `i % frames.len()` for run `i`), each followed by a run of the
+/// baseline program `base` on the first frame: the mean kernel ns per run of `p` and of `base`.
+/// Every run of `p` must give `expect` (a wrong verdict means the fixture is wrong, not slow).
+fn batch(
+    p: Prog<'_>,
+    base: BorrowedFd<'_>,
+    frames: &[Vec<u8>],
+    n: usize,
+    ifindex: u32,
+    expect: u32,
+    what: &str,
+) -> (f64, f64) {
     let mut out = vec![0u8; 512];
-    let mut total = 0u64;
+    let (mut total, mut total_base) = (0u64, 0u64);
     for i in 0..n {
         let (v, ns) = run_once(p, &frames[i % frames.len()], ifindex, &mut out, 1);
         assert_eq!(v, expect, "{what}: verdict of run {i}");
         total += ns;
+        let (v, ns) = run_once(Prog::Raw(base), &frames[0], ifindex, &mut out, 1);
+        assert_eq!(v, XDP_PASS, "baseline: verdict of run {i}");
+        total_base += ns;
     }
-    total as f64 / n as f64
+    (total as f64 / n as f64, total_base as f64 / n as f64)
+}
+
+/// A case's batch means and, for each, its ratio to the baseline runs interleaved with it.
+#[derive(Default)]
+struct Case {
+    ns: Vec<f64>,
+    ratio: Vec<f64>,
+}
+
+impl Case {
+    fn push(&mut self, (ns, base_ns): (f64, f64), baseline: &mut Vec<f64>) {
+        self.ns.push(ns);
+        self.ratio.push(ns / base_ns);
+        baseline.push(base_ns);
+    }
 }
 
 fn v4_word(a: Ipv4Addr) -> u32 {
@@ -815,18 +847,19 @@ fn fill_affinity(
 
 #[derive(Default)]
 struct PerPacket {
+    /// Every interleaved baseline batch mean.
     baseline: Vec<f64>,
-    hit_v4: Vec<f64>,
-    hit_v6: Vec<f64>,
-    miss_v4: Vec<f64>,
-    miss_v4_room: Vec<f64>,
-    other: Vec<f64>,
+    hit_v4: Case,
+    hit_v6: Case,
+    miss_v4: Case,
+    miss_v4_room: Case,
+    other: Case,
     loop_baseline: Vec<f64>,
     loop_other: Vec<f64>,
-    hit_1k: Vec<f64>,
-    hit_1m: Vec<f64>,
-    spread_1k: Vec<f64>,
-    spread_1m: Vec<f64>,
+    hit_1k: Case,
+    hit_1m: Case,
+    spread_1k: Case,
+    spread_1m: Case,
     cpu: usize,
     fill_1m_secs: f64,
 }
@@ -895,16 +928,16 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
             let c = l.dp.service_counters(id).expect("service counters");
             (c.hits, c.new_pins)
         };
+        let b = base.as_fd();
         for _ in 0..s.reps {
-            // baseline
-            r.baseline.push(batch(Prog::Raw(base.as_fd()), &hit4, s.runs, cl, XDP_PASS, "baseline"));
+            let bl = &mut r.baseline;
             // hit, IPv4 and IPv6 (one client, pinned; the counters prove every run was a hit)
             let before = hits(&fx, web);
-            r.hit_v4.push(batch(Prog::Lb(fx.dp.program()), &hit4, s.runs, cl, XDP_REDIRECT, "hit_v4"));
+            r.hit_v4.push(batch(Prog::Lb(fx.dp.program()), b, &hit4, s.runs, cl, XDP_REDIRECT, "hit_v4"), bl);
             let after = hits(&fx, web);
             assert_eq!((after.0 - before.0, after.1 - before.1), (s.runs as u64, 0), "hit_v4: every run a hit");
             let before = hits(&fx, web6);
-            r.hit_v6.push(batch(Prog::Lb(fx.dp.program()), &hit6, s.runs, cl, XDP_REDIRECT, "hit_v6"));
+            r.hit_v6.push(batch(Prog::Lb(fx.dp.program()), b, &hit6, s.runs, cl, XDP_REDIRECT, "hit_v6"), bl);
             let after = hits(&fx, web6);
             assert_eq!((after.0 - before.0, after.1 - before.1), (s.runs as u64, 0), "hit_v6: every run a hit");
             // miss: a new client each run, in the tests' full table and in the roomy one
@@ -913,15 +946,15 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
                 next_client += s.runs as u32;
                 let id = l.service("web").entry.id;
                 let before = hits(l, id);
-                into.push(batch(Prog::Lb(l.dp.program()), &frames, s.runs, cl, XDP_REDIRECT, "miss_v4"));
+                into.push(batch(Prog::Lb(l.dp.program()), b, &frames, s.runs, cl, XDP_REDIRECT, "miss_v4"), bl);
                 let after = hits(l, id);
                 assert_eq!((after.0 - before.0, after.1 - before.1), (0, s.runs as u64), "miss_v4: every run a miss");
             }
             // not for a VIP
-            r.other.push(batch(Prog::Lb(fx.dp.program()), &other, s.runs, cl, XDP_PASS, "other"));
+            r.other.push(batch(Prog::Lb(fx.dp.program()), b, &other, s.runs, cl, XDP_PASS, "other"), bl);
             // scale: the same hit with 1k and 1M pins in the table
-            r.hit_1k.push(batch(Prog::Lb(s1k.dp.program()), &hit4, s.runs, cl, XDP_REDIRECT, "hit_1k"));
-            r.hit_1m.push(batch(Prog::Lb(s1m.dp.program()), &hit4, s.runs, cl, XDP_REDIRECT, "hit_1m"));
+            r.hit_1k.push(batch(Prog::Lb(s1k.dp.program()), b, &hit4, s.runs, cl, XDP_REDIRECT, "hit_1k"), bl);
+            r.hit_1m.push(batch(Prog::Lb(s1m.dp.program()), b, &hit4, s.runs, cl, XDP_REDIRECT, "hit_1m"), bl);
             // information: a different pinned client each run, at random over the whole table
             let spread = |rng: &mut Rng, n: u32| -> Vec<Vec<u8>> {
                 (0..s.runs).map(|_| tcp4(synth(1 + rng.below(n)), VIP)).collect()
@@ -929,8 +962,8 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
             let f1k = spread(&mut rng, 999);
             let f1m = spread(&mut rng, 999_999);
             let before = hits(&s1m, web_m);
-            r.spread_1k.push(batch(Prog::Lb(s1k.dp.program()), &f1k, s.runs, cl, XDP_REDIRECT, "spread_1k"));
-            r.spread_1m.push(batch(Prog::Lb(s1m.dp.program()), &f1m, s.runs, cl, XDP_REDIRECT, "spread_1m"));
+            r.spread_1k.push(batch(Prog::Lb(s1k.dp.program()), b, &f1k, s.runs, cl, XDP_REDIRECT, "spread_1k"), bl);
+            r.spread_1m.push(batch(Prog::Lb(s1m.dp.program()), b, &f1m, s.runs, cl, XDP_REDIRECT, "spread_1m"), bl);
             let after = hits(&s1m, web_m);
             assert_eq!(after.1 - before.1, 0, "spread_1m: every run a hit");
             // information: the idempotent cases in the kernel's own loop
@@ -1358,45 +1391,48 @@ fn main() -> io::Result<()> {
     let pp = per_packet_and_scale(&s, pp_cpu);
     let pp_secs = t.elapsed().as_secs_f64();
 
+    let per_packet_only = std::env::var("LB_BENCH_ONLY").is_ok_and(|v| v == "per_packet");
     // veth.
     eprint!("veth (live frames) ");
     let t = Instant::now();
-    let veth = match veth(&s, &cpus) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            eprintln!("\nveth: {e:#}");
-            None
-        }
+    let veth = if per_packet_only {
+        None
+    } else {
+        veth(&s, &cpus).map_err(|e| eprintln!("\nveth: {e:#}")).ok()
     };
     let veth_secs = t.elapsed().as_secs_f64();
 
     let med = |v: &[f64]| median(v.to_vec());
     let base = med(&pp.baseline);
     let (h4, h6, miss, miss_room, other) =
-        (med(&pp.hit_v4), med(&pp.hit_v6), med(&pp.miss_v4), med(&pp.miss_v4_room), med(&pp.other));
-    let (h1k, h1m, sp1k, sp1m) = (med(&pp.hit_1k), med(&pp.hit_1m), med(&pp.spread_1k), med(&pp.spread_1m));
+        (med(&pp.hit_v4.ns), med(&pp.hit_v6.ns), med(&pp.miss_v4.ns), med(&pp.miss_v4_room.ns), med(&pp.other.ns));
+    let (h1k, h1m, sp1k, sp1m) =
+        (med(&pp.hit_1k.ns), med(&pp.hit_1m.ns), med(&pp.spread_1k.ns), med(&pp.spread_1m.ns));
+    let ratio = |c: &Case| med(&c.ratio);
+    let scale_ratio = ratio(&pp.hit_1m) / ratio(&pp.hit_1k);
     let runs = s.runs;
     println!(
-        "\nper packet: BPF_PROG_TEST_RUN, one CPU ({}), kernel ns per run: median over {} repetitions of the mean of {runs} single runs [min..max of the means]",
+        "\nper packet: BPF_PROG_TEST_RUN, one CPU ({}), kernel ns per run: median over {} repetitions of the mean of {runs} single runs [min..max of the means], each run followed by a baseline run; ratio: median of (case / interleaved baseline)",
         pp.cpu, s.reps
     );
     println!("  baseline  XDP_PASS program     {base:7.1} ns  {}", spread(&pp.baseline));
-    let line = |name: &str, what: &str, v: f64, all: &[f64], target: f64| {
+    let line = |name: &str, what: &str, c: &Case, target: f64| {
+        let (v, r) = (med(&c.ns), ratio(c));
         println!(
             "  {name:<9} {what:<20} {v:7.1} ns  {:<16} {:>22}  (+{:.1} ns over baseline; target <= {target}x)",
-            spread(all),
-            verdict(v / base, v / base <= target),
+            spread(&c.ns),
+            verdict(r, r <= target),
             v - base
         );
     };
-    line("hit_v4", "IPv4 TCP, pinned", h4, &pp.hit_v4, 3.0);
-    line("hit_v6", "IPv6 TCP, pinned", h6, &pp.hit_v6, 3.0);
-    line("miss_v4", "new client, full LRU", miss, &pp.miss_v4, 15.0);
-    line("other", "not for a VIP", other, &pp.other, 1.5);
+    line("hit_v4", "IPv4 TCP, pinned", &pp.hit_v4, 3.0);
+    line("hit_v6", "IPv6 TCP, pinned", &pp.hit_v6, 3.0);
+    line("miss_v4", "new client, full LRU", &pp.miss_v4, 15.0);
+    line("other", "not for a VIP", &pp.other, 1.5);
     println!(
         "  info: miss_v4 into a table with room (2M entries, no eviction) {miss_room:.1} ns {} = {:.2}x baseline",
-        spread(&pp.miss_v4_room),
-        miss_room / base
+        spread(&pp.miss_v4_room.ns),
+        ratio(&pp.miss_v4_room)
     );
     println!(
         "  info: kernel loop (repeat {}, idempotent cases): baseline {:.1} ns, other {:.1} ns; so a single run's fixed cost is ~{:.0} ns",
@@ -1406,16 +1442,20 @@ fn main() -> io::Result<()> {
         base - med(&pp.loop_baseline)
     );
     println!("scale: hit_v4 with the affinity table filled (capacity {BIG_AFFINITY}; 1M filled in {:.2} s)", pp.fill_1m_secs);
-    println!("  1k pins   {h1k:7.1} ns  {}", spread(&pp.hit_1k));
+    println!("  1k pins   {h1k:7.1} ns  {}  {:.2}x baseline", spread(&pp.hit_1k.ns), ratio(&pp.hit_1k));
     println!(
-        "  1M pins   {h1m:7.1} ns  {}  1M/1k {}  (target <= 1.3x)",
-        spread(&pp.hit_1m),
-        verdict(h1m / h1k, h1m / h1k <= 1.3)
+        "  1M pins   {h1m:7.1} ns  {}  {:.2}x baseline; 1M/1k {}  (target <= 1.3x)",
+        spread(&pp.hit_1m.ns),
+        ratio(&pp.hit_1m),
+        verdict(scale_ratio, scale_ratio <= 1.3)
     );
     println!(
         "  info: a different random pinned client each run (cold table lines): 1k {sp1k:.1} ns, 1M {sp1m:.1} ns, 1M/1k {:.2}x",
-        sp1m / sp1k
+        ratio(&pp.spread_1m) / ratio(&pp.spread_1k)
     );
+    if per_packet_only {
+        return Ok(());
+    }
     let (vb, vl) = match &veth {
         Some(v) => print_veth(v, &s),
         None => {
@@ -1435,8 +1475,12 @@ fn main() -> io::Result<()> {
             "hit_v6_ns": round(h6, 1),
             "miss_v4_ns": round(miss, 1),
             "other_ns": round(other, 1),
+            "hit_v4_ratio": round(ratio(&pp.hit_v4), 2),
+            "hit_v6_ratio": round(ratio(&pp.hit_v6), 2),
+            "miss_v4_ratio": round(ratio(&pp.miss_v4), 2),
+            "other_ratio": round(ratio(&pp.other), 2),
         },
-        "scale": { "hit_ns_1k": round(h1k, 1), "hit_ns_1m": round(h1m, 1) },
+        "scale": { "hit_ns_1k": round(h1k, 1), "hit_ns_1m": round(h1m, 1), "ratio_1m_1k": round(scale_ratio, 2) },
         "veth": { "baseline_mpps": vb, "lb_mpps": vl },
         "machine": m,
     });
