@@ -2,8 +2,9 @@
 //! cheap, branch-free, verifier-friendly, and the same on every node, which is what lets several
 //! balancer nodes agree on a client's backend without talking to each other.
 
+/// Murmur3's finaliser: every input bit affects every output bit.
 #[inline(always)]
-const fn fmix32(mut h: u32) -> u32 {
+pub const fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -42,6 +43,18 @@ pub fn hash_words(seed: u32, words: &[u32]) -> u32 {
 #[inline(always)]
 pub const fn client_slot(seed: u32, addr: &[u32; 4], m: u32) -> u32 {
     hash4(seed, addr) % m
+}
+
+/// A cheap hash of an address (IPv4 uses `addr[0]`), for the datapath's direct-mapped tables
+/// (`ADDR_FILTER`, `FIB_CACHE`); not seeded, not for client placement.
+#[inline(always)]
+pub const fn addr_hash(v6: bool, addr: &[u32; 4]) -> u32 {
+    let x = if v6 {
+        addr[0] ^ addr[1].rotate_left(7) ^ addr[2].rotate_left(14) ^ addr[3].rotate_left(21) ^ 0x6a09_e667
+    } else {
+        addr[0]
+    };
+    fmix32(x)
 }
 
 #[cfg(test)]

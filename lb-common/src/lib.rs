@@ -13,7 +13,7 @@ pub mod hash;
 
 /// Bumped whenever a map's key or value layout, a map's meaning, or a map name changes. Stored in
 /// `CONFIG[0].layout_version`; a daemon refuses to adopt pinned state of another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Pin name of the XDP link of interface `ifname` under the pin path is `LINK_PIN_PREFIX` +
 /// `ifname`: the attachment outlives the daemon, so a restart never interrupts traffic.
@@ -63,6 +63,14 @@ pub mod maps {
     /// Hash [u8; 16] (interface name, NUL-padded) -> u32 (`crate::ATTACH_NATIVE` or
     /// `crate::ATTACH_GENERIC`); written and read by the daemon only.
     pub const ATTACH_MODES: &str = "ATTACH_MODES";
+    /// Array[`crate::ADDR_FILTER_WORDS`] of u64: a one-hash Bloom filter of every address in
+    /// `ADDRS` (bit `crate::addr_filter_bit`), so that traffic which is not ours is told apart
+    /// without a hash-map lookup. False positives only cost the lookups it saves.
+    pub const ADDR_FILTER: &str = "ADDR_FILTER";
+    /// Per-CPU array[`crate::FIB_CACHE_ENTRIES`] of [`crate::FibCacheEntry`]: recent
+    /// `bpf_fib_lookup` results by destination (direct-mapped by `crate::hash::addr_hash`).
+    /// Not pinned: each loaded program starts with an empty cache.
+    pub const FIB_CACHE: &str = "FIB_CACHE";
 }
 
 /// `ADDRS` flags.
@@ -113,9 +121,64 @@ pub struct GlobalConfig {
     pub max_services: u32,
     pub max_backends: u32,
     pub affinity_entries: u32,
-    pub _pad: u32,
+    /// Bumped by the daemon whenever the redirect targets (`TX_PORTS`) change: FIB cache
+    /// entries filled under another epoch are ignored.
+    pub fib_epoch: u32,
 }
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 32);
+
+/// Words of `ADDR_FILTER` (65,536 bits: with a thousand VIP and backend addresses, under 2% of
+/// other traffic pays the map lookups the filter saves).
+pub const ADDR_FILTER_WORDS: u32 = 1024;
+
+/// (word, bit) of an address in `ADDR_FILTER`.
+#[inline(always)]
+pub const fn addr_filter_bit(v6: bool, addr: &[u32; 4]) -> (u32, u32) {
+    let h = hash::addr_hash(v6, addr) & (ADDR_FILTER_WORDS * 64 - 1);
+    (h / 64, h % 64)
+}
+
+/// Slots of `FIB_CACHE` per CPU (a power of two).
+pub const FIB_CACHE_ENTRIES: u32 = 4096;
+
+/// How long a cached FIB result is used before the next packet looks the route up again: the
+/// bound on how long a route or neighbour (MAC) change goes unseen.
+pub const FIB_CACHE_TTL_NS: u64 = 250_000_000;
+
+/// `FibCacheEntry::flags`: the entry holds a successful lookup.
+pub const FIB_F_VALID: u16 = 1;
+/// The destination is IPv6 (part of the tag).
+pub const FIB_F_V6: u16 = 2;
+/// The next hop is the destination itself (no gateway): what DSR needs.
+pub const FIB_F_DIRECT: u16 = 4;
+/// The egress interface is in `TX_PORTS` (frames may be redirected there).
+pub const FIB_F_ATTACHED: u16 = 8;
+
+/// A cached `bpf_fib_lookup` result for one destination address, as seen from one ingress
+/// interface (the kernel's lookup depends on it: per-interface forwarding, `iif` rules).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FibCacheEntry {
+    /// Destination address (the tag, with `in_ifindex` and `FIB_F_V6`), network order words;
+    /// IPv4 uses `addr[0]`.
+    pub addr: [u32; 4],
+    /// CLOCK_MONOTONIC_COARSE ns after which the entry is looked up again.
+    pub expires_ns: u64,
+    /// Ingress interface of the packets the entry is for.
+    pub in_ifindex: u32,
+    /// Egress interface.
+    pub ifindex: u32,
+    /// `GlobalConfig::fib_epoch` when filled.
+    pub epoch: u32,
+    /// The route's MTU: larger packets take the full lookup (which hands them to the kernel,
+    /// which sends "fragmentation needed" / "packet too big").
+    pub mtu: u16,
+    pub flags: u16,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FibCacheEntry>() == 56);
 
 /// (address, port, protocol): a service's VIP, or a backend's endpoint in `REVERSE`.
 #[repr(C)]
@@ -465,6 +528,7 @@ mod pod {
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for FibCacheEntry {}
 }
 
 #[cfg(test)]

@@ -1,21 +1,30 @@
-//! Sending a rewritten packet on: FIB lookup, TTL / hop limit, MACs, then TX, redirect, or the
-//! kernel when the next hop is not resolved yet (or a VLAN-tagged frame must change interface).
+//! Sending a rewritten packet on: next hop (from the per-CPU FIB cache, else `bpf_fib_lookup`),
+//! TTL / hop limit, MACs, then TX, redirect, or the kernel when the next hop is not resolved yet
+//! (or a VLAN-tagged frame must change interface).
 
 use core::mem;
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams, xdp_action, xdp_md,
+        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams, xdp_action, xdp_md,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{csum, stat};
+use lb_common::{
+    FIB_CACHE_ENTRIES, FIB_CACHE_TTL_NS, FIB_F_ATTACHED, FIB_F_DIRECT, FIB_F_V6, FIB_F_VALID, FibCacheEntry, csum,
+    hash::addr_hash, stat,
+};
 use network_types::eth::EthHdr;
 
-use crate::{Verdict, drop, maps::TX_PORTS, parse::Meta, pass, ptr_at, verdict};
+use crate::{
+    Verdict, drop,
+    maps::{CONFIG, FIB_CACHE, TX_PORTS},
+    parse::Meta,
+    pass, ptr_at, verdict,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -23,11 +32,50 @@ const AF_INET6: u8 = 10;
 /// Forwards the packet described by `m` (whose addresses are now `src` -> `dst`). In DSR mode the
 /// packet still goes to the VIP and `dst` is the backend: the backend must be directly connected
 /// (the FIB's next hop is the backend itself) and the frame is switched to it, TTL untouched.
-/// Out of line (a BPF-to-BPF call): every path shares one copy and one stack frame for the FIB
-/// parameters.
+///
+/// The next hop comes from this CPU's `FIB_CACHE` slot for `dst` when that holds a lookup for
+/// `dst` from this ingress interface, younger than `FIB_CACHE_TTL_NS`, made under the current
+/// `fib_epoch`, for a route whose MTU the packet fits; otherwise from `bpf_fib_lookup`, whose
+/// success refills the slot. The cache assumes the route to a destination does not depend on the
+/// packet's source address or TOS (no source policy routing toward backends and clients; on a
+/// multipath route every source takes the path the lookup that filled the entry took).
+/// Out of line (a BPF-to-BPF call): every path shares one copy.
 #[inline(never)]
 pub fn forward(raw: *mut xdp_md, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Verdict {
     let ctx = &crate::ctx_of(raw);
+    let ingress = ctx.ingress_ifindex() as u32;
+    // The ingress interface is part of the tag: mixed into the slot, so that one destination
+    // reached from two interfaces does not take turns in one slot.
+    let slot = (addr_hash(m.v6, dst) ^ ingress.wrapping_mul(0x9e37_79b1)) & (FIB_CACHE_ENTRIES - 1);
+    let Some(e) = FIB_CACHE.get_ptr_mut(slot) else {
+        return drop(stat::ABORTED);
+    };
+    // SAFETY: this CPU's slot; nothing else writes it while this program runs here.
+    let e = unsafe { &mut *e };
+    // SAFETY: a helper call with no side effects.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let epoch = CONFIG.get(0).map_or(0, |c| c.fib_epoch);
+    let tag = FIB_F_VALID | if m.v6 { FIB_F_V6 } else { 0 };
+    let same_dst = e.flags & (FIB_F_VALID | FIB_F_V6) == tag && e.addr == *dst && e.in_ifindex == ingress;
+    if !(same_dst && e.epoch == epoch && now < e.expires_ns && m.ip_len <= e.mtu) {
+        let v = lookup(ctx, m, src, dst, e, same_dst);
+        if v.0 != FILLED.0 {
+            return v;
+        }
+        e.expires_ns = now + FIB_CACHE_TTL_NS;
+        e.epoch = epoch;
+    }
+    send(ctx, m, e)
+}
+
+/// `lookup` refilled the cache entry.
+const FILLED: Verdict = Verdict(u32::MAX);
+
+/// `bpf_fib_lookup` for the packet; on success its result goes into `e` (all but the expiry and
+/// epoch) and `FILLED` is returned, else the verdict for the packet. A failed lookup for the
+/// entry's own destination empties it (unless the packet was merely too big for the route).
+#[inline(always)]
+fn lookup(ctx: &XdpContext, m: &Meta, src: &[u32; 4], dst: &[u32; 4], e: &mut FibCacheEntry, same_dst: bool) -> Verdict {
     // All-zero is the struct's documented initial state. Zeroed with volatile word stores: a
     // plain zero initialisation becomes a call to a memset subprogram (~40 ns per packet).
     const _: () = assert!(mem::size_of::<FibParams>() == 64);
@@ -54,36 +102,64 @@ pub fn forward(raw: *mut xdp_md, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Ve
     }
     // SAFETY: the helper reads and writes only `fib`.
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), fib as *mut FibParams, mem::size_of::<FibParams>() as i32, 0) } as u32;
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            return drop(stat::DROP_FIB);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        if same_dst && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED {
+            e.flags = 0;
         }
-        // DSR: the kernel cannot forward a packet still addressed to the VIP (it has no route
-        // to it); the health checks keep the backends' neighbour entries resolved.
-        _ if m.dsr => return drop(stat::DROP_FIB),
-        // No neighbour entry yet, forwarding disabled, needs fragmenting, ...: the kernel knows.
-        _ => return pass(stat::PASS_FIB),
-    }
-    let same_if = fib.ifindex == ctx.ingress_ifindex() as u32;
-
-    if m.dsr {
-        // The FIB reports the next hop in the destination fields: a gateway there means the
-        // backend is not on a segment we share, and DSR cannot reach it.
-        // SAFETY: plain reads of the union the helper filled.
-        let nexthop_is_backend = unsafe {
-            if m.v6 { fib.__bindgen_anon_4.ipv6_dst == *dst } else { fib.__bindgen_anon_4.ipv4_dst == dst[0] }
+        return match rc {
+            BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
+                drop(stat::DROP_FIB)
+            }
+            // DSR: the kernel cannot forward a packet still addressed to the VIP (it has no route
+            // to it); the health checks keep the backends' neighbour entries resolved.
+            _ if m.dsr => drop(stat::DROP_FIB),
+            // No neighbour entry yet, forwarding disabled, needs fragmenting, ...: the kernel knows.
+            _ => pass(stat::PASS_FIB),
         };
-        if !nexthop_is_backend {
+    }
+    // The FIB reports the next hop in the destination fields: the destination itself unless a
+    // gateway is on the way.
+    // SAFETY: plain reads of the unions the helper filled.
+    let direct = unsafe {
+        if m.v6 { fib.__bindgen_anon_4.ipv6_dst == *dst } else { fib.__bindgen_anon_4.ipv4_dst == dst[0] }
+    };
+    // SAFETY: presence only.
+    let attached = unsafe { TX_PORTS.get(&fib.ifindex) }.is_some();
+    // On success the helper leaves the route's MTU where tot_len was (kernel 5.12+); the packet
+    // fitted it, whatever an older kernel leaves there.
+    // SAFETY: a plain read of the union the helper filled.
+    let mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+    e.addr = *dst;
+    e.in_ifindex = ctx.ingress_ifindex() as u32;
+    e.ifindex = fib.ifindex;
+    e.mtu = if mtu < m.ip_len { m.ip_len } else { mtu };
+    e.flags = FIB_F_VALID
+        | if m.v6 { FIB_F_V6 } else { 0 }
+        | if direct { FIB_F_DIRECT } else { 0 }
+        | if attached { FIB_F_ATTACHED } else { 0 };
+    for i in 0..6 {
+        e.dmac[i] = fib.dmac[i];
+        e.smac[i] = fib.smac[i];
+    }
+    FILLED
+}
+
+/// Sends the packet to the next hop `e` describes.
+#[inline(always)]
+fn send(ctx: &XdpContext, m: &Meta, e: &FibCacheEntry) -> Verdict {
+    // The entry is for this ingress interface.
+    let same_if = e.ifindex == e.in_ifindex;
+    if m.dsr {
+        // A gateway on the way means the backend is not on a segment we share: DSR cannot
+        // reach it.
+        if e.flags & FIB_F_DIRECT == 0 {
             return drop(stat::DROP_FIB);
         }
     } else if m.vlan && !same_if {
         // A tagged frame leaving through another interface: the kernel's VLAN devices re-tag it.
         return pass(stat::PASS_VLAN);
     }
-    // SAFETY: presence only.
-    let attached = same_if || unsafe { TX_PORTS.get(&fib.ifindex) }.is_some();
-    if !attached {
+    if !same_if && e.flags & FIB_F_ATTACHED == 0 {
         // An interface we are not attached to (a VLAN, bridge or bond device on top of one we
         // are): it cannot transmit an XDP frame, so the kernel forwards the rewritten packet.
         return if m.dsr { drop(stat::DROP_FIB) } else { pass(stat::PASS_FIB) };
@@ -98,17 +174,17 @@ pub fn forward(raw: *mut xdp_md, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Ve
     // SAFETY: bounds-checked above. Byte stores: a 6-byte array assignment becomes a call to a
     // memmove subprogram.
     unsafe {
-        let e = &mut *eth;
+        let h = &mut *eth;
         for i in 0..6 {
-            core::ptr::write_volatile(&mut e.dst_addr[i], fib.dmac[i]);
-            core::ptr::write_volatile(&mut e.src_addr[i], fib.smac[i]);
+            core::ptr::write_volatile(&mut h.dst_addr[i], e.dmac[i]);
+            core::ptr::write_volatile(&mut h.src_addr[i], e.smac[i]);
         }
     }
     if same_if {
         return verdict(xdp_action::XDP_TX, stat::TX);
     }
     // SAFETY: a helper call; it returns XDP_REDIRECT, or XDP_ABORTED for a bad ifindex.
-    let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
+    let action = unsafe { bpf_redirect(e.ifindex, 0) } as u32;
     verdict(action, stat::REDIRECT)
 }
 

@@ -20,7 +20,7 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{xdp_action, xdp_md},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::xdp,
     programs::XdpContext,
 };
@@ -154,6 +154,11 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Err(v) = parse::parse(ctx, m) {
         return v;
     }
+    // Neither to a VIP nor from a backend (nor anything that could be ours: ICMP to a VIP,
+    // fragments of our datagrams): not ours, told by two filter bits instead of map lookups.
+    if !parse::maybe_listed(m.v6, &m.dst) && !parse::maybe_listed(m.v6, &m.src) {
+        return pass(stat::PASS_NOT_OURS);
+    }
     if m.proto == parse::PROTO_ICMP || m.proto == parse::PROTO_ICMPV6 {
         return icmp::handle(ctx.ctx, m);
     }
@@ -260,7 +265,8 @@ fn record_fragment_out(m: &Meta, addr: &[u32; 4], dir: u32, ids: u64) {
 fn to_backend(raw: *mut xdp_md, m: &Meta, svc: &Service) -> Verdict {
     let ctx = &ctx_of(raw);
     let key = client_key(svc, m.v6, &m.src);
-    let backend_id = match select(ctx.ctx, svc, &key) {
+    // Selection counts the packet and its bytes for the service and the backend.
+    let backend_id = match select_inner(ctx, svc, &key, m.len) {
         Ok(id) => id,
         Err(v) => return v,
     };
@@ -269,15 +275,6 @@ fn to_backend(raw: *mut xdp_md, m: &Meta, svc: &Service) -> Verdict {
         return drop(stat::ABORTED);
     };
     let (baddr, bport) = (backend.addr, backend.port);
-    let len = m.len;
-    bump(&SERVICE_STATS, svc.id, |c| {
-        c.packets += 1;
-        c.bytes += len;
-    });
-    bump(&BACKEND_STATS, backend_id, |c| {
-        c.packets += 1;
-        c.bytes += len;
-    });
     record_fragment(m, &baddr, FRAG_TO_BACKEND, svc.id, backend_id);
     // DSR: the packet stays addressed to the VIP; `forward` only finds the backend's MAC.
     if !m.dsr && !nat::rewrite(ctx.ctx, m, Side::Dst, &baddr, bport) {
@@ -354,26 +351,32 @@ fn later_fragment(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     }
 }
 
-/// The client's backend: its live affinity entry, else a fresh pick from the Maglev table.
+/// The client's backend (for ICMP errors, which are not counted as packets): `select_inner` out
+/// of line.
 #[inline(always)]
 pub fn select(raw: *mut xdp_md, svc: &Service, key: &AffinityKey) -> Result<u32, Verdict> {
     let r = select_raw(raw, svc, key);
     if r >> 32 != 0 { Ok(r as u32) } else { Err(Verdict(r as u32)) }
 }
 
-/// `select` out of line (one copy for TCP/UDP and ICMP): `1 << 32 | backend id`, or a verdict.
+/// `1 << 32 | backend id`, or a verdict.
 #[inline(never)]
 fn select_raw(raw: *mut xdp_md, svc: &Service, key: &AffinityKey) -> u64 {
-    match select_inner(&crate::ctx_of(raw), svc, key) {
+    match select_inner(&crate::ctx_of(raw), svc, key, 0) {
         Ok(id) => (1u64 << 32) | id as u64,
         Err(v) => v.0 as u64,
     }
 }
 
+/// The client's backend: its live affinity entry, else a fresh pick from the Maglev table. A
+/// packet of `len` bytes (0: none) is counted for the service and the chosen backend in the same
+/// counter update as the hit or the new pin.
 #[inline(always)]
-fn select_inner(ctx: &XdpContext, svc: &Service, key: &AffinityKey) -> Result<u32, Verdict> {
+fn select_inner(ctx: &XdpContext, svc: &Service, key: &AffinityKey, len: u64) -> Result<u32, Verdict> {
+    let packets = (len != 0) as u64;
     // SAFETY: a helper call with no side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // CLOCK_MONOTONIC_COARSE: no clock-source read (tick resolution, ample for timeouts).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(e) = AFFINITY.get_ptr_mut(key) {
         // SAFETY: the LRU map hands out a pointer to the element, valid during this program run.
         let e = unsafe { &mut *e };
@@ -396,8 +399,16 @@ fn select_inner(ctx: &XdpContext, svc: &Service, key: &AffinityKey) -> Result<u3
             if idle > refresh {
                 e.last_seen_ns = now;
             }
-            bump(&SERVICE_STATS, svc.id, |c| c.hits += 1);
-            bump(&BACKEND_STATS, backend_id, |c| c.hits += 1);
+            bump(&SERVICE_STATS, svc.id, |c| {
+                c.hits += 1;
+                c.packets += packets;
+                c.bytes += len;
+            });
+            bump(&BACKEND_STATS, backend_id, |c| {
+                c.hits += 1;
+                c.packets += packets;
+                c.bytes += len;
+            });
             return Ok(backend_id);
         }
         if !fresh {
@@ -426,8 +437,16 @@ fn select_inner(ctx: &XdpContext, svc: &Service, key: &AffinityKey) -> Result<u3
     let val = AffinityValue { backend_id, _pad: 0, last_seen_ns: now, created_ns: now };
     // BPF_ANY: a concurrent insert for the same client picked the same backend anyway.
     let _ = AFFINITY.insert(key, &val, 0);
-    bump(&SERVICE_STATS, svc.id, |c| c.new_pins += 1);
-    bump(&BACKEND_STATS, backend_id, |c| c.new_pins += 1);
+    bump(&SERVICE_STATS, svc.id, |c| {
+        c.new_pins += 1;
+        c.packets += packets;
+        c.bytes += len;
+    });
+    bump(&BACKEND_STATS, backend_id, |c| {
+        c.new_pins += 1;
+        c.packets += packets;
+        c.bytes += len;
+    });
     Ok(backend_id)
 }
 

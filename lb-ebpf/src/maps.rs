@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, AffinityKey, AffinityValue, Backend, Counters, DEFAULT_AFFINITY_ENTRIES,
-    DEFAULT_MAGLEV_M, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FRAG_ENTRIES, FragKey, FragValue,
-    GlobalConfig, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, stat,
+    ADDR_FILTER_WORDS, AddrKey, AffinityKey, AffinityValue, Backend, Counters, DEFAULT_AFFINITY_ENTRIES,
+    DEFAULT_MAGLEV_M, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FIB_CACHE_ENTRIES, FRAG_ENTRIES,
+    FibCacheEntry, FragKey, FragValue, GlobalConfig, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, stat,
 };
 
 /// Global settings (layout version, Maglev M, client hash seed), one entry.
@@ -36,6 +36,15 @@ pub static LOCAL_ADDRS6: HashMap<[u32; 4], u32> = HashMap::with_max_entries(256,
 /// Every VIP and backend address (`ADDR_F_*`): ours-or-not for packets without ports.
 #[map(name = "ADDRS")]
 pub static ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Bloom filter (one hash) of every `ADDRS` address: a packet whose source and destination bits
+/// are both clear is not ours, found without a hash-map lookup.
+#[map(name = "ADDR_FILTER")]
+pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(ADDR_FILTER_WORDS, 0);
+
+/// Recent FIB lookups by destination, per CPU (no write sharing, no torn reads).
+#[map(name = "FIB_CACHE")]
+pub static FIB_CACHE: PerCpuArray<FibCacheEntry> = PerCpuArray::with_max_entries(FIB_CACHE_ENTRIES, 0);
 
 /// First fragment's translation, for the later fragments of the same datagram.
 #[map(name = "FRAGS")]

@@ -3,10 +3,14 @@
 //! `ptr_at`; later stages read the `Meta` instead of parsing again.
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
-use lb_common::{ADDR_F_BACKEND, ADDR_F_VIP, AddrKey, PROTO_TCP, PROTO_UDP, stat};
+use lb_common::{ADDR_F_BACKEND, ADDR_F_VIP, AddrKey, PROTO_TCP, PROTO_UDP, addr_filter_bit, stat};
 use network_types::eth::EthHdr;
 
-use crate::{Verdict, maps::ADDRS, pass, ptr_at};
+use crate::{
+    Verdict,
+    maps::{ADDR_FILTER, ADDRS},
+    pass, ptr_at,
+};
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
@@ -75,9 +79,20 @@ impl Meta {
     }
 }
 
+/// Whether `ADDR_FILTER` may hold the address: false means it is in no `ADDRS` entry (neither a
+/// VIP nor a backend), known without a hash-map lookup.
+#[inline(always)]
+pub fn maybe_listed(v6: bool, addr: &[u32; 4]) -> bool {
+    let (word, bit) = addr_filter_bit(v6, addr);
+    ADDR_FILTER.get(word).is_some_and(|w| *w & (1u64 << bit) != 0)
+}
+
 /// `ADDRS` flags of an address (0 when it is neither a VIP nor a backend).
 #[inline(always)]
 pub fn addr_flags(v6: bool, addr: &[u32; 4]) -> u32 {
+    if !maybe_listed(v6, addr) {
+        return 0;
+    }
     let key = AddrKey { addr: *addr, family: if v6 { 6 } else { 4 } };
     // SAFETY: a copy is read at once.
     unsafe { ADDRS.get(&key) }.copied().unwrap_or(0)

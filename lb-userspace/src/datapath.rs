@@ -30,7 +30,8 @@ use crate::config::{DatapathConfig, XdpMode};
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
 /// Every map the daemon pins, by name.
-pub const ALL_MAPS: [&str; 17] = [
+/// Every map pinned under the pin path (not `FIB_CACHE` and `SCRATCH`: each program has its own).
+pub const ALL_MAPS: [&str; 18] = [
     maps::CONFIG,
     maps::SERVICES,
     maps::BACKENDS,
@@ -48,6 +49,7 @@ pub const ALL_MAPS: [&str; 17] = [
     maps::ADDRS,
     maps::FRAGS,
     maps::TX_PORTS,
+    maps::ADDR_FILTER,
 ];
 
 /// A (address, port, protocol) endpoint of either family: a VIP (`SERVICES`/`SERVICES6` key) or a
@@ -278,10 +280,12 @@ impl Datapath {
         let idx = nix::net::if_::if_nametoindex(iface).with_context(|| format!("ifindex of {iface}"))?;
         let mut m: HashMap<&mut MapData, u32, u32> = HashMap::try_from(self.map_mut(maps::TX_PORTS)?)?;
         if on {
-            m.insert(idx, 1, 0).context("writing TX_PORTS")
+            m.insert(idx, 1, 0).context("writing TX_PORTS")?;
         } else {
-            ignore_missing(m.remove(&idx)).context("removing a TX_PORTS entry")
+            ignore_missing(m.remove(&idx)).context("removing a TX_PORTS entry")?;
         }
+        // Cached next hops say whether their interface is a redirect target.
+        self.bump_fib_epoch()
     }
 
     fn attach_any(&mut self, iface: &str, mode: XdpMode) -> Result<AttachMode> {
@@ -456,9 +460,31 @@ impl Datapath {
         a.get(&0, 0).context("reading CONFIG")
     }
 
+    /// Writes the global settings; `fib_epoch` is the datapath's own (see `bump_fib_epoch`) and
+    /// keeps its current value whatever `g` says.
     pub fn write_global(&mut self, g: GlobalConfig) -> Result<()> {
+        let fib_epoch = self.read_global()?.fib_epoch;
         let mut a: Array<&mut MapData, GlobalConfig> = Array::try_from(self.map_mut(maps::CONFIG)?)?;
-        a.set(0, g, 0).context("writing CONFIG")
+        a.set(0, GlobalConfig { fib_epoch, ..g }, 0).context("writing CONFIG")
+    }
+
+    /// Makes the XDP program forget every cached FIB result (at its next packet per destination):
+    /// called whenever the redirect targets change.
+    pub fn bump_fib_epoch(&mut self) -> Result<()> {
+        let g = self.read_global()?;
+        let mut a: Array<&mut MapData, GlobalConfig> = Array::try_from(self.map_mut(maps::CONFIG)?)?;
+        a.set(0, GlobalConfig { fib_epoch: g.fib_epoch.wrapping_add(1), ..g }, 0).context("writing CONFIG")
+    }
+
+    /// The words of `ADDR_FILTER`.
+    pub fn addr_filter(&self) -> Result<Vec<u64>> {
+        let a: Array<&MapData, u64> = Array::try_from(self.map(maps::ADDR_FILTER)?)?;
+        a.iter().collect::<Result<_, _>>().context("reading ADDR_FILTER")
+    }
+
+    pub fn write_addr_filter_word(&mut self, i: u32, word: u64) -> Result<()> {
+        let mut a: Array<&mut MapData, u64> = Array::try_from(self.map_mut(maps::ADDR_FILTER)?)?;
+        a.set(i, word, 0).with_context(|| format!("writing ADDR_FILTER[{i}]"))
     }
 
     /// Whether the maps hold state a daemon wrote before (adopted pins), and if so that it is

@@ -14,9 +14,9 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
-    ADDR_F_BACKEND, ADDR_F_VIP, AddrKey, BACKEND_F_DRAINING, BACKEND_F_FORCED, BACKEND_F_HEALTH_DOWN,
-    BACKEND_F_IN_USE, BACKEND_F_UP, Backend, GlobalConfig, LAYOUT_VERSION, SERVICE_F_FAIL_OPEN, Service, v4_mask,
-    v6_mask,
+    ADDR_F_BACKEND, ADDR_F_VIP, ADDR_FILTER_WORDS, AddrKey, BACKEND_F_DRAINING, BACKEND_F_FORCED, BACKEND_F_HEALTH_DOWN,
+    BACKEND_F_IN_USE, BACKEND_F_UP, Backend, GlobalConfig, LAYOUT_VERSION, SERVICE_F_FAIL_OPEN, Service, addr_filter_bit,
+    v4_mask, v6_mask, FAMILY_V6,
 };
 use serde::{Deserialize, Serialize};
 
@@ -212,6 +212,18 @@ pub struct Runtime {
     backend_ids: IdPool,
     /// `ADDRS` as last written (None: not known yet).
     addrs: Option<BTreeMap<AddrKey, u32>>,
+    /// `ADDR_FILTER` as last written (None: not known yet).
+    filter: Option<Vec<u64>>,
+}
+
+/// `ADDR_FILTER` words holding `addrs`.
+fn filter_words<'a>(addrs: impl Iterator<Item = &'a AddrKey>) -> Vec<u64> {
+    let mut w = vec![0u64; ADDR_FILTER_WORDS as usize];
+    for k in addrs {
+        let (word, bit) = addr_filter_bit(k.family == FAMILY_V6 as u32, &k.addr);
+        w[word as usize] |= 1 << bit;
+    }
+    w
 }
 
 fn service_entry(s: &ServiceConfig, id: u32) -> Service {
@@ -252,12 +264,13 @@ impl Runtime {
                 max_services: d.max_services,
                 max_backends: d.max_backends,
                 affinity_entries: d.affinity_entries,
-                _pad: 0,
+                fib_epoch: 0,
             },
             services: Vec::new(),
             service_ids: IdPool::new(d.max_services),
             backend_ids: IdPool::new(d.max_backends),
             addrs: None,
+            filter: None,
         }
     }
 
@@ -329,10 +342,25 @@ impl Runtime {
     /// every id (and so every pin) of what stays. Nothing is written for what did not change.
     pub fn reconcile(&mut self, cfg: &Config, dp: &mut Datapath) -> Result<Changes> {
         let mut ch = Changes::default();
-        if self.global.hash_seed != cfg.datapath.hash_seed || dp.read_global()? != self.global {
+        // (The FIB cache epoch is the datapath's own.)
+        let pinned = GlobalConfig { fib_epoch: self.global.fib_epoch, ..dp.read_global()? };
+        if self.global.hash_seed != cfg.datapath.hash_seed || pinned != self.global {
             self.global.hash_seed = cfg.datapath.hash_seed;
             dp.write_global(self.global)?;
         }
+        // The address filter lets through every address old or new before any service or
+        // backend is written; `sync_addrs` narrows it to the new ones at the end.
+        let new_addrs: Vec<AddrKey> = cfg
+            .services
+            .iter()
+            .flat_map(|s| std::iter::once(s.vip).chain(s.backends.iter().map(|b| b.address)))
+            .map(addr_key)
+            .collect();
+        let mut union = filter_words(new_addrs.iter());
+        for (u, h) in union.iter_mut().zip(self.written_filter(dp)?) {
+            *u |= h;
+        }
+        self.sync_filter(dp, union)?;
         // Removed services: those whose name is gone (or orphans from adoption).
         let gone: Vec<usize> = (0..self.services.len())
             .filter(|i| !cfg.services.iter().any(|c| c.name == self.services[*i].config.name))
@@ -396,7 +424,28 @@ impl Runtime {
                 dp.set_addr(k, Some(*v))?;
             }
         }
+        let words = filter_words(want.keys());
         self.addrs = Some(want);
+        self.sync_filter(dp, words)
+    }
+
+    /// `ADDR_FILTER` as last written (read from the map the first time: a previous daemon's).
+    fn written_filter(&mut self, dp: &Datapath) -> Result<&[u64]> {
+        if self.filter.is_none() {
+            self.filter = Some(dp.addr_filter()?);
+        }
+        Ok(self.filter.as_deref().unwrap_or_default())
+    }
+
+    /// Writes the `ADDR_FILTER` words that differ from `want`.
+    fn sync_filter(&mut self, dp: &mut Datapath, want: Vec<u64>) -> Result<()> {
+        let have = self.written_filter(dp)?.to_vec();
+        for (i, (w, h)) in want.iter().zip(&have).enumerate() {
+            if w != h {
+                dp.write_addr_filter_word(i as u32, *w)?;
+            }
+        }
+        self.filter = Some(want);
         Ok(())
     }
 

@@ -239,6 +239,13 @@ impl FixtureNs {
         }
     }
 
+    /// Runs `ip -n <this namespace> args...`; panics with its error output if it fails.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
     /// The ifindex of a device in this namespace (call from inside it).
     pub fn ifindex(dev: &str) -> u32 {
         nix::net::if_::if_nametoindex(dev).unwrap_or_else(|e| panic!("ifindex of {dev}: {e}"))

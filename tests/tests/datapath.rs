@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use lb::config::Config;
 use lb_common::{AffinityKey, AffinityValue};
 use tests::{
-    FixtureNs, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, Pkt, assert_frame_eq,
+    FixtureNs, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, Pkt, assert_frame_eq, to_backend1,
     checksums_valid, decode, monotonic_ns,
 };
 
@@ -132,15 +132,7 @@ fn in_fixture(tag: &str, f: impl FnOnce(&mut Fixture) + Send) {
 /// What the balancer must send toward backend 1 for `p`: destination rewritten, TTL - 1,
 /// MACs of the backend-side hop, checksums valid.
 fn expected_to_backend1(p: &Pkt, port: u16) -> Vec<u8> {
-    Pkt {
-        dst: BACKEND1,
-        dport: port,
-        ttl: p.ttl - 1,
-        eth_dst: MAC_BACKEND1,
-        eth_src: MAC_LB_BACKEND_SIDE,
-        ..p.clone()
-    }
-    .bytes()
+    to_backend1(p, port).bytes()
 }
 
 #[test]
@@ -340,6 +332,112 @@ fn unresolved_next_hop_is_rewritten_and_passed_to_the_kernel() {
         let want = Pkt { dst: BACKEND_UNRESOLVED, dport: 9000, ..p.clone() };
         assert_frame_eq(&out, &want.bytes(), "next hop unresolved");
         assert_eq!(fx.stat("pass_fib"), 1);
+    });
+}
+
+/// `bpf_fib_lookup`'s answer for a destination is reused for `FIB_CACHE_TTL_NS`, then looked up
+/// again: a neighbour change shows within that time, not at once (the cost of not asking the FIB
+/// for every packet).
+#[test]
+fn next_hops_are_cached_and_refreshed() {
+    let ns = FixtureNs::new("fibcache");
+    ns.run(|| {
+        let mut fx = Fixture::new();
+        let p = Pkt::tcp(CLIENT, 40000, VIP, 80);
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        assert_eq!(v, XDP_REDIRECT);
+        assert_frame_eq(&out, &expected_to_backend1(&p, 8080), "first packet (FIB lookup)");
+        let filled = std::time::Instant::now();
+        let new_mac = [0x02, 0, 0, 0, 0, 0x99];
+        ns.ip(&["neigh", "replace", "10.1.0.11", "lladdr", "02:00:00:00:00:99", "dev", "bk", "nud", "permanent"]);
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        let ttl = std::time::Duration::from_nanos(lb_common::FIB_CACHE_TTL_NS);
+        assert_eq!(v, XDP_REDIRECT);
+        // Only meaningful if this machine did not stall past the TTL meanwhile.
+        if filled.elapsed() < ttl {
+            assert_frame_eq(&out, &expected_to_backend1(&p, 8080), "within the TTL: the cached next hop");
+        }
+        std::thread::sleep(ttl + std::time::Duration::from_millis(50));
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        assert_eq!(v, XDP_REDIRECT);
+        let want = Pkt { eth_dst: new_mac, ..to_backend1(&p, 8080) };
+        assert_frame_eq(&out, &want.bytes(), "after the TTL: the new neighbour");
+        assert_eq!(fx.stat("redirect"), 3);
+    });
+}
+
+/// Cached next hops remember whether their interface is a redirect target; changing the
+/// targets (`TX_PORTS`) makes the program look up every destination again at once.
+#[test]
+fn redirect_target_changes_take_effect_at_once() {
+    in_fixture("fibepoch", |fx| {
+        let p = Pkt::tcp(CLIENT, 40000, VIP, 80);
+        assert_eq!(fx.run(&p.bytes(), "cl").0, XDP_REDIRECT);
+        fx.dp.set_tx_port("bk", false).unwrap();
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        assert_eq!(v, XDP_PASS, "no longer a redirect target: {}", decode(&out));
+        assert_frame_eq(&out, &Pkt { dst: BACKEND1, dport: 8080, ..p.clone() }.bytes(), "handed to the kernel");
+        fx.dp.set_tx_port("bk", true).unwrap();
+        assert_eq!(fx.run(&p.bytes(), "cl").0, XDP_REDIRECT);
+        assert_eq!((fx.stat("redirect"), fx.stat("pass_fib")), (2, 1));
+    });
+}
+
+/// A cached next hop carries its route's MTU: a packet too big for it takes the full lookup,
+/// which hands it to the kernel (which answers "fragmentation needed"); smaller packets keep
+/// using the cache.
+#[test]
+fn packets_over_the_route_mtu_go_to_the_kernel() {
+    let ns = FixtureNs::new("fibmtu");
+    // Forwarding uses a route's MTU when it is locked (else the device's).
+    ns.ip(&["route", "add", "10.1.0.11/32", "dev", "bk", "mtu", "lock", "1000"]);
+    ns.run(|| {
+        let mut fx = Fixture::new();
+        let small = Pkt::tcp(CLIENT, 40000, VIP, 80);
+        let big = Pkt { payload: vec![7; 1000], ..small.clone() };
+        assert_eq!(fx.run(&small.bytes(), "cl").0, XDP_REDIRECT);
+        let (v, out) = fx.run(&big.bytes(), "cl");
+        assert_eq!(v, XDP_PASS, "over the route MTU: {}", decode(&out));
+        assert_frame_eq(&out, &Pkt { dst: BACKEND1, dport: 8080, ..big.clone() }.bytes(), "big packet, rewritten only");
+        let (v, out) = fx.run(&small.bytes(), "cl");
+        assert_eq!(v, XDP_REDIRECT);
+        assert_frame_eq(&out, &expected_to_backend1(&small, 8080), "small packet after the big one");
+        assert_eq!((fx.stat("redirect"), fx.stat("pass_fib")), (2, 1));
+    });
+}
+
+/// `ADDR_FILTER` holds the bit of every VIP and backend address and no other, after every
+/// reconcile (a clear bit makes the program pass the packet as not ours without a lookup).
+#[test]
+fn address_filter_holds_exactly_the_vips_and_backends() {
+    in_fixture("filter", |fx| {
+        let expected = |cfg: &Config| {
+            let mut w = vec![0u64; lb_common::ADDR_FILTER_WORDS as usize];
+            for s in &cfg.services {
+                for a in std::iter::once(s.vip).chain(s.backends.iter().map(|b| b.address)) {
+                    let (word, bit) = lb_common::addr_filter_bit(a.is_ipv6(), &lb::datapath::addr_words(a));
+                    w[word as usize] |= 1 << bit;
+                }
+            }
+            w
+        };
+        let full = Config::parse(CONFIG).unwrap();
+        assert_eq!(fx.dp.addr_filter().unwrap(), expected(&full));
+        let without = CONFIG.split("[[services]]\nname = \"multi\"").next().unwrap().to_string();
+        let fewer = Config::parse(&without).unwrap();
+        fx.0.rt.reconcile(&fewer, &mut fx.0.dp).unwrap();
+        assert_eq!(fx.dp.addr_filter().unwrap(), expected(&fewer));
+        assert_ne!(expected(&fewer), expected(&full));
+        // The program consults it: with the VIP's bit cleared, its packets are not ours.
+        let (word, _) = lb_common::addr_filter_bit(false, &[u32::from_ne_bytes(VIP.octets()), 0, 0, 0]);
+        let (bword, _) = lb_common::addr_filter_bit(false, &[u32::from_ne_bytes(CLIENT.octets()), 0, 0, 0]);
+        assert_ne!(word, bword, "fixture addresses share a filter word");
+        fx.dp.write_addr_filter_word(word, 0).unwrap();
+        let p = Pkt::tcp(CLIENT, 40000, VIP, 80);
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        assert_eq!(v, XDP_PASS);
+        assert_frame_eq(&out, &p.bytes(), "filtered out: untouched");
+        assert_eq!((fx.stat("pass_not_ours"), fx.stat("to_vip")), (1, 0));
     });
 }
 
