@@ -71,6 +71,10 @@ pub mod maps {
     /// `bpf_fib_lookup` results by destination (direct-mapped by `crate::hash::addr_hash`).
     /// Not pinned: each loaded program starts with an empty cache.
     pub const FIB_CACHE: &str = "FIB_CACHE";
+    /// Per-CPU array[`crate::SVC_CACHE_ENTRIES`] of [`crate::SvcCacheEntry`]: services recently
+    /// looked up, by (VIP, port, protocol), valid while `GlobalConfig::svc_epoch` is unchanged.
+    /// Not pinned.
+    pub const SVC_CACHE: &str = "SVC_CACHE";
 }
 
 /// `ADDRS` flags.
@@ -124,8 +128,35 @@ pub struct GlobalConfig {
     /// Bumped by the daemon whenever the redirect targets (`TX_PORTS`) change: FIB cache
     /// entries filled under another epoch are ignored.
     pub fib_epoch: u32,
+    /// Bumped by the daemon after every change to `SERVICES`/`SERVICES6`: service cache entries
+    /// filled under another epoch are ignored.
+    pub svc_epoch: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+
+/// Slots of `SVC_CACHE` per CPU (a power of two).
+pub const SVC_CACHE_ENTRIES: u32 = 256;
+
+/// `SvcCacheEntry::flags`: the entry holds a service.
+pub const SVC_F_VALID: u8 = 1;
+/// The VIP is IPv6 (part of the tag).
+pub const SVC_F_V6: u8 = 2;
+
+/// A `SERVICES`/`SERVICES6` entry as one CPU last read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcCacheEntry {
+    /// The key: VIP (network order words; IPv4 uses `addr[0]`), port (network order), protocol.
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+    /// `GlobalConfig::svc_epoch` when filled.
+    pub epoch: u32,
+    pub svc: Service,
+}
+const _: () = assert!(core::mem::size_of::<SvcCacheEntry>() == 80);
 
 /// Words of `ADDR_FILTER` (65,536 bits: with a thousand VIP and backend addresses, under 2% of
 /// other traffic pays the map lookups the filter saves).
@@ -529,6 +560,7 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for FibCacheEntry {}
+    unsafe impl aya::Pod for SvcCacheEntry {}
 }
 
 #[cfg(test)]

@@ -178,8 +178,8 @@ fn to_backend(raw: *mut xdp_md, m: &Meta, e: &Embedded) -> Verdict {
     let Some(svc) = lookup_service(m.v6, &e.src, sport, e.proto) else {
         return pass(stat::PASS_NOT_OURS);
     };
-    let key = client_key(&svc, m.v6, &e.dst);
-    let backend_id = match select(ctx.ctx, &svc, &key) {
+    let key = client_key(svc, m.v6, &e.dst);
+    let backend_id = match select(ctx.ctx, svc, &key) {
         Ok(id) => id,
         Err(v) => return v,
     };

@@ -27,12 +27,14 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use lb_common::{
     AffinityKey, AffinityValue, BACKEND_F_IN_USE, BACKEND_F_UP, Counters, FRAG_TO_BACKEND, FRAG_TO_CLIENT,
-    FragKey, FragValue, LAST_SEEN_REFRESH_NS, Reverse, SERVICE_F_FAIL_OPEN, Service, ServiceKey, ServiceKey6,
-    hash::client_slot, maglev_index, maglev_slot_id, stat,
+    FragKey, FragValue, LAST_SEEN_REFRESH_NS, Reverse, SERVICE_F_FAIL_OPEN, SVC_CACHE_ENTRIES, SVC_F_V6,
+    SVC_F_VALID, Service, ServiceKey, ServiceKey6,
+    hash::{addr_hash, client_slot},
+    maglev_index, maglev_slot_id, stat,
 };
 use maps::{
     AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, FRAGS, LOCAL_ADDRS, LOCAL_ADDRS6, MAGLEV, REVERSE, REVERSE6,
-    SCRATCH, SERVICE_STATS, SERVICES, SERVICES6, STATS,
+    SCRATCH, SERVICE_STATS, SERVICES, SERVICES6, STATS, SVC_CACHE,
 };
 use nat::Side;
 use parse::{FRAG_FIRST, FRAG_LATER, Meta};
@@ -108,17 +110,40 @@ fn bump(map: &aya_ebpf::maps::PerCpuArray<Counters>, id: u32, f: impl FnOnce(&mu
     }
 }
 
-/// The service of (address, port, protocol), from the map of the packet's family.
+/// The service of (address, port, protocol): from this CPU's `SVC_CACHE`, else from the map of
+/// the packet's family (and then cached). A cached copy is used while `CONFIG.svc_epoch` is the
+/// one it was read under: the daemon bumps it after every service change, so a packet sees a
+/// change at most one packet later than it would through the map. The reference points into
+/// this CPU's cache slot: valid for this packet (one service lookup per packet).
 #[inline(always)]
-pub fn lookup_service(v6: bool, addr: &[u32; 4], port: u16, proto: u8) -> Option<Service> {
-    // SAFETY: the daemon replaces whole values; a copy is taken at once.
-    unsafe {
-        if v6 {
-            SERVICES6.get(&ServiceKey6 { addr: *addr, port, proto, _pad: 0 }).copied()
-        } else {
-            SERVICES.get(&ServiceKey { addr: addr[0], port, proto, _pad: 0 }).copied()
-        }
+pub fn lookup_service(v6: bool, addr: &[u32; 4], port: u16, proto: u8) -> Option<&'static Service> {
+    let epoch = CONFIG.get(0).map_or(0, |c| c.svc_epoch);
+    let h = addr_hash(v6, addr) ^ (port as u32).wrapping_mul(0x9e37_79b1) ^ proto as u32;
+    let e = SVC_CACHE.get_ptr_mut(h & (SVC_CACHE_ENTRIES - 1))?;
+    // SAFETY: this CPU's slot; nothing else writes it while this program runs here.
+    let e = unsafe { &mut *e };
+    let tag = SVC_F_VALID | if v6 { SVC_F_V6 } else { 0 };
+    if e.flags == tag && e.epoch == epoch && e.port == port && e.proto == proto && e.addr == *addr {
+        return Some(&e.svc);
     }
+    // SAFETY: the daemon replaces whole values; the value is copied at once.
+    let found = unsafe {
+        if v6 {
+            SERVICES6.get(&ServiceKey6 { addr: *addr, port, proto, _pad: 0 })
+        } else {
+            SERVICES.get(&ServiceKey { addr: addr[0], port, proto, _pad: 0 })
+        }
+    };
+    let Some(svc) = found else {
+        return None;
+    };
+    e.svc = *svc;
+    e.addr = *addr;
+    e.port = port;
+    e.proto = proto;
+    e.flags = tag;
+    e.epoch = epoch;
+    Some(&e.svc)
 }
 
 /// What replies from backend (address, port, protocol) are translated back to.
@@ -199,7 +224,7 @@ fn to_vip(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     if martian_source(m) {
         return drop(stat::DROP_MALFORMED);
     }
-    to_backend(raw, m, &svc)
+    to_backend(raw, m, svc)
 }
 
 /// A source address no client can have.

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     ADDR_FILTER_WORDS, AddrKey, AffinityKey, AffinityValue, Backend, Counters, DEFAULT_AFFINITY_ENTRIES,
     DEFAULT_MAGLEV_M, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FIB_CACHE_ENTRIES, FRAG_ENTRIES,
-    FibCacheEntry, FragKey, FragValue, GlobalConfig, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, stat,
+    FibCacheEntry, FragKey, SVC_CACHE_ENTRIES, SvcCacheEntry, FragValue, GlobalConfig, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, stat,
 };
 
 /// Global settings (layout version, Maglev M, client hash seed), one entry.
@@ -45,6 +45,10 @@ pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(ADDR_FILTER_WORDS, 
 /// Recent FIB lookups by destination, per CPU (no write sharing, no torn reads).
 #[map(name = "FIB_CACHE")]
 pub static FIB_CACHE: PerCpuArray<FibCacheEntry> = PerCpuArray::with_max_entries(FIB_CACHE_ENTRIES, 0);
+
+/// Recent service lookups by (VIP, port, protocol), per CPU; `CONFIG.svc_epoch` retires them.
+#[map(name = "SVC_CACHE")]
+pub static SVC_CACHE: PerCpuArray<SvcCacheEntry> = PerCpuArray::with_max_entries(SVC_CACHE_ENTRIES, 0);
 
 /// First fragment's translation, for the later fragments of the same datagram.
 #[map(name = "FRAGS")]

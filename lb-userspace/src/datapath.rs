@@ -285,7 +285,7 @@ impl Datapath {
             ignore_missing(m.remove(&idx)).context("removing a TX_PORTS entry")?;
         }
         // Cached next hops say whether their interface is a redirect target.
-        self.bump_fib_epoch()
+        self.bump_epochs(true, false)
     }
 
     fn attach_any(&mut self, iface: &str, mode: XdpMode) -> Result<AttachMode> {
@@ -460,20 +460,26 @@ impl Datapath {
         a.get(&0, 0).context("reading CONFIG")
     }
 
-    /// Writes the global settings; `fib_epoch` is the datapath's own (see `bump_fib_epoch`) and
-    /// keeps its current value whatever `g` says.
+    /// Writes the global settings; the cache epochs are the datapath's own (see `bump_epochs`)
+    /// and keep their current values whatever `g` says.
     pub fn write_global(&mut self, g: GlobalConfig) -> Result<()> {
-        let fib_epoch = self.read_global()?.fib_epoch;
+        let cur = self.read_global()?;
         let mut a: Array<&mut MapData, GlobalConfig> = Array::try_from(self.map_mut(maps::CONFIG)?)?;
-        a.set(0, GlobalConfig { fib_epoch, ..g }, 0).context("writing CONFIG")
+        a.set(0, GlobalConfig { fib_epoch: cur.fib_epoch, svc_epoch: cur.svc_epoch, ..g }, 0).context("writing CONFIG")
     }
 
-    /// Makes the XDP program forget every cached FIB result (at its next packet per destination):
-    /// called whenever the redirect targets change.
-    pub fn bump_fib_epoch(&mut self) -> Result<()> {
+    /// Makes the XDP program forget what it cached: FIB results (`fib`; whenever the redirect
+    /// targets change) and services (`svc`; after every change to a service entry), at the next
+    /// packet that would use them.
+    fn bump_epochs(&mut self, fib: bool, svc: bool) -> Result<()> {
         let g = self.read_global()?;
         let mut a: Array<&mut MapData, GlobalConfig> = Array::try_from(self.map_mut(maps::CONFIG)?)?;
-        a.set(0, GlobalConfig { fib_epoch: g.fib_epoch.wrapping_add(1), ..g }, 0).context("writing CONFIG")
+        let next = GlobalConfig {
+            fib_epoch: g.fib_epoch.wrapping_add(fib as u32),
+            svc_epoch: g.svc_epoch.wrapping_add(svc as u32),
+            ..g
+        };
+        a.set(0, next, 0).context("writing CONFIG")
     }
 
     /// The words of `ADDR_FILTER`.
@@ -515,6 +521,7 @@ impl Datapath {
         Ok(true)
     }
 
+    /// Writes a service entry, then retires the program's cached copies of every service.
     pub fn write_service(&mut self, key: &Endpoint, svc: Service) -> Result<()> {
         let ctx = || format!("writing the SERVICES entry of service {}", svc.id);
         match key {
@@ -524,7 +531,8 @@ impl Datapath {
             Endpoint::V6(k) => HashMap::<_, ServiceKey6, Service>::try_from(self.map_mut(maps::SERVICES6)?)?
                 .insert(k, svc, 0)
                 .with_context(ctx),
-        }
+        }?;
+        self.bump_epochs(false, true)
     }
 
     pub fn remove_service(&mut self, key: &Endpoint) -> Result<()> {
@@ -536,7 +544,8 @@ impl Datapath {
                 HashMap::<_, ServiceKey6, Service>::try_from(self.map_mut(maps::SERVICES6)?)?.remove(k),
             ),
         }
-        .context("removing a SERVICES entry")
+        .context("removing a SERVICES entry")?;
+        self.bump_epochs(false, true)
     }
 
     /// Every service entry of both families.

@@ -265,6 +265,8 @@ impl Runtime {
                 max_backends: d.max_backends,
                 affinity_entries: d.affinity_entries,
                 fib_epoch: 0,
+                svc_epoch: 0,
+                _pad: 0,
             },
             services: Vec::new(),
             service_ids: IdPool::new(d.max_services),
@@ -342,8 +344,9 @@ impl Runtime {
     /// every id (and so every pin) of what stays. Nothing is written for what did not change.
     pub fn reconcile(&mut self, cfg: &Config, dp: &mut Datapath) -> Result<Changes> {
         let mut ch = Changes::default();
-        // (The FIB cache epoch is the datapath's own.)
-        let pinned = GlobalConfig { fib_epoch: self.global.fib_epoch, ..dp.read_global()? };
+        // (The cache epochs are the datapath's own.)
+        let pinned =
+            GlobalConfig { fib_epoch: self.global.fib_epoch, svc_epoch: self.global.svc_epoch, ..dp.read_global()? };
         if self.global.hash_seed != cfg.datapath.hash_seed || pinned != self.global {
             self.global.hash_seed = cfg.datapath.hash_seed;
             dp.write_global(self.global)?;

@@ -258,6 +258,17 @@ impl Drop for FixtureNs {
     }
 }
 
+/// Pins the calling thread to the first CPU it may run on: BPF_PROG_TEST_RUN runs the program
+/// on the calling CPU, so consecutive runs then share the program's per-CPU caches.
+pub fn pin_to_one_cpu() {
+    let pid = nix::unistd::Pid::from_raw(0);
+    let allowed = nix::sched::sched_getaffinity(pid).expect("sched_getaffinity");
+    let cpu = (0..nix::sched::CpuSet::count()).find(|&c| allowed.is_set(c).unwrap_or(false)).expect("some CPU");
+    let mut one = nix::sched::CpuSet::new();
+    one.set(cpu).expect("CPU set");
+    nix::sched::sched_setaffinity(pid, &one).expect("sched_setaffinity");
+}
+
 /// CLOCK_MONOTONIC now, in ns: the clock bpf_ktime_get_ns() reads.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -342,6 +342,8 @@ fn unresolved_next_hop_is_rewritten_and_passed_to_the_kernel() {
 fn next_hops_are_cached_and_refreshed() {
     let ns = FixtureNs::new("fibcache");
     ns.run(|| {
+        // The cache is per CPU.
+        tests::pin_to_one_cpu();
         let mut fx = Fixture::new();
         let p = Pkt::tcp(CLIENT, 40000, VIP, 80);
         let (v, out) = fx.run(&p.bytes(), "cl");
@@ -371,6 +373,8 @@ fn next_hops_are_cached_and_refreshed() {
 #[test]
 fn redirect_target_changes_take_effect_at_once() {
     in_fixture("fibepoch", |fx| {
+        // The cache is per CPU: without pinning, a run on another CPU would look up anyway.
+        tests::pin_to_one_cpu();
         let p = Pkt::tcp(CLIENT, 40000, VIP, 80);
         assert_eq!(fx.run(&p.bytes(), "cl").0, XDP_REDIRECT);
         fx.dp.set_tx_port("bk", false).unwrap();
@@ -392,6 +396,7 @@ fn packets_over_the_route_mtu_go_to_the_kernel() {
     // Forwarding uses a route's MTU when it is locked (else the device's).
     ns.ip(&["route", "add", "10.1.0.11/32", "dev", "bk", "mtu", "lock", "1000"]);
     ns.run(|| {
+        tests::pin_to_one_cpu();
         let mut fx = Fixture::new();
         let small = Pkt::tcp(CLIENT, 40000, VIP, 80);
         let big = Pkt { payload: vec![7; 1000], ..small.clone() };
@@ -403,6 +408,26 @@ fn packets_over_the_route_mtu_go_to_the_kernel() {
         assert_eq!(v, XDP_REDIRECT);
         assert_frame_eq(&out, &expected_to_backend1(&small, 8080), "small packet after the big one");
         assert_eq!((fx.stat("redirect"), fx.stat("pass_fib")), (2, 1));
+    });
+}
+
+/// The program keeps the services it looked up in a per-CPU cache; every service change the
+/// daemon writes retires it, so the very next packet on the same CPU sees the change.
+#[test]
+fn a_service_change_is_seen_at_the_next_packet() {
+    in_fixture("svccache", |fx| {
+        tests::pin_to_one_cpu();
+        let p = Pkt::tcp(CLIENT, 40000, VIP, 80);
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        assert_eq!(v, XDP_REDIRECT);
+        assert_frame_eq(&out, &expected_to_backend1(&p, 8080), "before the change");
+        // web's only backend moves to port 9090: a new backend (new id, new table half).
+        let moved = CONFIG.replacen("address = \"10.1.0.11\"\nport = 8080", "address = \"10.1.0.11\"\nport = 9090", 1);
+        assert_ne!(moved, CONFIG);
+        fx.0.rt.reconcile(&Config::parse(&moved).unwrap(), &mut fx.0.dp).unwrap();
+        let (v, out) = fx.run(&p.bytes(), "cl");
+        assert_eq!(v, XDP_REDIRECT);
+        assert_frame_eq(&out, &expected_to_backend1(&p, 9090), "the next packet");
     });
 }
 
