@@ -179,11 +179,6 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Err(v) = parse::parse(ctx, m) {
         return v;
     }
-    // Neither to a VIP nor from a backend (nor anything that could be ours: ICMP to a VIP,
-    // fragments of our datagrams): not ours, told by two filter bits instead of map lookups.
-    if !parse::maybe_listed(m.v6, &m.dst) && !parse::maybe_listed(m.v6, &m.src) {
-        return pass(stat::PASS_NOT_OURS);
-    }
     if m.proto == parse::PROTO_ICMP || m.proto == parse::PROTO_ICMPV6 {
         return icmp::handle(ctx.ctx, m);
     }

@@ -153,6 +153,12 @@ fn parse_ip(raw: *mut xdp_md, l3: usize, m: &mut Meta) -> Verdict {
     let ctx = &crate::ctx_of(raw);
     let parsed = if m.v6 { parse_v6_inner(ctx, l3, m.vlan, m.len) } else { parse_v4(ctx, l3, m.vlan, m.len) };
     match parsed {
+        // Neither to a VIP nor from a backend (nor anything that could be ours: ICMP to a VIP,
+        // fragments of our datagrams): not ours, told by two filter bits instead of map lookups,
+        // before the parsed packet is even stored.
+        Ok(parsed) if !maybe_listed(parsed.v6, &parsed.dst) && !maybe_listed(parsed.v6, &parsed.src) => {
+            pass(stat::PASS_NOT_OURS)
+        }
         Ok(parsed) => {
             *m = parsed;
             PARSED
