@@ -10,7 +10,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_PROHIBIT,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams, xdp_action, xdp_md,
     },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
@@ -52,8 +52,7 @@ pub fn forward(raw: *mut xdp_md, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Ve
     };
     // SAFETY: this CPU's slot; nothing else writes it while this program runs here.
     let e = unsafe { &mut *e };
-    // SAFETY: a helper call with no side effects.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = m.now;
     let epoch = CONFIG.get(0).map_or(0, |c| c.fib_epoch);
     let tag = FIB_F_VALID | if m.v6 { FIB_F_V6 } else { 0 };
     let same_dst = e.flags & (FIB_F_VALID | FIB_F_V6) == tag && e.addr == *dst && e.in_ifindex == ingress;

@@ -179,7 +179,7 @@ fn to_backend(raw: *mut xdp_md, m: &Meta, e: &Embedded) -> Verdict {
         return pass(stat::PASS_NOT_OURS);
     };
     let key = client_key(svc, m.v6, &e.dst);
-    let backend_id = match select(ctx.ctx, svc, &key) {
+    let backend_id = match select(ctx.ctx, svc, &key, m.now) {
         Ok(id) => id,
         Err(v) => return v,
     };

@@ -179,6 +179,10 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Err(v) = parse::parse(ctx, m) {
         return v;
     }
+    // CLOCK_MONOTONIC_COARSE: no clock-source read (tick resolution, ample for timeouts and
+    // cache expiry); once per packet, for every stage.
+    // SAFETY: a helper call with no side effects.
+    m.now = unsafe { bpf_ktime_get_coarse_ns() };
     if m.proto == parse::PROTO_ICMP || m.proto == parse::PROTO_ICMPV6 {
         return icmp::handle(ctx.ctx, m);
     }
@@ -286,7 +290,7 @@ fn to_backend(raw: *mut xdp_md, m: &Meta, svc: &Service) -> Verdict {
     let ctx = &ctx_of(raw);
     let key = client_key(svc, m.v6, &m.src);
     // Selection counts the packet and its bytes for the service and the backend.
-    let backend_id = match select_inner(ctx, svc, &key, m.len) {
+    let backend_id = match select_inner(ctx, svc, &key, m.len, m.now) {
         Ok(id) => id,
         Err(v) => return v,
     };
@@ -374,15 +378,15 @@ fn later_fragment(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
 /// The client's backend (for ICMP errors, which are not counted as packets): `select_inner` out
 /// of line.
 #[inline(always)]
-pub fn select(raw: *mut xdp_md, svc: &Service, key: &AffinityKey) -> Result<u32, Verdict> {
-    let r = select_raw(raw, svc, key);
+pub fn select(raw: *mut xdp_md, svc: &Service, key: &AffinityKey, now: u64) -> Result<u32, Verdict> {
+    let r = select_raw(raw, svc, key, now);
     if r >> 32 != 0 { Ok(r as u32) } else { Err(Verdict(r as u32)) }
 }
 
 /// `1 << 32 | backend id`, or a verdict.
 #[inline(never)]
-fn select_raw(raw: *mut xdp_md, svc: &Service, key: &AffinityKey) -> u64 {
-    match select_inner(&crate::ctx_of(raw), svc, key, 0) {
+fn select_raw(raw: *mut xdp_md, svc: &Service, key: &AffinityKey, now: u64) -> u64 {
+    match select_inner(&crate::ctx_of(raw), svc, key, 0, now) {
         Ok(id) => (1u64 << 32) | id as u64,
         Err(v) => v.0 as u64,
     }
@@ -392,11 +396,8 @@ fn select_raw(raw: *mut xdp_md, svc: &Service, key: &AffinityKey) -> u64 {
 /// packet of `len` bytes (0: none) is counted for the service and the chosen backend in the same
 /// counter update as the hit or the new pin.
 #[inline(always)]
-fn select_inner(ctx: &XdpContext, svc: &Service, key: &AffinityKey, len: u64) -> Result<u32, Verdict> {
+fn select_inner(ctx: &XdpContext, svc: &Service, key: &AffinityKey, len: u64, now: u64) -> Result<u32, Verdict> {
     let packets = (len != 0) as u64;
-    // SAFETY: a helper call with no side effects.
-    // CLOCK_MONOTONIC_COARSE: no clock-source read (tick resolution, ample for timeouts).
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(e) = AFFINITY.get_ptr_mut(key) {
         // SAFETY: the LRU map hands out a pointer to the element, valid during this program run.
         let e = unsafe { &mut *e };

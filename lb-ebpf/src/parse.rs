@@ -57,6 +57,8 @@ pub struct Meta {
     pub tos: u8,
     /// Frame length, for byte counters.
     pub len: u64,
+    /// CLOCK_MONOTONIC_COARSE ns, read once per packet of ours (pins, FIB cache expiry).
+    pub now: u64,
 }
 
 impl Meta {
@@ -204,6 +206,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Meta, V
         ip_len: u16::from_be_bytes(ip.tot_len),
         tos: ip.tos,
         len,
+        now: 0,
     };
     read_ports(ctx, &mut m)?;
     Ok(m)
@@ -304,6 +307,7 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<M
         ip_len: u16::from_be_bytes(ip.payload_len).wrapping_add(40),
         tos: ((ip.vcf[0] & 0x0f) << 4) | (ip.vcf[1] >> 4),
         len,
+        now: 0,
     };
     read_ports(ctx, &mut m)?;
     Ok(m)
