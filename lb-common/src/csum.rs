@@ -132,7 +132,7 @@ mod tests {
     fn incremental_matches_full_recompute() {
         let mut rng = Rng(0x1234_5678_9abc_def1);
         for _ in 0..20_000 {
-            let len = 20 + (rng.next() % 40) as usize & !1;
+            let len = (20 + (rng.next() % 40) as usize) & !1;
             let mut data: [u8; 64] = [0; 64];
             for b in data.iter_mut() {
                 *b = rng.next() as u8;

@@ -70,7 +70,7 @@ impl Pkt {
     }
 
     pub fn bytes(&self) -> Vec<u8> {
-        assert!(self.options.len() % 4 == 0 && self.options.len() <= 40);
+        assert!(self.options.len().is_multiple_of(4) && self.options.len() <= 40);
         let mut b = Vec::new();
         b.extend_from_slice(&self.eth_dst);
         b.extend_from_slice(&self.eth_src);
