@@ -25,6 +25,8 @@ use crate::maglev::is_prime;
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 /// The control socket `lb run` listens on and the CLI talks to unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
+/// Where the Prometheus metrics are served unless `control.metrics` says otherwise: loopback.
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9940";
 
 
 const DEFAULT_WEIGHT: u32 = 100;
@@ -91,7 +93,7 @@ pub enum XdpMode {
 pub struct ControlConfig {
     /// Unix socket of the control API.
     pub socket: PathBuf,
-    /// Prometheus listener; none when absent.
+    /// Prometheus listener (`DEFAULT_METRICS`, on loopback, unless set; `"off"`: none).
     pub metrics: Option<SocketAddr>,
 }
 
@@ -602,13 +604,14 @@ fn neighbour_primes(n: u32) -> (u32, u32) {
 fn validate_control(e: &mut Errors, r: RawControl) -> Option<ControlConfig> {
     let socket = e.absolute_path("control.socket", r.socket.as_deref(), DEFAULT_SOCKET);
     let metrics = match r.metrics.as_deref() {
-        None => Some(None),
+        None => Some(Some(DEFAULT_METRICS.parse().expect("a valid default"))),
+        Some("off") => Some(None),
         Some(v) => match v.parse::<SocketAddr>() {
             Ok(a) => Some(Some(a)),
             Err(_) => {
                 e.push(
                     "control.metrics",
-                    format!("\"{v}\" is not an address:port; write e.g. \"127.0.0.1:9940\" or \"[::1]:9940\""),
+                    format!("\"{v}\" is not an address:port; write e.g. \"127.0.0.1:9940\" or \"[::1]:9940\", or \"off\""),
                 );
                 None
             }
@@ -1138,7 +1141,7 @@ port = 5353
         assert_eq!(d.affinity_entries, 1 << 20);
         assert_eq!(d.pin_path, Path::new(DEFAULT_PIN_PATH));
         assert_eq!((d.max_services, d.max_backends, d.maglev_table_size, d.hash_seed), (64, 1024, 65537, 0));
-        assert_eq!(c.control, ControlConfig { socket: DEFAULT_SOCKET.into(), metrics: None });
+        assert_eq!(c.control, ControlConfig { socket: DEFAULT_SOCKET.into(), metrics: Some(DEFAULT_METRICS.parse().unwrap()) });
         let s = &c.services[0];
         assert_eq!(s.protocol, Protocol::Tcp);
         assert_eq!(
@@ -1347,6 +1350,8 @@ port = 5353
     fn metrics_is_a_socket_address() {
         let ok = Config::parse(&format!("{MINIMAL}\n[control]\nmetrics = \"[::1]:9940\"")).unwrap();
         assert_eq!(ok.control.metrics, Some("[::1]:9940".parse().unwrap()));
+        let off = Config::parse(&format!("{MINIMAL}\n[control]\nmetrics = \"off\"")).unwrap();
+        assert_eq!(off.control.metrics, None);
         rejects(&format!("{MINIMAL}\n[control]\nmetrics = \"localhost\""), "control.metrics", "not an address:port");
     }
 

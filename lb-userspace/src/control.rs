@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State},
     http::StatusCode,
     routing::{get, post},
 };
@@ -27,6 +27,7 @@ use tokio::{
 };
 
 use crate::{
+    affinity,
     daemon::{Daemon, ReloadError, Stop},
     state::{Admin, Changes},
 };
@@ -58,6 +59,10 @@ pub struct BackendReport {
     pub reason: String,
     /// Maglev slots this backend owns in its service's live table.
     pub slots: u32,
+    /// Clients pinned to it whose next packet follows the pin (live pins).
+    pub pinned: u64,
+    /// Pins made per second, over the last minute (or since the daemon started).
+    pub new_pins_per_sec: f64,
     pub counters: CountersReport,
 }
 
@@ -71,12 +76,16 @@ pub struct ServiceReport {
     pub affinity_timeout: String,
     pub affinity_max_age: Option<String>,
     pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
     /// Health check kind: tcp, http or none.
     pub health: String,
     /// Every backend is down and the service routes as if all were up.
     pub fail_open: bool,
     /// Bumped by every Maglev table swap.
     pub table_generation: u32,
+    /// Live pins of the service, and pins made per second over the last minute.
+    pub pinned: u64,
+    pub new_pins_per_sec: f64,
     pub counters: CountersReport,
     pub backends: Vec<BackendReport>,
 }
@@ -92,6 +101,9 @@ pub struct StatusReport {
     pub adopted: bool,
     pub layout_version: u32,
     pub maglev_table_size: u32,
+    /// Entries in the affinity table (live or stale, every service) and its capacity.
+    pub affinity_entries: usize,
+    pub affinity_capacity: u32,
     pub interfaces: Vec<InterfaceReport>,
     pub services: Vec<ServiceReport>,
     /// Verdict and reason counters by name (see lb_common::stat).
@@ -103,7 +115,8 @@ struct ApiError {
     error: String,
 }
 
-type Shared = Arc<Mutex<Daemon>>;
+/// The daemon, shared by the main loop and the API servers.
+pub type Shared = Arc<Mutex<Daemon>>;
 
 async fn status(State(d): State<Shared>) -> Result<Json<StatusReport>, (StatusCode, Json<ApiError>)> {
     let d = d.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,6 +183,41 @@ async fn undrain(State(d): State<Shared>, Json(req): Json<DrainRequest>) -> Resu
     set_admin(&d, req, Admin::Active)
 }
 
+/// Query of `GET /explain`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExplainQuery {
+    pub client: String,
+    pub service: Option<String>,
+}
+
+async fn explain(
+    State(d): State<Shared>,
+    Query(q): Query<ExplainQuery>,
+) -> Result<Json<Vec<affinity::Explanation>>, (StatusCode, Json<ApiError>)> {
+    let client: IpAddr = q
+        .client
+        .parse()
+        .map_err(|_| api_error(StatusCode::BAD_REQUEST, format!("client {:?}: not an IP address", q.client)))?;
+    let d = d.lock().unwrap_or_else(|p| p.into_inner());
+    d.explain(client, q.service.as_deref()).map(Json).map_err(|e| api_error(StatusCode::BAD_REQUEST, format!("{e:#}")))
+}
+
+async fn affinity_list(
+    State(d): State<Shared>,
+    Query(q): Query<affinity::ListQuery>,
+) -> Result<Json<affinity::AffinityList>, (StatusCode, Json<ApiError>)> {
+    let d = d.lock().unwrap_or_else(|p| p.into_inner());
+    d.affinity_list(&q).map(Json).map_err(|e| api_error(StatusCode::BAD_REQUEST, format!("{e:#}")))
+}
+
+async fn affinity_flush(
+    State(d): State<Shared>,
+    Json(req): Json<affinity::FlushRequest>,
+) -> Result<Json<affinity::FlushReport>, (StatusCode, Json<ApiError>)> {
+    let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+    d.affinity_flush(&req).map(Json).map_err(|e| api_error(StatusCode::BAD_REQUEST, format!("{e:#}")))
+}
+
 async fn down(State(d): State<Shared>) -> Json<serde_json::Value> {
     let d = d.lock().unwrap_or_else(|p| p.into_inner());
     tracing::info!("lb down requested through the control socket: detaching and removing the pinned state");
@@ -206,6 +254,9 @@ pub async fn serve(listener: UnixListener, daemon: Shared) -> Result<()> {
         .route("/drain", post(drain))
         .route("/undrain", post(undrain))
         .route("/down", post(down))
+        .route("/explain", get(explain))
+        .route("/affinity", get(affinity_list))
+        .route("/affinity/flush", post(affinity_flush))
         .with_state(daemon);
     axum::serve(listener, app).await.context("control socket server")
 }
@@ -294,6 +345,20 @@ pub async fn call_json<T: for<'de> Deserialize<'de>>(socket: &Path, method: &str
     serde_json::from_str(&body).context("decoding the daemon's answer")
 }
 
+/// `path?k=v&...` for the control API, values percent-encoded (IPv6 addresses, brackets).
+pub fn with_query(path: &str, params: &[(&str, Option<String>)]) -> String {
+    let enc = |v: &str| {
+        v.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    let q: Vec<String> = params.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", enc(v)))).collect();
+    if q.is_empty() { path.to_string() } else { format!("{path}?{}", q.join("&")) }
+}
+
 /// The socket a client command talks to: `--socket`, else the config's `control.socket`, else
 /// the default.
 pub fn socket_path(flag: Option<PathBuf>, config_socket: Option<PathBuf>) -> PathBuf {
@@ -301,7 +366,7 @@ pub fn socket_path(flag: Option<PathBuf>, config_socket: Option<PathBuf>) -> Pat
 }
 
 /// `address:port`, with IPv6 addresses in brackets.
-fn endpoint(addr: &str, port: u16) -> String {
+pub fn endpoint(addr: &str, port: u16) -> String {
     match addr.parse::<std::net::IpAddr>() {
         Ok(a) => std::net::SocketAddr::new(a, port).to_string(),
         Err(_) => format!("{addr}:{port}"),
@@ -322,31 +387,35 @@ pub fn render_status(r: &StatusReport) -> String {
     );
     let ifs: Vec<String> = r.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
     let _ = writeln!(o, "interfaces: {}", ifs.join(", "));
+    let _ = writeln!(o, "affinity table: {} of {} entries", r.affinity_entries, r.affinity_capacity);
     for s in &r.services {
         let c = &s.counters;
+        let prefix = if s.vip.contains(':') { s.ipv6_prefix } else { s.ipv4_prefix };
         let _ = writeln!(
             o,
-            "\nservice {} {}/{}  affinity {} /{}  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {}",
-            s.name, endpoint(&s.vip, s.port), s.protocol, s.affinity_timeout, s.ipv4_prefix, c.packets, c.bytes,
-            c.new_pins, c.hits, c.expired, c.failovers, c.reply_packets
+            "\nservice {} {}/{}  affinity {} /{}  pinned {} ({:.1} new/s)  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {}",
+            s.name, endpoint(&s.vip, s.port), s.protocol, s.affinity_timeout, prefix, s.pinned, s.new_pins_per_sec,
+            c.packets, c.bytes, c.new_pins, c.hits, c.expired, c.failovers, c.reply_packets
         );
         if s.fail_open {
             let _ = writeln!(o, "  !! every backend is down: FAILING OPEN (routing as if all were up)");
         }
         let _ = writeln!(
             o,
-            "  {:<22} {:>6} {:>8} {:>7} {:>10} {:>12} {:>8} {:>10}  since / reason",
-            "backend", "weight", "state", "slots", "packets", "bytes", "pins", "replies"
+            "  {:<22} {:>6} {:>8} {:>7} {:>8} {:>7} {:>10} {:>12} {:>8} {:>10}  since / reason",
+            "backend", "weight", "state", "slots", "pinned", "new/s", "packets", "bytes", "pins", "replies"
         );
         for b in &s.backends {
             let c = &b.counters;
             let _ = writeln!(
                 o,
-                "  {:<22} {:>6} {:>8} {:>7} {:>10} {:>12} {:>8} {:>10}  {} {}",
+                "  {:<22} {:>6} {:>8} {:>7} {:>8} {:>7.1} {:>10} {:>12} {:>8} {:>10}  {} {}",
                 endpoint(&b.address, b.port),
                 b.weight,
                 b.state,
                 b.slots,
+                b.pinned,
+                b.new_pins_per_sec,
                 c.packets,
                 c.bytes,
                 c.new_pins,

@@ -6,10 +6,11 @@
 //! first start) is what removes the pinned state.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -19,6 +20,7 @@ use tokio::{
 };
 
 use crate::{
+    affinity,
     bpffs::PinDir,
     config::{Config, ConfigErrors},
     control::{self, BackendReport, InterfaceReport, ServiceReport, StatusReport},
@@ -55,6 +57,38 @@ impl std::fmt::Display for ReloadError {
     }
 }
 
+/// Counter samples for rates (new pins per second): one per refresh tick, the last minute's.
+#[derive(Default)]
+pub struct Rates {
+    samples: std::collections::VecDeque<(Instant, BTreeMap<RateKey, u64>)>,
+}
+
+/// A service (backend `None`) or one of its backends, by id.
+type RateKey = (u32, Option<u32>);
+
+/// How far back rates look.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+impl Rates {
+    fn add(&mut self, at: Instant, counts: BTreeMap<RateKey, u64>) {
+        self.samples.push_back((at, counts));
+        while self.samples.len() > 1 && at.duration_since(self.samples[0].0) > RATE_WINDOW {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Per second since the oldest sample, for a counter that is `now_count` now; 0 when there
+    /// is no sample of it yet (or the counter went back: its id was reused).
+    fn per_sec(&self, key: RateKey, now_count: u64, now: Instant) -> f64 {
+        let Some((at, counts)) = self.samples.front() else { return 0.0 };
+        let secs = now.duration_since(*at).as_secs_f64();
+        match counts.get(&key) {
+            Some(&then) if secs > 0.0 && now_count >= then => (now_count - then) as f64 / secs,
+            _ => 0.0,
+        }
+    }
+}
+
 /// The running state the control API reads and changes.
 pub struct Daemon {
     pub config_path: PathBuf,
@@ -65,13 +99,14 @@ pub struct Daemon {
     pub started: SystemTime,
     health: HealthChecker,
     stop: mpsc::UnboundedSender<Stop>,
+    rates: Rates,
 }
 
 fn time_string(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn backend_report(b: &BackendRt, slots: u32, dp: &Datapath) -> Result<BackendReport> {
+fn backend_report(b: &BackendRt, slots: u32, dp: &Datapath, pinned: u64, new_pins_per_sec: f64) -> Result<BackendReport> {
     Ok(BackendReport {
         id: b.id,
         address: b.config.address.to_string(),
@@ -83,21 +118,30 @@ fn backend_report(b: &BackendRt, slots: u32, dp: &Datapath) -> Result<BackendRep
         since: time_string(b.changed_at),
         reason: b.reason.clone(),
         slots,
+        pinned,
+        new_pins_per_sec,
         counters: dp.backend_counters(b.id)?,
     })
 }
 
 impl Daemon {
     pub fn status(&self) -> Result<StatusReport> {
+        let pins = affinity::count(&self.rt, &self.dp)?;
+        let now = Instant::now();
         let mut services = Vec::new();
         for s in &self.rt.services {
+            let id = s.entry.id;
             let mut backends = Vec::new();
             for b in &s.backends {
-                let slots = s.table.iter().filter(|id| **id == b.id).count() as u32;
-                backends.push(backend_report(b, slots, &self.dp)?);
+                let slots = s.table.iter().filter(|t| **t == b.id).count() as u32;
+                let pinned = pins.by_backend.get(&(id, b.id)).copied().unwrap_or(0);
+                let new_pins = self.dp.backend_counters(b.id)?.new_pins;
+                let rate = self.rates.per_sec((id, Some(b.id)), new_pins, now);
+                backends.push(backend_report(b, slots, &self.dp, pinned, rate)?);
             }
+            let counters = self.dp.service_counters(id)?;
             services.push(ServiceReport {
-                id: s.entry.id,
+                id,
                 name: s.config.name.clone(),
                 vip: s.config.vip.to_string(),
                 port: s.config.port,
@@ -105,10 +149,13 @@ impl Daemon {
                 affinity_timeout: humantime::format_duration(s.config.affinity.timeout).to_string(),
                 affinity_max_age: s.config.affinity.max_age.map(|d| humantime::format_duration(d).to_string()),
                 ipv4_prefix: s.config.affinity.ipv4_prefix,
+                ipv6_prefix: s.config.affinity.ipv6_prefix,
                 health: s.config.health.kind.to_string(),
                 fail_open: s.fail_open,
                 table_generation: s.entry.generation,
-                counters: self.dp.service_counters(s.entry.id)?,
+                pinned: pins.by_service.get(&id).copied().unwrap_or(0),
+                new_pins_per_sec: self.rates.per_sec((id, None), counters.new_pins, now),
+                counters,
                 backends,
             });
         }
@@ -120,6 +167,8 @@ impl Daemon {
             adopted: self.adopted,
             layout_version: lb_common::LAYOUT_VERSION,
             maglev_table_size: self.config.datapath.maglev_table_size,
+            affinity_entries: pins.entries,
+            affinity_capacity: self.config.datapath.affinity_entries,
             interfaces: self
                 .dp
                 .attachments()
@@ -129,6 +178,46 @@ impl Daemon {
             services,
             stats: self.dp.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         })
+    }
+
+    /// Takes a sample of the new-pin counters, for the rates `status` reports.
+    pub fn sample_rates(&mut self) {
+        let mut counts = BTreeMap::new();
+        for s in &self.rt.services {
+            if let Ok(c) = self.dp.service_counters(s.entry.id) {
+                counts.insert((s.entry.id, None), c.new_pins);
+            }
+            for b in &s.backends {
+                if let Ok(c) = self.dp.backend_counters(b.id) {
+                    counts.insert((s.entry.id, Some(b.id)), c.new_pins);
+                }
+            }
+        }
+        self.rates.add(Instant::now(), counts);
+    }
+
+    /// `lb explain`.
+    pub fn explain(&self, client: IpAddr, service: Option<&str>) -> Result<Vec<affinity::Explanation>> {
+        affinity::explain(&self.rt, &self.dp, client, service)
+    }
+
+    /// `lb affinity list`.
+    pub fn affinity_list(&self, q: &affinity::ListQuery) -> Result<affinity::AffinityList> {
+        affinity::list(&self.rt, &self.dp, q)
+    }
+
+    /// `lb affinity flush`.
+    pub fn affinity_flush(&mut self, req: &affinity::FlushRequest) -> Result<affinity::FlushReport> {
+        let r = affinity::flush(&self.rt, &mut self.dp, req)?;
+        tracing::info!(
+            flushed = r.flushed,
+            client = ?req.client,
+            backend = ?req.backend,
+            all = req.all,
+            service = ?req.service,
+            "affinity pins flushed: those clients are placed afresh at their next packet"
+        );
+        Ok(r)
     }
 
     /// Re-reads the config file and applies it, or refuses it whole.
@@ -143,6 +232,7 @@ impl Daemon {
             ("datapath.maglev_table_size", old.maglev_table_size.to_string(), new.maglev_table_size.to_string()),
             ("datapath.affinity_entries", old.affinity_entries.to_string(), new.affinity_entries.to_string()),
             ("control.socket", self.config.control.socket.display().to_string(), cfg.control.socket.display().to_string()),
+            ("control.metrics", cfg_metrics_text(self.config.control.metrics), cfg_metrics_text(cfg.control.metrics)),
         ];
         for (field, was, now) in fixed {
             if was != now {
@@ -197,7 +287,8 @@ impl Daemon {
         tracing::info!(service, backend = %std::net::SocketAddr::new(addr, port), state = b.state_name(), reason = %b.reason, "backend state changed");
         let s = self.rt.service(service).expect("updated just now");
         let slots = s.table.iter().filter(|id| **id == b.id).count() as u32;
-        backend_report(&b, slots, &self.dp)
+        let pinned = affinity::count(&self.rt, &self.dp)?.by_backend.get(&(s.entry.id, b.id)).copied().unwrap_or(0);
+        backend_report(&b, slots, &self.dp, pinned, 0.0)
     }
 
     fn on_health(&mut self, ev: health::Event) {
@@ -347,6 +438,10 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
     let cleanup_socket = || {
         let _ = std::fs::remove_file(&socket);
     };
+    let metrics_listener = match cfg.control.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await.inspect_err(|_| cleanup_socket())?),
+        None => None,
+    };
     let pins = PinDir::prepare(&cfg.datapath.pin_path).inspect_err(|_| cleanup_socket())?;
     let had_state = pins.path.join(lb_common::maps::CONFIG).exists();
     let (mut dp, rt, adopted) = match start(&cfg, &pins) {
@@ -392,9 +487,24 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         started: SystemTime::now(),
         health: checker,
         stop: stop_tx,
+        rates: Rates::default(),
     }));
+    daemon.lock().unwrap_or_else(|p| p.into_inner()).sample_rates();
     let mut server = tokio::spawn(control::serve(listener, daemon.clone()));
-    tracing::info!(socket = %socket.display(), adopted, "lb running");
+    let metrics_server = metrics_listener.map(|l| {
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(l, d).await {
+                tracing::error!(error = %format!("{e:#}"), "metrics server stopped");
+            }
+        })
+    });
+    tracing::info!(
+        socket = %socket.display(),
+        metrics = %cfg_metrics_text(daemon.lock().unwrap_or_else(|p| p.into_inner()).config.control.metrics),
+        adopted,
+        "lb running"
+    );
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -422,13 +532,18 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
             }
             _ = tick.tick() => {
                 let addrs = local_addrs();
-                if let Err(e) = lock().dp.set_local_addrs(&addrs) {
+                let mut d = lock();
+                if let Err(e) = d.dp.set_local_addrs(&addrs) {
                     tracing::warn!(error = %format!("{e:#}"), "refreshing LOCAL_ADDRS");
                 }
+                d.sample_rates();
             }
         }
     };
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let how = result.as_ref().map(|h| *h).unwrap_or(Stop::Leave);
     {
         let mut d = lock();
@@ -451,6 +566,10 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
     }
     cleanup_socket();
     result.map(|_| ())
+}
+
+fn cfg_metrics_text(m: Option<std::net::SocketAddr>) -> String {
+    m.map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics"))
 }
 
 /// `lb down` without a running daemon: detach and remove what a daemon left pinned.

@@ -686,25 +686,64 @@ impl Datapath {
             .context("writing LOCAL_ADDRS6")
     }
 
+    /// Every affinity entry (the datapath's clock: [`monotonic_coarse_ns`]). Read in batches
+    /// (BPF_MAP_LOOKUP_BATCH: a million pins in a few dozen syscalls); reading does not refresh
+    /// an entry's place in the LRU.
     pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
-        let m: HashMap<&MapData, AffinityKey, AffinityValue> =
-            HashMap::try_from(self.map(maps::AFFINITY)?)?;
-        m.iter().collect::<Result<Vec<_>, _>>().context("reading AFFINITY")
+        let fd = self.map_fd(maps::AFFINITY)?;
+        match batch::lookup_all::<AffinityKey, AffinityValue>(fd, 4096) {
+            Ok(v) => Ok(v),
+            // Kernels before 5.6 have no batch operations.
+            Err(e) if batch::unsupported(&e) => {
+                let m: HashMap<&MapData, AffinityKey, AffinityValue> = HashMap::try_from(self.map(maps::AFFINITY)?)?;
+                m.iter().collect::<Result<Vec<_>, _>>().context("reading AFFINITY")
+            }
+            Err(e) => Err(e).context("reading AFFINITY (BPF_MAP_LOOKUP_BATCH)"),
+        }
+    }
+
+    /// One affinity entry (the lookup does not refresh its place in the LRU).
+    pub fn affinity_get(&self, k: &AffinityKey) -> Result<Option<AffinityValue>> {
+        let m: HashMap<&MapData, AffinityKey, AffinityValue> = HashMap::try_from(self.map(maps::AFFINITY)?)?;
+        match m.get(k, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading AFFINITY"),
+        }
     }
 
     /// Deletes every affinity entry `pred` selects; returns how many.
     pub fn flush_affinity(&mut self, pred: impl Fn(&AffinityKey, &AffinityValue) -> bool) -> Result<usize> {
-        let mut m: HashMap<&mut MapData, AffinityKey, AffinityValue> =
-            HashMap::try_from(self.map_mut(maps::AFFINITY)?)?;
         let doomed: Vec<AffinityKey> =
-            m.iter().filter_map(Result::ok).filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
+            self.affinity_entries()?.into_iter().filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
+        self.delete_affinity(&doomed)
+    }
+
+    /// Deletes these affinity entries (those still there); returns how many were.
+    pub fn delete_affinity(&mut self, keys: &[AffinityKey]) -> Result<usize> {
+        let fd = self.map_fd(maps::AFFINITY)?;
         let mut n = 0;
-        for k in &doomed {
-            if m.remove(k).is_ok() {
-                n += 1;
+        for chunk in keys.chunks(4096) {
+            match batch::delete(fd, chunk) {
+                Ok(d) => n += d,
+                // Old kernels have no batch delete: one by one then.
+                Err(e) if batch::unsupported(&e) => {
+                    let mut m: HashMap<&mut MapData, AffinityKey, AffinityValue> =
+                        HashMap::try_from(self.map_mut(maps::AFFINITY)?)?;
+                    n += chunk.iter().filter(|k| m.remove(k).is_ok()).count();
+                }
+                Err(e) => return Err(e).context("deleting AFFINITY entries (BPF_MAP_DELETE_BATCH)"),
             }
         }
         Ok(n)
+    }
+
+    fn map_fd(&self, name: &str) -> Result<std::os::fd::RawFd> {
+        let data: &MapData = match self.map(name)? {
+            Map::LruHashMap(d) | Map::HashMap(d) | Map::Array(d) | Map::PerCpuArray(d) => d,
+            _ => bail!("map {name} has an unexpected type"),
+        };
+        Ok(data.fd().as_fd().as_raw_fd())
     }
 
     pub fn write_affinity(&mut self, k: AffinityKey, v: AffinityValue) -> Result<()> {
@@ -742,6 +781,118 @@ impl Datapath {
     }
 }
 
+
+/// CLOCK_MONOTONIC_COARSE now, in ns: the clock the XDP program stamps pins with
+/// (`bpf_ktime_get_coarse_ns`).
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Batch map operations (BPF_MAP_LOOKUP_BATCH, BPF_MAP_DELETE_BATCH, kernel 5.6+), which aya
+/// 0.14 does not wrap.
+mod batch {
+    use std::{io, mem::size_of, os::fd::RawFd};
+
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+
+    fn sys(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+        // SAFETY: `attr` is a live batch attribute whose buffers outlive the call and hold
+        // `count` keys (and values) of the map's sizes.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut BatchAttr, size_of::<BatchAttr>() as libc::c_uint) };
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    /// The kernel has no batch operations for this map.
+    pub fn unsupported(e: &io::Error) -> bool {
+        // 524: the kernel's ENOTSUPP, which libc does not name.
+        matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(524) | Some(libc::EOPNOTSUPP))
+    }
+
+    /// Every (key, value) of a hash map, `chunk` at a time (more when one bucket needs it).
+    pub fn lookup_all<K: aya::Pod, V: aya::Pod>(fd: RawFd, mut chunk: usize) -> io::Result<Vec<(K, V)>> {
+        let mut out = Vec::new();
+        // The batch position is opaque: for hash maps a bucket index (u32); room for more.
+        let (mut token_in, mut token_out) = ([0u8; 8], [0u8; 8]);
+        let mut first = true;
+        loop {
+            let mut keys = vec![0u8; chunk * size_of::<K>()];
+            let mut values = vec![0u8; chunk * size_of::<V>()];
+            let mut attr = BatchAttr {
+                in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+                out_batch: token_out.as_mut_ptr() as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: chunk as u32,
+                map_fd: fd as u32,
+                ..Default::default()
+            };
+            let r = sys(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            for i in 0..attr.count as usize {
+                // SAFETY: the kernel wrote `count` packed keys and values of these Pod types.
+                let (k, v) = unsafe {
+                    (
+                        keys.as_ptr().add(i * size_of::<K>()).cast::<K>().read_unaligned(),
+                        values.as_ptr().add(i * size_of::<V>()).cast::<V>().read_unaligned(),
+                    )
+                };
+                out.push((k, v));
+            }
+            match r {
+                Ok(()) => {}
+                // Past the last bucket: done.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+                // One bucket holds more entries than `chunk`: again from the same place, bigger.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && attr.count == 0 => {
+                    chunk *= 2;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            token_in = token_out;
+            first = false;
+        }
+    }
+
+    /// Deletes `keys` from a hash map, skipping those that are not there; returns how many were.
+    pub fn delete<K: aya::Pod>(fd: RawFd, keys: &[K]) -> io::Result<usize> {
+        let (mut deleted, mut rest) = (0, keys);
+        while !rest.is_empty() {
+            let mut attr = BatchAttr {
+                keys: rest.as_ptr() as u64,
+                count: rest.len() as u32,
+                map_fd: fd as u32,
+                ..Default::default()
+            };
+            let r = sys(BPF_MAP_DELETE_BATCH, &mut attr);
+            // The kernel stops at the first key it cannot delete; `count` were deleted before it.
+            deleted += attr.count as usize;
+            match r {
+                Ok(()) => break,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[(attr.count as usize + 1).min(rest.len())..],
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
+    }
+}
 
 /// Makes the key set of `m` equal to `want` (values 1).
 fn sync_set<K: aya::Pod + PartialEq>(m: &mut HashMap<&mut MapData, K, u32>, want: &[K]) -> Result<()> {

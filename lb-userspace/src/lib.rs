@@ -1,5 +1,6 @@
 //! lb: a sticky (client-IP affinity) XDP layer-4 load balancer. The library holds everything the
 //! `lb` binary does, so the tests can drive the same code.
+pub mod affinity;
 pub mod bpffs;
 pub mod config;
 pub mod control;
@@ -7,4 +8,5 @@ pub mod daemon;
 pub mod datapath;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod state;

@@ -77,10 +77,62 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Where a client goes and why: its pin (age, time left) or its Maglev slot, and the
+    /// backend's state. Sends no traffic and changes nothing.
+    Explain {
+        /// The client's IP address.
+        client: String,
+        /// Only this service (else every service of the client's address family).
+        #[arg(long, short)]
+        service: Option<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// List or flush the affinity table's pins.
+    Affinity {
+        #[command(subcommand)]
+        command: AffinityCommand,
+    },
     /// Detach the XDP program and remove the pinned state (stops a running daemon first).
     Down {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AffinityCommand {
+    /// The pins, live or stale, with their backend, age, idle time and time left.
+    List {
+        #[arg(long, short)]
+        service: Option<String>,
+        /// Only pins to this backend (ADDRESS:PORT).
+        #[arg(long, short)]
+        backend: Option<String>,
+        /// Show at most this many (all by default; the count of all that matched is printed).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Delete pins: a client's (CLIENT_IP), a backend's (--backend), or all (--all); --service
+    /// narrows any of them. Those clients are placed afresh (Maglev) at their next packet.
+    Flush {
+        client: Option<String>,
+        #[arg(long, short, conflicts_with_all = ["client", "all"])]
+        backend: Option<String>,
+        #[arg(long, conflicts_with = "client")]
+        all: bool,
+        #[arg(long, short)]
+        service: Option<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -165,6 +217,50 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Undrain { service, backend, config } => {
             admin(client_socket(cli.socket, config)?, "/undrain", service, backend, false)
+        }
+        Command::Explain { client, service, output, config } => {
+            let socket = client_socket(cli.socket, config)?;
+            let path = control::with_query("/explain", &[("client", Some(client)), ("service", service)]);
+            let v: Vec<lb::affinity::Explanation> = block_on(control::get_json(&socket, &path))?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", lb::affinity::render_explanations(&v));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Affinity { command: AffinityCommand::List { service, backend, limit, output, config } } => {
+            let socket = client_socket(cli.socket, config)?;
+            let path = control::with_query(
+                "/affinity",
+                &[("service", service), ("backend", backend), ("limit", limit.map(|l| l.to_string()))],
+            );
+            let l: lb::affinity::AffinityList = block_on(control::get_json(&socket, &path))?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                print!("{}", lb::affinity::render_list(&l));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Affinity { command: AffinityCommand::Flush { client, backend, all, service, output, config } } => {
+            let client = match client {
+                Some(c) => Some(c.parse::<std::net::IpAddr>().map_err(|_| anyhow::anyhow!("{c:?} is not an IP address"))?),
+                None => None,
+            };
+            if client.is_none() && backend.is_none() && !all {
+                anyhow::bail!("name what to flush: a client address, --backend ADDRESS:PORT, or --all");
+            }
+            let socket = client_socket(cli.socket, config)?;
+            let req = lb::affinity::FlushRequest { client, backend, all, service };
+            let r: lb::affinity::FlushReport =
+                block_on(control::call_json(&socket, "POST", "/affinity/flush", Some(&serde_json::to_string(&req)?)))?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("flushed {} pin(s); those clients are placed afresh at their next packet", r.flushed);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Down { config } => {
             let cfg = Config::load(&config).map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", config.display()))?;

@@ -160,8 +160,10 @@ fn doc_of(c: &Config, mut omit: impl FnMut() -> bool) -> Doc {
     let mut t = Table::new("[control]", "control");
     let socket = c.control.socket.to_str().expect("generated paths are UTF-8");
     t.put("socket", q(socket), socket == DEFAULT_SOCKET && omit());
-    if let Some(m) = c.control.metrics {
-        t.put("metrics", q(&m.to_string()), false);
+    // Unset means the loopback default; "off" means none.
+    match c.control.metrics {
+        Some(m) => t.put("metrics", q(&m.to_string()), m.to_string() == lb::config::DEFAULT_METRICS && omit()),
+        None => t.put("metrics", q("off"), false),
     }
     tables.push(t);
 

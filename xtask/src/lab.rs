@@ -681,6 +681,8 @@ pub struct Lab {
     lb: Option<Child>,
     /// The `lb` binary last started (or set), for `lb down` on drop.
     lb_bin: Option<PathBuf>,
+    /// Global options `lb run` gets besides `--config` (e.g. `--log-format json`).
+    lb_args: Vec<String>,
 }
 
 impl Lab {
@@ -737,6 +739,7 @@ impl Lab {
             bpf_links: Vec::new(),
             lb: None,
             lb_bin: None,
+            lb_args: Vec::new(),
         };
         // On error `lab` is dropped here, which removes whatever was already made.
         lab.build(spec.backends)
@@ -1418,7 +1421,8 @@ impl Lab {
     /// mounts and pins are this process's.
     pub fn lb_run_command(&self, lb_bin: &Path) -> Command {
         let mut cmd = self.nsenter_lb(lb_bin);
-        cmd.arg("run")
+        cmd.args(&self.lb_args)
+            .arg("run")
             .arg("--config")
             .arg(&self.config)
             .env(
@@ -1460,6 +1464,11 @@ impl Lab {
             .arg(&self.config)
             .env("NO_COLOR", "1");
         output_timeout(&mut cmd, LB_DOWN_TIMEOUT)
+    }
+
+    /// Global options for the next `lb run` ([`Lab::start_lb`], [`Lab::lb_run_command`]).
+    pub fn set_lb_args(&mut self, args: &[&str]) {
+        self.lb_args = args.iter().map(|a| a.to_string()).collect();
     }
 
     /// Remembers `lb_bin` for the `lb down` on drop (done by [`Lab::start_lb`] already; for
