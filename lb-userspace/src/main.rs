@@ -15,6 +15,10 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Work in this network namespace: a name as `ip netns` gives it (/run/netns/NAME) or a
+    /// path. For a container on the host's network that serves another namespace.
+    #[arg(long, global = true, env = "LB_NETNS")]
+    netns: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -159,7 +163,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Moves this (still single-threaded) process into network namespace `name`.
+fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsFd as _;
+    let path = if name.contains('/') { PathBuf::from(name) } else { PathBuf::from("/run/netns").join(name) };
+    let f = std::fs::File::open(&path).with_context(|| format!("--netns {name}: opening {}", path.display()))?;
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("--netns {name}: entering the network namespace (needs root)"))
+}
+
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    if let Some(ns) = &cli.netns {
+        enter_netns(ns)?;
+    }
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {

@@ -1,5 +1,6 @@
 //! Library half of `cargo xtask`: the namespace lab that `run`, the end-to-end tests and the
-//! benchmarks share, and the `run` demo. It must not depend on lb-userspace or anything that
+//! benchmarks share, the `run` demo, and the container image builder. It must not depend on lb-userspace or anything that
 //! builds eBPF, so that `cargo xtask` compiles on a bare machine.
 pub mod demo;
+pub mod image;
 pub mod lab;

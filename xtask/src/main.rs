@@ -47,6 +47,9 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// The container image `lb:<version>` and `lb:latest` (packaging/Containerfile), on a base
+    /// made here from this machine's C runtime: no registry needed.
+    Image,
     /// Unit tests, datapath fixtures (BPF_PROG_TEST_RUN) and end-to-end tests in namespaces.
     Test {
         /// Only run tests whose name contains this (passed to every test binary).
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => run(args),
         Cmd::Test { filter } => test(filter.as_deref()),
         Cmd::Bench { quick } => bench(quick),
+        Cmd::Image => image(),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -183,6 +187,19 @@ fn build_release() -> Result<PathBuf> {
     Ok(lb)
 }
 
+fn image() -> Result<()> {
+    setup()?;
+    let lb = build_release()?;
+    if let Some(why) = xtask::image::engine_missing() {
+        bail!("no Docker engine to build the image with: {why}");
+    }
+    let version = format!("lb:{}", env!("CARGO_PKG_VERSION"));
+    let id = xtask::image::build(&workspace_root(), &lb, &version)?;
+    sh(Command::new("docker").args(["tag", &version, "lb:latest"]))?;
+    println!("built image {version} (also lb:latest), {id}");
+    Ok(())
+}
+
 fn run(args: Vec<String>) -> Result<()> {
     setup()?;
     let lb = build_release()?;
@@ -274,7 +291,7 @@ fn test(filter: Option<&str>) -> Result<()> {
     sh(&mut c)?;
     println!("\n== datapath tests (BPF_PROG_TEST_RUN)");
     let mut c = cargo();
-    c.args(["test", "-p", "tests", "--test", "datapath", "--test", "breadth", "--test", "corpus", "--"]);
+    c.args(["test", "-p", "tests", "--test", "datapath", "--test", "breadth", "--test", "corpus", "--test", "packaging", "--"]);
     with_filter(&mut c);
     sh(&mut c)?;
     println!("\n== end-to-end tests (network namespaces, real servers)");
@@ -283,6 +300,16 @@ fn test(filter: Option<&str>) -> Result<()> {
         .env("LB_BIN", &lb);
     with_filter(&mut c);
     sh(&mut c)?;
+    println!("\n== container image (the balancer run from it against a namespace lab)");
+    match xtask::image::engine_missing() {
+        Some(why) => println!("xtask: container test skipped: no Docker engine here ({why})"),
+        None => {
+            let mut c = cargo();
+            c.args(["test", "-p", "tests", "--test", "container", "--"]).env("LB_BIN", &lb);
+            with_filter(&mut c);
+            sh(&mut c)?;
+        }
+    }
     println!("\nxtask: all test layers passed");
     Ok(())
 }
