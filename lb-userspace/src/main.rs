@@ -71,6 +71,8 @@ enum Command {
         backend: String,
         #[arg(long)]
         force: bool,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -78,6 +80,8 @@ enum Command {
     Undrain {
         service: String,
         backend: String,
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -228,11 +232,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Drain { service, backend, force, config } => {
-            admin(client_socket(cli.socket, config)?, "/drain", service, backend, force)
+        Command::Drain { service, backend, force, output, config } => {
+            admin(client_socket(cli.socket, config)?, "/drain", service, backend, force, output)
         }
-        Command::Undrain { service, backend, config } => {
-            admin(client_socket(cli.socket, config)?, "/undrain", service, backend, false)
+        Command::Undrain { service, backend, output, config } => {
+            admin(client_socket(cli.socket, config)?, "/undrain", service, backend, false, output)
         }
         Command::Explain { client, service, output, config } => {
             let socket = client_socket(cli.socket, config)?;
@@ -313,10 +317,14 @@ fn client_socket(flag: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathB
     Ok(control::socket_path(flag, from_config))
 }
 
-fn admin(socket: PathBuf, path: &str, service: String, backend: String, force: bool) -> Result<ExitCode> {
+fn admin(socket: PathBuf, path: &str, service: String, backend: String, force: bool, output: Output) -> Result<ExitCode> {
     let req = control::DrainRequest { service, backend, force };
     let b: control::BackendReport =
         block_on(control::call_json(&socket, "POST", path, Some(&serde_json::to_string(&req)?)))?;
-    println!("{}/{}:{} is now {} ({})", req.service, b.address, b.port, b.state, b.reason);
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&b)?);
+    } else {
+        println!("{}/{} is now {} ({})", req.service, control::endpoint(&b.address, b.port), b.state, b.reason);
+    }
     Ok(ExitCode::SUCCESS)
 }

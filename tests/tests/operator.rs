@@ -119,7 +119,8 @@ fn explain_predicts_the_backend_and_changes_nothing() {
     assert!(text.contains(&format!("{predicted} (up) via pin")) && text.contains("pinned") && text.contains("Maglev slot"), "{text}");
 
     // Draining keeps the pin (and says so); a forced drain moves the client at its next packet.
-    cli(&lab, &bin, &["drain", "web", &predicted]);
+    let b: lb::control::BackendReport = cli_json(&lab, &bin, &["drain", "web", &predicted]);
+    assert!(b.state == "draining" && b.pinned >= 1, "{b:?}");
     let e: Vec<Explanation> = cli_json(&lab, &bin, &["explain", &c, "--service", "web"]);
     assert_eq!((e[0].via.as_str(), e[0].backend_state.as_deref()), ("pin", Some("draining")), "{:?}", e[0]);
     cli(&lab, &bin, &["drain", "web", &predicted, "--force"]);
@@ -131,7 +132,10 @@ fn explain_predicts_the_backend_and_changes_nothing() {
     assert!(stale.contains("drained"), "{e:?}");
     let moved_to = e.backend.clone().unwrap();
     assert_eq!(http_endpoint(&lab, &get(&lab, clients[0])), moved_to, "the client went where explain said");
-    cli(&lab, &bin, &["undrain", "web", &predicted]);
+    let text = cli(&lab, &bin, &["undrain", "web", &predicted]);
+    assert!(text.contains(&format!("web/{predicted} is now up")), "{text}");
+    let ch: lb::state::Changes = cli_json(&lab, &bin, &["reload"]);
+    assert!(ch.is_empty(), "an unchanged config reloads to no change: {ch:?}");
 
     // Bad input: one clear line, no crash.
     assert!(cli_err(&lab, &bin, &["explain", "10.0.0.300"]).contains("not an IP address"));
