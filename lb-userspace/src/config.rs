@@ -47,7 +47,26 @@ pub struct Config {
     pub datapath: DatapathConfig,
     pub control: ControlConfig,
     pub services: Vec<ServiceConfig>,
+    /// VIP announcement for a routing daemon (BIRD); none when the table is absent.
+    pub announce: Option<AnnounceConfig>,
 }
+
+/// `[announce]`: the daemon keeps one blackhole route per announced VIP in a kernel routing
+/// table of its own (protocol `announce::ROUTE_PROTOCOL`), which a routing daemon such as BIRD
+/// learns and announces over BGP. A VIP is announced while the datapath is attached and one of
+/// its services has a backend up.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AnnounceConfig {
+    /// The kernel routing table (1..=2^32-1, not 253 default, 254 main or 255 local).
+    pub table: u32,
+    /// `lb down`: after withdrawing, how long the datapath keeps serving (routers move the
+    /// traffic meanwhile) before it is detached.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+/// Default of `announce.grace`.
+pub const DEFAULT_ANNOUNCE_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DatapathConfig {
@@ -303,6 +322,14 @@ struct RawConfig {
     control: RawControl,
     #[serde(default)]
     services: Vec<RawService>,
+    announce: Option<RawAnnounce>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnnounce {
+    table: Option<i64>,
+    grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -485,6 +512,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let mut e = Errors::default();
     let datapath = validate_datapath(&mut e, raw.datapath);
     let control = validate_control(&mut e, raw.control);
+    let announce = raw.announce.map(|a| validate_announce(&mut e, a));
     let counts = Counts { services: raw.services.len(), backends: raw.services.iter().map(|s| s.backends.len()).sum() };
     let services: Vec<_> = raw.services.into_iter().enumerate().map(|(i, s)| validate_service(&mut e, i, s)).collect();
     cross_check(&mut e, datapath.as_ref(), &services, counts);
@@ -494,7 +522,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
     // No error was recorded, so every part validated.
     let parts = (|| {
-        Some(Config { datapath: datapath?, control: control?, services: services.into_iter().collect::<Option<_>>()? })
+        Some(Config {
+            datapath: datapath?,
+            control: control?,
+            services: services.into_iter().collect::<Option<_>>()?,
+            announce: match announce {
+                None => None,
+                Some(a) => Some(a?),
+            },
+        })
     })();
     Ok(parts.expect("a part failed validation without recording an error"))
 }
@@ -599,6 +635,29 @@ fn neighbour_primes(n: u32) -> (u32, u32) {
     let below = (2..n).rev().find(|p| is_prime(*p)).unwrap_or(2);
     let above = (n + 1..).find(|p| is_prime(*p)).unwrap_or(n);
     (below, above)
+}
+
+fn validate_announce(e: &mut Errors, r: RawAnnounce) -> Option<AnnounceConfig> {
+    let table: Option<u32> = e.required_int("announce.table", r.table, 1, u32::MAX as i64, "table = 4242");
+    let table = match table {
+        Some(t @ 253..=255) => {
+            e.push(
+                "announce.table",
+                format!("{t} is one of the kernel's own tables (253 default, 254 main, 255 local): pick a table of lb's own, e.g. 4242"),
+            );
+            None
+        }
+        t => t,
+    };
+    let grace = e.duration("announce.grace", r.grace.as_deref(), DEFAULT_ANNOUNCE_GRACE);
+    let grace = match grace {
+        Some(g) if g > Duration::from_secs(60) => {
+            e.push("announce.grace", format!("must be at most 60s, got {}", humantime::format_duration(g)));
+            None
+        }
+        g => g,
+    };
+    Some(AnnounceConfig { table: table?, grace: grace? })
 }
 
 fn validate_control(e: &mut Errors, r: RawControl) -> Option<ControlConfig> {
@@ -978,6 +1037,10 @@ hash_seed = 0
 socket = "/run/lb/lb.sock"
 metrics = "127.0.0.1:9940"
 
+[announce]
+table = 4242
+grace = "3s"
+
 [[services]]
 name = "web"
 vip = "10.0.0.100"
@@ -1128,8 +1191,20 @@ port = 5353
                     },
                     backends: vec![BackendConfig { address: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 11)), port: 8080, weight: 100, state: BackendState::Active }],
                 }],
+                announce: Some(AnnounceConfig { table: 4242, grace: Duration::from_secs(3) }),
             }
         );
+    }
+
+    #[test]
+    fn announce_is_optional_and_checked() {
+        assert_eq!(Config::parse(MINIMAL).unwrap().announce, None);
+        let a = Config::parse(&format!("{MINIMAL}\n[announce]\ntable = 100")).unwrap().announce.unwrap();
+        assert_eq!(a, AnnounceConfig { table: 100, grace: DEFAULT_ANNOUNCE_GRACE });
+        rejects(&format!("{MINIMAL}\n[announce]\n"), "announce.table", "is required");
+        rejects(&format!("{MINIMAL}\n[announce]\ntable = 254"), "announce.table", "254 main");
+        rejects(&format!("{MINIMAL}\n[announce]\ntable = 0"), "announce.table", "must be 1..=4294967295");
+        rejects(&format!("{MINIMAL}\n[announce]\ntable = 7\ngrace = \"2m\""), "announce.grace", "at most 60s");
     }
 
     #[test]
@@ -1224,6 +1299,7 @@ port = 5353
             (service("[services.affinity]\nprefix = 24"), "prefix"),
             (service("[services.health]\nretries = 3"), "retries"),
             (format!("{MINIMAL}\n[control]\nsockett = \"/x\""), "sockett"),
+            (format!("{MINIMAL}\n[announce]\ntable = 7\ngrase = \"1s\""), "grase"),
             (format!("{MINIMAL}\n[extra]\n"), "extra"),
         ] {
             let errs = errors(&text);

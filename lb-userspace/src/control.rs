@@ -83,6 +83,9 @@ pub struct ServiceReport {
     pub fail_open: bool,
     /// Bumped by every Maglev table swap.
     pub table_generation: u32,
+    /// The live Maglev table's fingerprint (by backend address and port, with the client hash
+    /// seed): equal on every balancer node that sends each client to the same backend.
+    pub table_fingerprint: String,
     /// Live pins of the service, and pins made per second over the last minute.
     pub pinned: u64,
     pub new_pins_per_sec: f64,
@@ -108,6 +111,18 @@ pub struct StatusReport {
     pub services: Vec<ServiceReport>,
     /// Verdict and reason counters by name (see lb_common::stat).
     pub stats: BTreeMap<String, u64>,
+    /// `datapath.hash_seed`: nodes must share it to agree.
+    pub hash_seed: u32,
+    /// VIP announcement (`[announce]`), when configured.
+    pub announce: Option<AnnounceReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnnounceReport {
+    /// The kernel routing table holding one route per announced VIP.
+    pub table: u32,
+    /// The VIPs announced now.
+    pub announced: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -387,15 +402,19 @@ pub fn render_status(r: &StatusReport) -> String {
     );
     let ifs: Vec<String> = r.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
     let _ = writeln!(o, "interfaces: {}", ifs.join(", "));
-    let _ = writeln!(o, "affinity table: {} of {} entries", r.affinity_entries, r.affinity_capacity);
+    let _ = writeln!(o, "affinity table: {} of {} entries; client hash seed {}", r.affinity_entries, r.affinity_capacity, r.hash_seed);
+    if let Some(a) = &r.announce {
+        let list = if a.announced.is_empty() { "nothing".to_string() } else { a.announced.join(", ") };
+        let _ = writeln!(o, "announcing (kernel table {}): {list}", a.table);
+    }
     for s in &r.services {
         let c = &s.counters;
         let prefix = if s.vip.contains(':') { s.ipv6_prefix } else { s.ipv4_prefix };
         let _ = writeln!(
             o,
-            "\nservice {} {}/{}  affinity {} /{}  pinned {} ({:.1} new/s)  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {}",
-            s.name, endpoint(&s.vip, s.port), s.protocol, s.affinity_timeout, prefix, s.pinned, s.new_pins_per_sec,
-            c.packets, c.bytes, c.new_pins, c.hits, c.expired, c.failovers, c.reply_packets
+            "\nservice {} {}/{}  affinity {} /{}  table {}  pinned {} ({:.1} new/s)  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {}",
+            s.name, endpoint(&s.vip, s.port), s.protocol, s.affinity_timeout, prefix, s.table_fingerprint, s.pinned,
+            s.new_pins_per_sec, c.packets, c.bytes, c.new_pins, c.hits, c.expired, c.failovers, c.reply_packets
         );
         if s.fail_open {
             let _ = writeln!(o, "  !! every backend is down: FAILING OPEN (routing as if all were up)");

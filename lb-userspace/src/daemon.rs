@@ -100,6 +100,8 @@ pub struct Daemon {
     health: HealthChecker,
     stop: mpsc::UnboundedSender<Stop>,
     rates: Rates,
+    /// Keeps the VIP routes for BIRD (`[announce]`); none without that table.
+    announcer: Option<crate::announce::Announcer>,
 }
 
 fn time_string(t: SystemTime) -> String {
@@ -153,6 +155,7 @@ impl Daemon {
                 health: s.config.health.kind.to_string(),
                 fail_open: s.fail_open,
                 table_generation: s.entry.generation,
+                table_fingerprint: s.fingerprint(self.rt.global.hash_seed),
                 pinned: pins.by_service.get(&id).copied().unwrap_or(0),
                 new_pins_per_sec: self.rates.per_sec((id, None), counters.new_pins, now),
                 counters,
@@ -177,7 +180,30 @@ impl Daemon {
                 .collect(),
             services,
             stats: self.dp.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            hash_seed: self.rt.global.hash_seed,
+            announce: self.announcer.as_ref().map(|a| control::AnnounceReport {
+                table: a.table,
+                announced: a.announced().iter().map(IpAddr::to_string).collect(),
+            }),
         })
+    }
+
+    /// The VIPs to announce: those with a service that has a backend up (healthy and not
+    /// force-drained). Called only once the datapath is attached.
+    pub fn wanted_vips(&self) -> std::collections::BTreeSet<IpAddr> {
+        self.rt
+            .services
+            .iter()
+            .filter(|s| s.backends.iter().any(|b| b.flags() & lb_common::BACKEND_F_UP != 0))
+            .map(|s| s.config.vip)
+            .collect()
+    }
+
+    /// Tells the announcer what should be announced now.
+    fn update_announcements(&self) {
+        if let Some(a) = &self.announcer {
+            a.set(self.wanted_vips());
+        }
     }
 
     /// Takes a sample of the new-pin counters, for the rates `status` reports.
@@ -233,6 +259,7 @@ impl Daemon {
             ("datapath.affinity_entries", old.affinity_entries.to_string(), new.affinity_entries.to_string()),
             ("control.socket", self.config.control.socket.display().to_string(), cfg.control.socket.display().to_string()),
             ("control.metrics", cfg_metrics_text(self.config.control.metrics), cfg_metrics_text(cfg.control.metrics)),
+            ("announce", announce_text(&self.config), announce_text(&cfg)),
         ];
         for (field, was, now) in fixed {
             if was != now {
@@ -266,6 +293,7 @@ impl Daemon {
         }
         self.config = cfg;
         self.health.set_targets(self.rt.health_targets());
+        self.update_announcements();
         Ok(changes)
     }
 
@@ -285,6 +313,7 @@ impl Daemon {
             true
         })?;
         tracing::info!(service, backend = %std::net::SocketAddr::new(addr, port), state = b.state_name(), reason = %b.reason, "backend state changed");
+        self.update_announcements();
         let s = self.rt.service(service).expect("updated just now");
         let slots = s.table.iter().filter(|id| **id == b.id).count() as u32;
         let pinned = affinity::count(&self.rt, &self.dp)?.by_backend.get(&(s.entry.id, b.id)).copied().unwrap_or(0);
@@ -308,6 +337,7 @@ impl Daemon {
             // A check of a backend a reload just removed.
             Err(e) => tracing::debug!(error = %format!("{e:#}"), "health event for an unknown backend"),
         }
+        self.update_announcements();
     }
 
     /// Asks the main loop to stop.
@@ -442,6 +472,10 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         Some(addr) => Some(crate::metrics::bind(addr).await.inspect_err(|_| cleanup_socket())?),
         None => None,
     };
+    let netlink = match cfg.announce {
+        Some(_) => Some(crate::announce::connect().inspect_err(|_| cleanup_socket())?),
+        None => None,
+    };
     let pins = PinDir::prepare(&cfg.datapath.pin_path).inspect_err(|_| cleanup_socket())?;
     let had_state = pins.path.join(lb_common::maps::CONFIG).exists();
     let (mut dp, rt, adopted) = match start(&cfg, &pins) {
@@ -488,8 +522,18 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         health: checker,
         stop: stop_tx,
         rates: Rates::default(),
+        announcer: None,
     }));
-    daemon.lock().unwrap_or_else(|p| p.into_inner()).sample_rates();
+    {
+        let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());
+        d.sample_rates();
+        // Attached now: announce what has a backend up (a restart adopts the routes it finds).
+        if let (Some(a), Some(handle)) = (d.config.announce.clone(), netlink) {
+            let want = d.wanted_vips();
+            d.announcer = Some(crate::announce::Announcer::start(handle, a.table, a.grace, want));
+            tracing::info!(table = a.table, "announcing VIPs through kernel table {}", a.table);
+        }
+    }
     let mut server = tokio::spawn(control::serve(listener, daemon.clone()));
     let metrics_server = metrics_listener.map(|l| {
         let d = daemon.clone();
@@ -545,6 +589,22 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         m.abort();
     }
     let how = result.as_ref().map(|h| *h).unwrap_or(Stop::Leave);
+    let announcer = lock().announcer.take();
+    if let Some(a) = announcer {
+        match how {
+            // A restart keeps announcing: the datapath keeps serving.
+            Stop::Leave => a.leave(),
+            Stop::Down => {
+                // Withdraw first, and keep serving while the routers move the traffic away.
+                let grace = a.grace;
+                match a.withdraw().await {
+                    Ok(n) => tracing::info!(withdrawn = n, grace = %humantime::format_duration(grace), "VIPs withdrawn; detaching after the grace time"),
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "withdrawing the VIPs"),
+                }
+                tokio::time::sleep(grace).await;
+            }
+        }
+    }
     {
         let mut d = lock();
         d.health.shutdown();
@@ -568,6 +628,10 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
     result.map(|_| ())
 }
 
+fn announce_text(c: &Config) -> String {
+    c.announce.as_ref().map_or_else(|| "none".to_string(), |a| format!("table {} grace {}", a.table, humantime::format_duration(a.grace)))
+}
+
 fn cfg_metrics_text(m: Option<std::net::SocketAddr>) -> String {
     m.map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics"))
 }
@@ -575,6 +639,13 @@ fn cfg_metrics_text(m: Option<std::net::SocketAddr>) -> String {
 /// `lb down` without a running daemon: detach and remove what a daemon left pinned.
 pub fn down_offline(cfg: &Config) -> Result<String> {
     require_root("lb down")?;
+    if let Some(a) = &cfg.announce {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let n = rt.block_on(crate::announce::withdraw_all(a.table)).context("withdrawing the VIPs")?;
+        if n > 0 {
+            println!("withdrew {n} VIP route(s) from table {}", a.table);
+        }
+    }
     let dir = &cfg.datapath.pin_path;
     if !dir.join(lb_common::maps::CONFIG).exists() && Datapath::pinned_link_interfaces(dir).is_empty() {
         return Ok(format!("nothing pinned under {}", dir.display()));

@@ -104,11 +104,43 @@ pub struct ServiceRt {
     pub backends: Vec<BackendRt>,
     /// The live Maglev table (backend ids).
     pub table: Vec<u32>,
+    /// A digest of the live table by backend identity (see [`ServiceRt::table_digest`]).
+    pub digest: u64,
     /// Every backend is down and the service routes as if all were up.
     pub fail_open: bool,
 }
 
 impl ServiceRt {
+    /// A digest of `table` by backend address and port, not by datapath id.
+    pub fn table_digest(&self, table: &[u32]) -> u64 {
+        const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+        let identity: BTreeMap<u32, u64> = self
+            .backends
+            .iter()
+            .map(|b| {
+                let w = addr_words(b.config.address);
+                let words = [w[0], w[1], w[2], w[3], b.config.port as u32];
+                let h = (lb_common::hash::hash_words(0x4650_5254, &words) as u64) << 32
+                    | lb_common::hash::hash_words(0x4650_5255, &words) as u64;
+                (b.id, h)
+            })
+            .collect();
+        let mut h = FNV_OFFSET;
+        for v in std::iter::once(table.len() as u64).chain(table.iter().map(|id| identity.get(id).copied().unwrap_or(0))) {
+            h = (h ^ v).wrapping_mul(FNV_PRIME);
+        }
+        h
+    }
+
+    /// The live table's fingerprint with the client hash seed, as `lb status` shows it:
+    /// balancer nodes that send every client to the same backend show the same value, whatever
+    /// order their configs list the backends in.
+    pub fn fingerprint(&self, hash_seed: u32) -> String {
+        let h = (self.digest ^ hash_seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        format!("{:016x}", h ^ (h >> 29))
+    }
+
     pub fn backend(&self, addr: IpAddr, port: u16) -> Option<&BackendRt> {
         self.backends.iter().find(|b| b.config.address == addr && b.config.port == port)
     }
@@ -326,6 +358,7 @@ impl Runtime {
             }
             rt.services.push(ServiceRt {
                 table: Vec::new(),
+                digest: 0,
                 fail_open: entry.flags & SERVICE_F_FAIL_OPEN != 0,
                 key,
                 entry,
@@ -485,6 +518,7 @@ impl Runtime {
             config: sc.clone(),
             backends,
             table: Vec::new(),
+            digest: 0,
             fail_open: false,
         };
         // A fresh service has no live table yet: table 0 is written, then the VIP goes live.
@@ -605,6 +639,7 @@ impl Runtime {
         s.entry.backend_count = in_table;
         s.entry.generation = s.entry.generation.wrapping_add(1);
         dp.write_service(&s.key, s.entry)?;
+        s.digest = s.table_digest(&table);
         s.table = table;
         s.fail_open = fail_open;
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP == 0) {
@@ -743,5 +778,41 @@ mod tests {
         assert!(q.take(8).is_err(), "beyond the capacity");
         let got: Vec<u32> = (0..6).map(|_| q.alloc("x").unwrap()).collect();
         assert_eq!(got, [0, 1, 3, 4, 6, 7]);
+    }
+
+    /// The service `web` of a config listing `backends` in that order, with its live table
+    /// built, in a runtime where `skip` other backends took the first ids.
+    fn built(backends: &[&str], skip: u32) -> (ServiceRt, u32) {
+        let mut text = String::from("[datapath]\ninterfaces = [\"eth0\"]\nmaglev_table_size = 1009\n");
+        text.push_str("[[services]]\nname = \"other\"\nvip = \"10.0.0.2\"\nport = 80\n");
+        for i in 0..skip.max(1) {
+            text.push_str(&format!("[[services.backends]]\naddress = \"10.9.0.{}\"\nport = 80\n", i + 1));
+        }
+        text.push_str("[[services]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\n");
+        for b in backends {
+            text.push_str(&format!("[[services.backends]]\naddress = \"{b}\"\nport = 8080\n"));
+        }
+        let cfg = Config::parse(&text).unwrap();
+        let mut rt = Runtime::new(&cfg);
+        let mut services = Vec::new();
+        for sc in &cfg.services {
+            services.push(rt.add_service(sc).unwrap());
+        }
+        let mut s = services.pop().unwrap();
+        let (table, _, _) = s.desired_table(cfg.datapath.maglev_table_size);
+        s.digest = s.table_digest(&table);
+        (s, cfg.datapath.hash_seed)
+    }
+
+    #[test]
+    fn fingerprints_agree_across_nodes_and_tell_tables_apart() {
+        let (a, seed) = built(&["10.1.0.1", "10.1.0.2", "10.1.0.3"], 1);
+        // Another node: other order, other datapath ids.
+        let (b, _) = built(&["10.1.0.3", "10.1.0.1", "10.1.0.2"], 5);
+        assert_ne!(a.backends[0].id, b.backends[1].id, "the nodes' ids differ");
+        assert_eq!(a.fingerprint(seed), b.fingerprint(seed));
+        let (c, _) = built(&["10.1.0.1", "10.1.0.2"], 1);
+        assert_ne!(a.fingerprint(seed), c.fingerprint(seed), "another backend set");
+        assert_ne!(a.fingerprint(seed), a.fingerprint(seed + 1), "another client hash seed");
     }
 }

@@ -16,7 +16,7 @@ use std::{
 
 use lb::{
     config::{
-        AffinityConfig, BackendConfig, BackendState, Config, ConfigErrors, ControlConfig, DEFAULT_PIN_PATH,
+        AffinityConfig, AnnounceConfig, BackendConfig, BackendState, Config, ConfigErrors, ControlConfig, DEFAULT_PIN_PATH,
         DEFAULT_SOCKET, DatapathConfig, HealthConfig, HealthKind, Mode, Protocol, ServiceConfig, XdpMode,
     },
     control::{DrainRequest, parse_backend, parse_response},
@@ -167,6 +167,13 @@ fn doc_of(c: &Config, mut omit: impl FnMut() -> bool) -> Doc {
     }
     tables.push(t);
 
+    if let Some(a) = &c.announce {
+        let mut t = Table::new("[announce]", "announce");
+        t.put("table", a.table.to_string(), false);
+        t.put("grace", q_duration(a.grace), a.grace == lb::config::DEFAULT_ANNOUNCE_GRACE && omit());
+        tables.push(t);
+    }
+
     let (da, dh) = (AffinityConfig::default(), HealthConfig::default());
     for (i, s) in c.services.iter().enumerate() {
         let p = format!("services[{i}]");
@@ -234,6 +241,9 @@ const FIELD_PATHS: &[&str] = &[
     "datapath.hash_seed",
     "control.socket",
     "control.metrics",
+    "announce",
+    "announce.table",
+    "announce.grace",
     "services",
     "services[].name",
     "services[].vip",
@@ -537,8 +547,12 @@ fn valid_config() -> impl Strategy<Value = Config> {
             a
         })),
     );
-    (head, vec(valid_service(), 0..4), maglev_size())
-        .prop_flat_map(|(head, services, m)| {
+    let announce = option::of(
+        (prop_oneof![1u32..=252, 256u32..=u32::MAX], 0u64..=60)
+            .prop_map(|(table, secs)| AnnounceConfig { table, grace: Duration::from_secs(secs) }),
+    );
+    (head, vec(valid_service(), 0..4), maglev_size(), announce)
+        .prop_flat_map(|(head, services, m, announce)| {
             let services = resolve(services);
             let n = services.len() as u32;
             let total = services.iter().map(|s| s.backends.len() as u32).sum::<u32>();
@@ -555,11 +569,11 @@ fn valid_config() -> impl Strategy<Value = Config> {
             } else {
                 (total.max(1)..=65536).boxed()
             };
-            (Just((head, services, m)), max_services, max_backends)
+            (Just((head, services, m, announce)), max_services, max_backends)
         })
         .prop_map(
             |(
-                ((interfaces, xdp_mode, affinity_entries, pin, hash_seed, socket, metrics), services, m),
+                ((interfaces, xdp_mode, affinity_entries, pin, hash_seed, socket, metrics), services, m, announce),
                 max_services,
                 max_backends,
             )| {
@@ -577,6 +591,7 @@ fn valid_config() -> impl Strategy<Value = Config> {
                     },
                     control: ControlConfig { socket: PathBuf::from(socket), metrics },
                     services,
+                    announce,
                 }
             },
         )

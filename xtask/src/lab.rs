@@ -44,6 +44,7 @@
 //! so a restarted `lb` finds the pins of the one before ([`Lab::restart_lb`]).
 
 mod bpf;
+pub mod cluster;
 mod http;
 mod traffic;
 

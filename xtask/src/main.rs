@@ -21,6 +21,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     ("procps", "/usr/sbin/sysctl"),
     ("curl", "/usr/bin/curl"),
+    // The scale-out tests: BIRD on the router and the balancer nodes, nft to cut health checks.
+    ("bird2", "/usr/sbin/bird"),
+    ("nftables", "/usr/sbin/nft"),
 ];
 
 #[derive(Parser)]
@@ -226,10 +229,11 @@ fn bench(quick: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let reps = if quick { "3" } else { "7" };
-    let runs: [(&str, &[&str]); 3] = [
+    let runs: [(&str, &[&str]); 4] = [
         ("control plane: Maglev build, reload of 1000 services", &["bench", "-p", "lb-userspace", "--bench", "control"]),
         ("datapath: per packet (BPF_PROG_TEST_RUN), table scale, veth", &["bench", "-p", "tests", "--bench", "datapath"]),
         ("end to end: wrk through lb, HAProxy, nginx", &["bench", "-p", "tests", "--bench", "e2e"]),
+        ("scale-out: failover convergence of two nodes behind ECMP (BIRD)", &["bench", "-p", "tests", "--bench", "cluster"]),
     ];
     let mut failed = Vec::new();
     for (what, args) in runs {
@@ -298,6 +302,11 @@ fn test(filter: Option<&str>) -> Result<()> {
     let mut c = cargo();
     c.args(["test", "-p", "tests", "--test", "e2e", "--test", "control", "--test", "breadth_e2e", "--test", "operator", "--", "--test-threads=1"])
         .env("LB_BIN", &lb);
+    with_filter(&mut c);
+    sh(&mut c)?;
+    println!("\n== scale-out (two nodes with BIRD behind an ECMP router; figures printed)");
+    let mut c = cargo();
+    c.args(["test", "-p", "tests", "--test", "cluster", "--", "--test-threads=1", "--nocapture"]).env("LB_BIN", &lb);
     with_filter(&mut c);
     sh(&mut c)?;
     println!("\n== container image (the balancer run from it against a namespace lab)");
