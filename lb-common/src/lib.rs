@@ -56,10 +56,14 @@ pub mod maps {
     /// LRU hash [`crate::FragKey`] -> [`crate::FragValue`]: how the first fragment of a datagram
     /// was translated, for the fragments that follow it (they carry no ports).
     pub const FRAGS: &str = "FRAGS";
-    /// Hash u32 (ifindex) -> u32 (1): the interfaces the program is attached to, the only ones a
-    /// frame is redirected to (others, e.g. VLAN or bridge devices, cannot transmit XDP frames:
-    /// the kernel forwards to them instead).
+    /// Hash u32 (ifindex) -> [`crate::TxPort`]: the interfaces the program is attached to, the
+    /// only ones a frame is redirected to (others, e.g. VLAN or bridge devices, cannot transmit XDP
+    /// frames: the kernel forwards to them instead), with their MAC addresses: frames arriving
+    /// for another MAC (flooded, or seen in promiscuous mode) are not ours.
     pub const TX_PORTS: &str = "TX_PORTS";
+    /// Per-CPU array[`crate::IFACE_CACHE_ENTRIES`] of [`crate::IfaceCacheEntry`]: `TX_PORTS`
+    /// entries of ingress interfaces, as this CPU last read them. Not pinned.
+    pub const IFACE_CACHE: &str = "IFACE_CACHE";
     /// Hash [u8; 16] (interface name, NUL-padded) -> u32 (`crate::ATTACH_NATIVE` or
     /// `crate::ATTACH_GENERIC`); written and read by the daemon only.
     pub const ATTACH_MODES: &str = "ATTACH_MODES";
@@ -168,6 +172,35 @@ pub const fn addr_filter_bit(v6: bool, addr: &[u32; 4]) -> (u32, u32) {
     let h = hash::addr_hash(v6, addr) & (ADDR_FILTER_WORDS * 64 - 1);
     (h / 64, h % 64)
 }
+
+/// An attached interface in `TX_PORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxPort {
+    pub mac: [u8; 6],
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<TxPort>() == 8);
+
+/// Slots of `IFACE_CACHE` per CPU (a power of two).
+pub const IFACE_CACHE_ENTRIES: u32 = 16;
+
+/// `IfaceCacheEntry::flags`: the entry holds a lookup (of an interface in `TX_PORTS`, or not).
+pub const IFACE_F_VALID: u32 = 1;
+/// The interface is in `TX_PORTS`: `mac` is its address.
+pub const IFACE_F_KNOWN: u32 = 2;
+
+/// An ingress interface's `TX_PORTS` entry as one CPU read it, under `GlobalConfig::fib_epoch`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceCacheEntry {
+    pub ifindex: u32,
+    pub epoch: u32,
+    pub flags: u32,
+    pub mac: [u8; 6],
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<IfaceCacheEntry>() == 20);
 
 /// Slots of `FIB_CACHE` per CPU (a power of two).
 pub const FIB_CACHE_ENTRIES: u32 = 4096;
@@ -466,8 +499,11 @@ pub mod stat {
     pub const ICMP_ECHO: u32 = 15;
     /// An ICMP error about a VIP flow, sent on to the flow's backend (counted besides the verdict).
     pub const ICMP_ERROR: u32 = 16;
+    /// A frame for another MAC address than the ingress interface's (flooded by a switch, or
+    /// seen in promiscuous mode): passed untouched, the kernel drops it.
+    pub const PASS_OTHER_MAC: u32 = 17;
     /// Number of codes.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Names of the codes, by index, for status output and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -488,6 +524,7 @@ pub mod stat {
         "drop_frag_unplaced",
         "icmp_echo",
         "icmp_error",
+        "pass_other_mac",
     ];
 }
 
@@ -561,6 +598,8 @@ mod pod {
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for FibCacheEntry {}
     unsafe impl aya::Pod for SvcCacheEntry {}
+    unsafe impl aya::Pod for TxPort {}
+    unsafe impl aya::Pod for IfaceCacheEntry {}
 }
 
 #[cfg(test)]

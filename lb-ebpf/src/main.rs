@@ -27,15 +27,16 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use lb_common::{
     AffinityKey, AffinityValue, BACKEND_F_IN_USE, BACKEND_F_UP, Counters, FRAG_TO_BACKEND, FRAG_TO_CLIENT,
-    FragKey, FragValue, LAST_SEEN_REFRESH_NS, Reverse, SERVICE_F_FAIL_OPEN, SVC_CACHE_ENTRIES, SVC_F_V6,
+    FragKey, FragValue, IFACE_CACHE_ENTRIES, IFACE_F_KNOWN, IFACE_F_VALID, LAST_SEEN_REFRESH_NS, Reverse, SERVICE_F_FAIL_OPEN, SVC_CACHE_ENTRIES, SVC_F_V6,
     SVC_F_VALID, Service, ServiceKey, ServiceKey6,
     hash::{addr_hash, client_slot},
     maglev_index, maglev_slot_id, stat,
 };
 use maps::{
-    AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, FRAGS, LOCAL_ADDRS, LOCAL_ADDRS6, MAGLEV, REVERSE, REVERSE6,
-    SCRATCH, SERVICE_STATS, SERVICES, SERVICES6, STATS, SVC_CACHE,
+    AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, FRAGS, IFACE_CACHE, LOCAL_ADDRS, LOCAL_ADDRS6, MAGLEV, REVERSE,
+    REVERSE6, SCRATCH, SERVICE_STATS, SERVICES, SERVICES6, STATS, SVC_CACHE, TX_PORTS,
 };
+use network_types::eth::EthHdr;
 use nat::Side;
 use parse::{FRAG_FIRST, FRAG_LATER, Meta};
 
@@ -179,6 +180,11 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Err(v) = parse::parse(ctx, m) {
         return v;
     }
+    // A frame for another host's MAC (a switch flooding it, or seen in promiscuous mode) is not
+    // ours even when it is to a VIP: that host balances it.
+    if !for_this_mac(ctx) {
+        return pass(stat::PASS_OTHER_MAC);
+    }
     // CLOCK_MONOTONIC_COARSE: no clock-source read (tick resolution, ample for timeouts and
     // cache expiry); once per packet, for every stage.
     // SAFETY: a helper call with no side effects.
@@ -194,6 +200,43 @@ fn process(ctx: &XdpContext) -> Verdict {
         return v;
     }
     from_backend(ctx.ctx, m)
+}
+
+/// Whether the frame is for the ingress interface's own MAC address (always, when the interface
+/// is not in `TX_PORTS`: the test harness). The address comes from this CPU's `IFACE_CACHE`, a
+/// copy of `TX_PORTS` retired with the FIB cache (`CONFIG.fib_epoch`).
+#[inline(always)]
+fn for_this_mac(ctx: &XdpContext) -> bool {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return true;
+    };
+    let ingress = ctx.ingress_ifindex() as u32;
+    let Some(e) = IFACE_CACHE.get_ptr_mut(ingress & (IFACE_CACHE_ENTRIES - 1)) else {
+        return true;
+    };
+    // SAFETY: this CPU's slot; nothing else writes it while this program runs here.
+    let e = unsafe { &mut *e };
+    let epoch = CONFIG.get(0).map_or(0, |c| c.fib_epoch);
+    if e.flags & IFACE_F_VALID == 0 || e.ifindex != ingress || e.epoch != epoch {
+        // SAFETY: a copy is taken at once.
+        match unsafe { TX_PORTS.get(&ingress) } {
+            Some(p) => {
+                for i in 0..6 {
+                    e.mac[i] = p.mac[i];
+                }
+                e.flags = IFACE_F_VALID | IFACE_F_KNOWN;
+            }
+            None => e.flags = IFACE_F_VALID,
+        }
+        e.ifindex = ingress;
+        e.epoch = epoch;
+    }
+    if e.flags & IFACE_F_KNOWN == 0 {
+        return true;
+    }
+    // SAFETY: bounds-checked above.
+    let dst = unsafe { &(*eth).dst_addr };
+    (0..6).all(|i| dst[i] == e.mac[i])
 }
 
 /// Whether the datapath runs in DSR mode; read only once a packet is known to be ours, so that

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     ADDR_FILTER_WORDS, AddrKey, AffinityKey, AffinityValue, Backend, Counters, DEFAULT_AFFINITY_ENTRIES,
     DEFAULT_MAGLEV_M, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FIB_CACHE_ENTRIES, FRAG_ENTRIES,
-    FibCacheEntry, FragKey, SVC_CACHE_ENTRIES, SvcCacheEntry, FragValue, GlobalConfig, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, stat,
+    FibCacheEntry, FragKey, IFACE_CACHE_ENTRIES, IfaceCacheEntry, SVC_CACHE_ENTRIES, SvcCacheEntry, TxPort, FragValue, GlobalConfig, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, stat,
 };
 
 /// Global settings (layout version, Maglev M, client hash seed), one entry.
@@ -89,9 +89,14 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Interfaces the program is attached to (ifindex -> 1): the only redirect targets.
+/// Interfaces the program is attached to (ifindex -> MAC): the only redirect targets, and the
+/// MAC a frame arriving on one must be for.
 #[map(name = "TX_PORTS")]
-pub static TX_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+pub static TX_PORTS: HashMap<u32, TxPort> = HashMap::with_max_entries(64, 0);
+
+/// This CPU's copies of ingress interfaces' `TX_PORTS` entries (`CONFIG.fib_epoch` retires them).
+#[map(name = "IFACE_CACHE")]
+pub static IFACE_CACHE: PerCpuArray<IfaceCacheEntry> = PerCpuArray::with_max_entries(IFACE_CACHE_ENTRIES, 0);
 
 /// Interface name (NUL-padded) -> how the daemon attached there (`lb_common::ATTACH_*`). Read by
 /// the daemon only: a restarted daemon learns the modes of the links it adopts.

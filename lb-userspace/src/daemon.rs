@@ -581,6 +581,14 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
                     tracing::warn!(error = %format!("{e:#}"), "refreshing LOCAL_ADDRS");
                 }
                 d.sample_rates();
+                match d.dp.refresh_tx_port_macs() {
+                    Ok(changed) => {
+                        for iface in changed {
+                            tracing::info!(interface = %iface, "MAC address changed: datapath updated");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "refreshing interface MAC addresses"),
+                }
             }
         }
     };

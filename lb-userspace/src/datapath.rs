@@ -20,7 +20,7 @@ use aya::{
 };
 use lb_common::{
     AddrKey, AffinityKey, AffinityValue, Backend, Counters, GlobalConfig, LAYOUT_VERSION, LINK_PIN_PREFIX,
-    PROGRAM_NAME, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, maps, stat,
+    PROGRAM_NAME, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, TxPort, maps, stat,
 };
 use serde::Serialize;
 
@@ -278,14 +278,32 @@ impl Datapath {
     /// Adds or removes `iface` in TX_PORTS, the interfaces frames may be redirected to.
     pub fn set_tx_port(&mut self, iface: &str, on: bool) -> Result<()> {
         let idx = nix::net::if_::if_nametoindex(iface).with_context(|| format!("ifindex of {iface}"))?;
-        let mut m: HashMap<&mut MapData, u32, u32> = HashMap::try_from(self.map_mut(maps::TX_PORTS)?)?;
+        let mac = if on { interface_mac(iface)? } else { [0; 6] };
+        let mut m: HashMap<&mut MapData, u32, TxPort> = HashMap::try_from(self.map_mut(maps::TX_PORTS)?)?;
         if on {
-            m.insert(idx, 1, 0).context("writing TX_PORTS")?;
+            m.insert(idx, TxPort { mac, _pad: 0 }, 0).context("writing TX_PORTS")?;
         } else {
             ignore_missing(m.remove(&idx)).context("removing a TX_PORTS entry")?;
         }
         // Cached next hops say whether their interface is a redirect target.
         self.bump_epochs(true, false)
+    }
+
+    /// Rewrites the `TX_PORTS` entries of attached interfaces whose MAC address changed (the
+    /// datapath checks that frames are for it); returns the interfaces that changed.
+    pub fn refresh_tx_port_macs(&mut self) -> Result<Vec<String>> {
+        let ifaces: Vec<String> = self.attachments.iter().map(|a| a.interface.clone()).collect();
+        let mut changed = Vec::new();
+        for iface in ifaces {
+            let Ok(idx) = nix::net::if_::if_nametoindex(iface.as_str()) else { continue };
+            let Ok(mac) = interface_mac(&iface) else { continue };
+            let m: HashMap<&MapData, u32, TxPort> = HashMap::try_from(self.map(maps::TX_PORTS)?)?;
+            if m.get(&idx, 0).is_ok_and(|p| p.mac != mac) {
+                self.set_tx_port(&iface, true)?;
+                changed.push(iface);
+            }
+        }
+        Ok(changed)
     }
 
     fn attach_any(&mut self, iface: &str, mode: XdpMode) -> Result<AttachMode> {
@@ -781,6 +799,15 @@ impl Datapath {
     }
 }
 
+
+/// The MAC address of `iface` in this network namespace.
+pub fn interface_mac(iface: &str) -> Result<[u8; 6]> {
+    nix::ifaddrs::getifaddrs()
+        .context("listing interfaces")?
+        .filter(|a| a.interface_name == iface)
+        .find_map(|a| a.address.and_then(|s| s.as_link_addr().and_then(|l| l.addr())))
+        .with_context(|| format!("interface {iface} has no MAC address"))
+}
 
 /// CLOCK_MONOTONIC_COARSE now, in ns: the clock the XDP program stamps pins with
 /// (`bpf_ktime_get_coarse_ns`).

@@ -55,7 +55,7 @@ use tests::FIXTURE_CONFIG as CONFIG;
 /// The verdict counters each XDP action may be counted under.
 fn counters_of(verdict: u32) -> &'static [&'static str] {
     match verdict {
-        XDP_PASS => &["pass_not_ours", "pass_malformed", "pass_fib", "pass_vlan"],
+        XDP_PASS => &["pass_not_ours", "pass_malformed", "pass_fib", "pass_vlan", "pass_other_mac"],
         XDP_DROP => &["drop_malformed", "drop_no_backend", "drop_fib", "drop_fragment", "drop_frag_unplaced", "aborted"],
         XDP_TX => &["tx", "icmp_echo"],
         XDP_REDIRECT => &["redirect"],
@@ -212,7 +212,7 @@ impl Findings {
         if !counters_of(o.verdict).contains(&c) {
             self.add(case, &format!("{} counted as {c}", action_name(o.verdict)), input, Some(o));
         }
-        if matches!(c, "pass_not_ours" | "pass_malformed") && o.out != input {
+        if matches!(c, "pass_not_ours" | "pass_malformed" | "pass_other_mac") && o.out != input {
             self.add(case, &format!("{c} changed the frame"), input, Some(o));
         }
         Some(c)

@@ -387,6 +387,24 @@ fn redirect_target_changes_take_effect_at_once() {
     });
 }
 
+/// A frame to a VIP but for another MAC address than the ingress interface's (a switch flooding
+/// it, promiscuous mode) belongs to the host with that MAC: passed untouched, counted, no pin.
+#[test]
+fn frames_for_another_mac_are_not_ours() {
+    in_fixture("othermac", |fx| {
+        for (what, mac) in [("another host", [0x02, 0, 0, 0, 0x07, 0x07]), ("broadcast", [0xff; 6])] {
+            let p = Pkt { eth_dst: mac, ..Pkt::tcp(CLIENT, 40000, VIP, 80) };
+            let (v, out) = fx.run(&p.bytes(), "cl");
+            assert_eq!(v, XDP_PASS, "{what}: {}", decode(&out));
+            assert_frame_eq(&out, &p.bytes(), what);
+        }
+        assert_eq!((fx.stat("pass_other_mac"), fx.stat("to_vip")), (2, 0));
+        assert!(fx.affinity_of("web", CLIENT).is_none(), "no pin for a frame that was not ours");
+        // The interface's own MAC: balanced as ever.
+        assert_eq!(fx.run(&Pkt::tcp(CLIENT, 40000, VIP, 80).bytes(), "cl").0, XDP_REDIRECT);
+    });
+}
+
 /// A cached next hop carries its route's MTU: a packet too big for it takes the full lookup,
 /// which hands it to the kernel (which answers "fragmentation needed"); smaller packets keep
 /// using the cache.
