@@ -418,6 +418,19 @@ fn later_fragment(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     }
 }
 
+/// Counts a selection for the service and the backend in one update each: `event` (a hit or a
+/// new pin) and the packet with its bytes.
+#[inline(always)]
+fn count_pick(service_id: u32, backend_id: u32, packets: u64, len: u64, event: impl Fn(&mut Counters) + Copy) {
+    let f = |c: &mut Counters| {
+        event(c);
+        c.packets += packets;
+        c.bytes += len;
+    };
+    bump(&SERVICE_STATS, service_id, f);
+    bump(&BACKEND_STATS, backend_id, f);
+}
+
 /// The client's backend (for ICMP errors, which are not counted as packets): `select_inner` out
 /// of line.
 #[inline(always)]
@@ -463,16 +476,7 @@ fn select_inner(ctx: &XdpContext, svc: &Service, key: &AffinityKey, len: u64, no
             if idle > refresh {
                 e.last_seen_ns = now;
             }
-            bump(&SERVICE_STATS, svc.id, |c| {
-                c.hits += 1;
-                c.packets += packets;
-                c.bytes += len;
-            });
-            bump(&BACKEND_STATS, backend_id, |c| {
-                c.hits += 1;
-                c.packets += packets;
-                c.bytes += len;
-            });
+            count_pick(svc.id, backend_id, packets, len, |c| c.hits += 1);
             return Ok(backend_id);
         }
         if !fresh {
@@ -501,16 +505,7 @@ fn select_inner(ctx: &XdpContext, svc: &Service, key: &AffinityKey, len: u64, no
     let val = AffinityValue { backend_id, _pad: 0, last_seen_ns: now, created_ns: now };
     // BPF_ANY: a concurrent insert for the same client picked the same backend anyway.
     let _ = AFFINITY.insert(key, &val, 0);
-    bump(&SERVICE_STATS, svc.id, |c| {
-        c.new_pins += 1;
-        c.packets += packets;
-        c.bytes += len;
-    });
-    bump(&BACKEND_STATS, backend_id, |c| {
-        c.new_pins += 1;
-        c.packets += packets;
-        c.bytes += len;
-    });
+    count_pick(svc.id, backend_id, packets, len, |c| c.new_pins += 1);
     Ok(backend_id)
 }
 

@@ -764,6 +764,17 @@ impl Datapath {
         Ok(data.fd().as_fd().as_raw_fd())
     }
 
+    /// Writes many affinity entries (BPF_MAP_UPDATE_BATCH, a chunk at a time); returns how many.
+    pub fn write_affinity_batch(&mut self, entries: &[(AffinityKey, AffinityValue)]) -> Result<usize> {
+        let fd = self.map_fd(maps::AFFINITY)?;
+        let mut n = 0;
+        for chunk in entries.chunks(65536) {
+            let (keys, values): (Vec<AffinityKey>, Vec<AffinityValue>) = chunk.iter().copied().unzip();
+            n += batch::update(fd, &keys, &values).context("writing AFFINITY (BPF_MAP_UPDATE_BATCH)")?;
+        }
+        Ok(n)
+    }
+
     pub fn write_affinity(&mut self, k: AffinityKey, v: AffinityValue) -> Result<()> {
         let mut m: HashMap<&mut MapData, AffinityKey, AffinityValue> =
             HashMap::try_from(self.map_mut(maps::AFFINITY)?)?;
@@ -824,6 +835,7 @@ mod batch {
     use std::{io, mem::size_of, os::fd::RawFd};
 
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
     /// The `batch` member of `union bpf_attr`.
@@ -896,6 +908,19 @@ mod batch {
             token_in = token_out;
             first = false;
         }
+    }
+
+    /// Writes `keys[i]` = `values[i]` (BPF_ANY); returns how many were written.
+    pub fn update<K: aya::Pod, V: aya::Pod>(fd: RawFd, keys: &[K], values: &[V]) -> io::Result<usize> {
+        assert_eq!(keys.len(), values.len());
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        sys(BPF_MAP_UPDATE_BATCH, &mut attr).map(|()| attr.count as usize)
     }
 
     /// Deletes `keys` from a hash map, skipping those that are not there; returns how many were.

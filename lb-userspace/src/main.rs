@@ -35,6 +35,17 @@ enum Output {
     Json,
 }
 
+/// How a client command talks to the daemon and answers.
+#[derive(clap::Args)]
+struct ClientOpts {
+    /// A table for people, or JSON for scripts.
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Read `control.socket` from this config (when --socket is not given).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the datapath, apply the config, serve the control socket.
@@ -49,19 +60,14 @@ enum Command {
     },
     /// Services, backends and counters of the running daemon.
     Status {
-        #[arg(long, short, value_enum, default_value_t = Output::Text)]
-        output: Output,
-        /// Read `control.socket` from this config (when --socket is not given).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        opts: ClientOpts,
     },
     /// Re-read the daemon's config file and apply it; a config with errors is refused whole
     /// (exit 1) and the running one stays. SIGHUP to the daemon does the same.
     Reload {
-        #[arg(long, short, value_enum, default_value_t = Output::Text)]
-        output: Output,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        opts: ClientOpts,
     },
     /// Stop sending new clients to a backend; its pinned clients stay until their pin times out
     /// (or move now with --force).
@@ -71,19 +77,15 @@ enum Command {
         backend: String,
         #[arg(long)]
         force: bool,
-        #[arg(long, short, value_enum, default_value_t = Output::Text)]
-        output: Output,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        opts: ClientOpts,
     },
     /// Let a drained backend take new clients again.
     Undrain {
         service: String,
         backend: String,
-        #[arg(long, short, value_enum, default_value_t = Output::Text)]
-        output: Output,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        opts: ClientOpts,
     },
     /// Where a client goes and why: its pin (age, time left) or its Maglev slot, and the
     /// backend's state. Sends no traffic and changes nothing.
@@ -93,10 +95,8 @@ enum Command {
         /// Only this service (else every service of the client's address family).
         #[arg(long, short)]
         service: Option<String>,
-        #[arg(long, short, value_enum, default_value_t = Output::Text)]
-        output: Output,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        opts: ClientOpts,
     },
     /// List or flush the affinity table's pins.
     Affinity {
@@ -122,10 +122,8 @@ enum AffinityCommand {
         /// Show at most this many (all by default; the count of all that matched is printed).
         #[arg(long)]
         limit: Option<usize>,
-        #[arg(long, short, value_enum, default_value_t = Output::Text)]
-        output: Output,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        opts: ClientOpts,
     },
     /// Delete pins: a client's (CLIENT_IP), a backend's (--backend), or all (--all); --service
     /// narrows any of them. Those clients are placed afresh (Maglev) at their next packet.
@@ -137,10 +135,8 @@ enum AffinityCommand {
         all: bool,
         #[arg(long, short)]
         service: Option<String>,
-        #[arg(long, short, value_enum, default_value_t = Output::Text)]
-        output: Output,
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        opts: ClientOpts,
     },
 }
 
@@ -204,7 +200,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             rt.block_on(lb::daemon::run(&config, cli.socket))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { output, config } => {
+        Command::Status { opts: ClientOpts { output, config } } => {
             let socket = client_socket(cli.socket, config)?;
             let report: control::StatusReport = block_on(control::get_json(&socket, "/status"))?;
             if output == Output::Json {
@@ -214,7 +210,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Reload { output, config } => {
+        Command::Reload { opts: ClientOpts { output, config } } => {
             let socket = client_socket(cli.socket, config)?;
             let changes: lb::state::Changes = match block_on(control::call_json(&socket, "POST", "/reload", None)) {
                 Ok(c) => c,
@@ -232,13 +228,13 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Drain { service, backend, force, output, config } => {
+        Command::Drain { service, backend, force, opts: ClientOpts { output, config } } => {
             admin(client_socket(cli.socket, config)?, "/drain", service, backend, force, output)
         }
-        Command::Undrain { service, backend, output, config } => {
+        Command::Undrain { service, backend, opts: ClientOpts { output, config } } => {
             admin(client_socket(cli.socket, config)?, "/undrain", service, backend, false, output)
         }
-        Command::Explain { client, service, output, config } => {
+        Command::Explain { client, service, opts: ClientOpts { output, config } } => {
             let socket = client_socket(cli.socket, config)?;
             let path = control::with_query("/explain", &[("client", Some(client)), ("service", service)]);
             let v: Vec<lb::affinity::Explanation> = block_on(control::get_json(&socket, &path))?;
@@ -249,7 +245,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Affinity { command: AffinityCommand::List { service, backend, limit, output, config } } => {
+        Command::Affinity { command: AffinityCommand::List { service, backend, limit, opts: ClientOpts { output, config } } } => {
             let socket = client_socket(cli.socket, config)?;
             let path = control::with_query(
                 "/affinity",
@@ -263,7 +259,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Affinity { command: AffinityCommand::Flush { client, backend, all, service, output, config } } => {
+        Command::Affinity { command: AffinityCommand::Flush { client, backend, all, service, opts: ClientOpts { output, config } } } => {
             let client = match client {
                 Some(c) => Some(c.parse::<std::net::IpAddr>().map_err(|_| anyhow::anyhow!("{c:?} is not an IP address"))?),
                 None => None,

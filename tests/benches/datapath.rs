@@ -297,7 +297,6 @@ mod raw {
     const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     const BPF_LINK_CREATE: libc::c_long = 28;
     const BPF_LINK_UPDATE: libc::c_long = 29;
     const BPF_PROG_TYPE_XDP: u32 = 6;
@@ -503,32 +502,6 @@ mod raw {
         };
         sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
         Ok(vals.iter().sum())
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-
-    /// BPF_MAP_UPDATE_BATCH of `count` packed keys and values; returns how many were written.
-    pub fn update_batch(map: RawFd, keys: &[u8], values: &[u8], count: usize) -> io::Result<usize> {
-        let mut attr = BatchAttr {
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: count as u32,
-            map_fd: map as u32,
-            ..Default::default()
-        };
-        sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
-        Ok(attr.count as usize)
     }
 
     #[repr(C)]
@@ -797,55 +770,19 @@ fn tcp4(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     Pkt::tcp(src, 40000, dst, 80).bytes()
 }
 
-/// The fd of a loaded datapath's AFFINITY map.
-fn affinity_fd(dp: &mut lb::datapath::Datapath) -> RawFd {
-    match dp.ebpf_mut().map("AFFINITY") {
-        Some(aya::maps::Map::LruHashMap(d)) => d.fd().as_fd().as_raw_fd(),
-        _ => panic!("AFFINITY is not an LRU hash map"),
-    }
-}
-
-/// Writes a live pin to `backend_id` for each IPv4 client in `clients`, in batches of 64 Ki
-/// (BPF_MAP_UPDATE_BATCH); returns how many were written.
+/// Writes a live pin to `backend_id` for each IPv4 client in `clients` (BPF_MAP_UPDATE_BATCH,
+/// through the datapath's typed API); returns how many were written.
 fn fill_affinity(
     dp: &mut lb::datapath::Datapath,
     service_id: u32,
     backend_id: u32,
     clients: impl Iterator<Item = Ipv4Addr>,
 ) -> usize {
-    let fd = affinity_fd(dp);
     let now = monotonic_ns();
     let value = AffinityValue { backend_id, _pad: 0, last_seen_ns: now, created_ns: now };
-    let mut vbytes = Vec::new();
-    vbytes.extend_from_slice(&value.backend_id.to_ne_bytes());
-    vbytes.extend_from_slice(&value._pad.to_ne_bytes());
-    vbytes.extend_from_slice(&value.last_seen_ns.to_ne_bytes());
-    vbytes.extend_from_slice(&value.created_ns.to_ne_bytes());
-    assert_eq!(vbytes.len(), size_of::<AffinityValue>());
-    let (mut keys, mut values, mut count, mut written) = (Vec::new(), Vec::new(), 0, 0);
-    let mut flush = |keys: &mut Vec<u8>, values: &mut Vec<u8>, count: &mut usize| {
-        if *count > 0 {
-            written += raw::update_batch(fd, keys, values, *count).expect("BPF_MAP_UPDATE_BATCH on AFFINITY");
-            keys.clear();
-            values.clear();
-            *count = 0;
-        }
-    };
-    for c in clients {
-        let k = AffinityKey { service_id, addr: [v4_word(c), 0, 0, 0] };
-        keys.extend_from_slice(&k.service_id.to_ne_bytes());
-        for w in k.addr {
-            keys.extend_from_slice(&w.to_ne_bytes());
-        }
-        values.extend_from_slice(&vbytes);
-        count += 1;
-        if count == 65536 {
-            flush(&mut keys, &mut values, &mut count);
-        }
-    }
-    flush(&mut keys, &mut values, &mut count);
-    assert_eq!(keys.len() % size_of::<AffinityKey>(), 0);
-    written
+    let entries: Vec<(AffinityKey, AffinityValue)> =
+        clients.map(|c| (AffinityKey { service_id, addr: [v4_word(c), 0, 0, 0] }, value)).collect();
+    dp.write_affinity_batch(&entries).expect("BPF_MAP_UPDATE_BATCH on AFFINITY")
 }
 
 #[derive(Default)]
