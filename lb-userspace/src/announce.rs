@@ -19,7 +19,8 @@ use anyhow::{Context as _, Result};
 use futures_util::TryStreamExt as _;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
-    packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteType},
+    packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    sys::AsyncSocket as _,
 };
 use tokio::sync::watch;
 
@@ -32,7 +33,10 @@ const RESYNC: Duration = Duration::from_secs(5);
 /// A netlink connection for [`Announcer::start`] (opened before anything is attached, so that
 /// a failure stops the start cleanly).
 pub fn connect() -> Result<Handle> {
-    let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+    let (mut conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+    // Dumps filtered by the kernel (4.20+): only lb's table comes back, not a router's whole
+    // routing table every few seconds. Older kernels ignore it and the filter below does it.
+    let _ = conn.socket_mut().socket_mut().set_netlink_get_strict_chk(true);
     tokio::spawn(conn);
     Ok(handle)
 }
@@ -73,9 +77,20 @@ fn destination(m: &RouteMessage) -> Option<IpAddr> {
 /// The VIPs lb announces in `table` now (its routes there, both families).
 async fn current(handle: &Handle, table: u32) -> Result<BTreeSet<IpAddr>> {
     let mut out = BTreeSet::new();
+    // Unspecified protocol, scope and type: the kernel filters by table only.
     for dump in [
-        RouteMessageBuilder::<Ipv4Addr>::new().table_id(table).build(),
-        RouteMessageBuilder::<Ipv6Addr>::new().table_id(table).build(),
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(table)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::Universe)
+            .kind(RouteType::Unspec)
+            .build(),
+        RouteMessageBuilder::<Ipv6Addr>::new()
+            .table_id(table)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::Universe)
+            .kind(RouteType::Unspec)
+            .build(),
     ] {
         let mut routes = handle.route().get(dump).execute();
         while let Some(r) = routes.try_next().await.context("listing routes")? {
