@@ -151,25 +151,45 @@ fn key_string(s: &ServiceRt, key: &AffinityKey) -> String {
     if prefix == full { addr.to_string() } else { format!("{addr}/{prefix}") }
 }
 
+/// Why the datapath would not use a pin.
+enum Stale {
+    Idle(u64),
+    Old(u64),
+    Removed,
+    /// The backend's state.
+    Backend(&'static str),
+}
+
+/// Whether service `s`'s datapath would not use pin `v` at `now` (CLOCK_MONOTONIC_COARSE ns),
+/// and why (the rules of `select_inner` in the XDP program).
+fn staleness(s: &ServiceRt, v: &AffinityValue, now: u64) -> Option<Stale> {
+    let idle = now.saturating_sub(v.last_seen_ns);
+    let age = now.saturating_sub(v.created_ns);
+    if idle > s.entry.timeout_ns {
+        return Some(Stale::Idle(idle));
+    }
+    if s.entry.max_age_ns != 0 && age > s.entry.max_age_ns {
+        return Some(Stale::Old(age));
+    }
+    match s.backends.iter().find(|b| b.id == v.backend_id) {
+        None => Some(Stale::Removed),
+        Some(b) if b.flags() & BACKEND_F_UP == 0 && !s.fail_open => Some(Stale::Backend(b.state_name())),
+        Some(_) => None,
+    }
+}
+
 /// Judges a pin of service `s` at `now` (CLOCK_MONOTONIC_COARSE ns) as the datapath would.
 pub fn judge(s: &ServiceRt, key: &AffinityKey, v: &AffinityValue, now: u64) -> PinReport {
     let idle = now.saturating_sub(v.last_seen_ns);
     let age = now.saturating_sub(v.created_ns);
-    let timeout = s.entry.timeout_ns;
-    let max_age = s.entry.max_age_ns;
+    let (timeout, max_age) = (s.entry.timeout_ns, s.entry.max_age_ns);
     let backend = s.backends.iter().find(|b| b.id == v.backend_id);
-    let up = backend.is_some_and(|b| b.flags() & BACKEND_F_UP != 0 || s.fail_open);
-    let stale = if idle > timeout {
-        Some(format!("idle for {} (timeout {})", human(idle), human(timeout)))
-    } else if max_age != 0 && age > max_age {
-        Some(format!("older than max_age ({} > {})", human(age), human(max_age)))
-    } else if backend.is_none() {
-        Some("its backend was removed".to_string())
-    } else if !up {
-        Some(format!("its backend is {}", backend.map_or("gone", |b| b.state_name())))
-    } else {
-        None
-    };
+    let stale = staleness(s, v, now).map(|why| match why {
+        Stale::Idle(idle) => format!("idle for {} (timeout {})", human(idle), human(timeout)),
+        Stale::Old(age) => format!("older than max_age ({} > {})", human(age), human(max_age)),
+        Stale::Removed => "its backend was removed".to_string(),
+        Stale::Backend(state) => format!("its backend is {state}"),
+    });
     let left_idle = timeout.saturating_sub(idle);
     let left = if max_age != 0 { left_idle.min(max_age.saturating_sub(age)) } else { left_idle };
     PinReport {
@@ -201,7 +221,7 @@ pub fn count(rt: &Runtime, dp: &Datapath) -> Result<PinCounts> {
     let mut c = PinCounts { entries: entries.len(), ..Default::default() };
     for (k, v) in &entries {
         let Some(s) = by_id.get(&k.service_id) else { continue };
-        if judge(s, k, v, now).live {
+        if staleness(s, v, now).is_none() {
             *c.by_service.entry(k.service_id).or_default() += 1;
             *c.by_backend.entry((k.service_id, v.backend_id)).or_default() += 1;
         }
