@@ -104,8 +104,10 @@ pub struct ServiceRt {
     pub backends: Vec<BackendRt>,
     /// The live Maglev table (backend ids).
     pub table: Vec<u32>,
-    /// A digest of the live table by backend identity (see [`ServiceRt::table_digest`]).
-    pub digest: u64,
+    /// A digest of the live table by backend identity (see [`ServiceRt::table_digest`]),
+    /// computed when first asked for after the table changed (a reload of many services does
+    /// not pay for it).
+    pub digest: std::sync::OnceLock<u64>,
     /// Every backend is down and the service routes as if all were up.
     pub fail_open: bool,
 }
@@ -115,19 +117,19 @@ impl ServiceRt {
     pub fn table_digest(&self, table: &[u32]) -> u64 {
         const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
         const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-        let identity: BTreeMap<u32, u64> = self
-            .backends
-            .iter()
-            .map(|b| {
-                let w = addr_words(b.config.address);
-                let words = [w[0], w[1], w[2], w[3], b.config.port as u32];
-                let h = (lb_common::hash::hash_words(0x4650_5254, &words) as u64) << 32
-                    | lb_common::hash::hash_words(0x4650_5255, &words) as u64;
-                (b.id, h)
-            })
-            .collect();
+        // Backend id -> a hash of its identity, as a dense table (one index per slot below).
+        let top = self.backends.iter().map(|b| b.id as usize + 1).max().unwrap_or(0);
+        let mut identity = vec![0u64; top];
+        for b in &self.backends {
+            let w = addr_words(b.config.address);
+            let words = [w[0], w[1], w[2], w[3], b.config.port as u32];
+            identity[b.id as usize] = (lb_common::hash::hash_words(0x4650_5254, &words) as u64) << 32
+                | lb_common::hash::hash_words(0x4650_5255, &words) as u64;
+        }
         let mut h = FNV_OFFSET;
-        for v in std::iter::once(table.len() as u64).chain(table.iter().map(|id| identity.get(id).copied().unwrap_or(0))) {
+        for v in std::iter::once(table.len() as u64)
+            .chain(table.iter().map(|id| identity.get(*id as usize).copied().unwrap_or(0)))
+        {
             h = (h ^ v).wrapping_mul(FNV_PRIME);
         }
         h
@@ -137,7 +139,8 @@ impl ServiceRt {
     /// balancer nodes that send every client to the same backend show the same value, whatever
     /// order their configs list the backends in.
     pub fn fingerprint(&self, hash_seed: u32) -> String {
-        let h = (self.digest ^ hash_seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let digest = *self.digest.get_or_init(|| self.table_digest(&self.table));
+        let h = (digest ^ hash_seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         format!("{:016x}", h ^ (h >> 29))
     }
 
@@ -358,7 +361,7 @@ impl Runtime {
             }
             rt.services.push(ServiceRt {
                 table: Vec::new(),
-                digest: 0,
+                digest: Default::default(),
                 fail_open: entry.flags & SERVICE_F_FAIL_OPEN != 0,
                 key,
                 entry,
@@ -518,7 +521,7 @@ impl Runtime {
             config: sc.clone(),
             backends,
             table: Vec::new(),
-            digest: 0,
+            digest: Default::default(),
             fail_open: false,
         };
         // A fresh service has no live table yet: table 0 is written, then the VIP goes live.
@@ -639,7 +642,7 @@ impl Runtime {
         s.entry.backend_count = in_table;
         s.entry.generation = s.entry.generation.wrapping_add(1);
         dp.write_service(&s.key, s.entry)?;
-        s.digest = s.table_digest(&table);
+        s.digest = Default::default();
         s.table = table;
         s.fail_open = fail_open;
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP == 0) {
@@ -800,7 +803,7 @@ mod tests {
         }
         let mut s = services.pop().unwrap();
         let (table, _, _) = s.desired_table(cfg.datapath.maglev_table_size);
-        s.digest = s.table_digest(&table);
+        s.table = table;
         (s, cfg.datapath.hash_seed)
     }
 
