@@ -112,7 +112,11 @@ pub fn build(backends: &[MaglevBackend], m: u32) -> Vec<u32> {
         }
     }
 
-    owner.into_iter().map(|i| sorted[i as usize].id).collect()
+    // In place: one table's worth of memory, not two.
+    for o in owner.iter_mut() {
+        *o = sorted[*o as usize].id;
+    }
+    owner
 }
 
 /// Slots per backend: proportional to weight (largest remainder method, ties to the lower sorted
