@@ -1,6 +1,7 @@
 //! The shipped service files: the systemd unit (checked by `systemd-analyze verify` where
 //! systemd is installed) and the Containerfile agree with each other, with the restart behaviour
-//! (SIGTERM leaves the datapath running, SIGHUP reloads) and with the README's instructions.
+//! (SIGTERM leaves the datapath running, SIGHUP reloads) and with the README's instructions; the
+//! BIRD configs parse.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,6 +66,23 @@ fn the_systemd_unit_runs_reloads_and_restarts_lb_as_documented() {
     let _ = std::fs::remove_dir_all(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !err.contains("lb.service"), "systemd-analyze verify lb.service:\n{err}");
+}
+
+/// The shipped BIRD configs parse (`bird -p`), and carry what the README promises: the node's
+/// kernel protocol learns lb's table, the router merges equal paths.
+#[test]
+fn the_bird_configs_parse() {
+    let node = read("packaging/bird/node.conf");
+    assert!(node.contains("kernel table 4242;") && node.contains("learn;"), "node.conf learns lb's table");
+    assert!(read("packaging/bird/router.conf").contains("merge paths yes;"), "router.conf installs ECMP routes");
+    if Command::new("bird").arg("--version").output().is_err() {
+        eprintln!("bird -p skipped: bird is not installed");
+        return;
+    }
+    for conf in ["packaging/bird/node.conf", "packaging/bird/router.conf"] {
+        let out = Command::new("bird").arg("-p").arg("-c").arg(repo(conf)).output().expect("bird");
+        assert!(out.status.success(), "bird -p {conf}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 #[test]
