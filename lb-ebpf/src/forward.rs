@@ -21,7 +21,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     Verdict, drop,
-    maps::{CONFIG, FIB_CACHE, TX_PORTS},
+    maps::{FIB_CACHE, TX_PORTS},
     parse::Meta,
     pass, ptr_at, verdict,
 };
@@ -53,7 +53,7 @@ pub fn forward(raw: *mut xdp_md, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Ve
     // SAFETY: this CPU's slot; nothing else writes it while this program runs here.
     let e = unsafe { &mut *e };
     let now = m.now;
-    let epoch = CONFIG.get(0).map_or(0, |c| c.fib_epoch);
+    let epoch = m.fib_epoch;
     let tag = FIB_F_VALID | if m.v6 { FIB_F_V6 } else { 0 };
     let same_dst = e.flags & (FIB_F_VALID | FIB_F_V6) == tag && e.addr == *dst && e.in_ifindex == ingress;
     if !(same_dst && e.epoch == epoch && now < e.expires_ns && m.ip_len <= e.mtu) {

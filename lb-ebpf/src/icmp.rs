@@ -43,7 +43,6 @@ pub fn handle(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     if m.frag != FRAG_NONE {
         return drop(stat::DROP_FRAGMENT);
     }
-    m.dsr = crate::dsr_mode();
     // Never answer (or pass on errors from) a broadcast, multicast or VIP source.
     if crate::martian_source(m) {
         return drop(stat::DROP_MALFORMED);
@@ -175,7 +174,7 @@ fn to_backend(raw: *mut xdp_md, m: &Meta, e: &Embedded) -> Verdict {
     // SAFETY: bounds-checked.
     let sport = unsafe { (*ports)[0] };
     // The embedded packet went VIP:port -> client: its source names the service.
-    let Some(svc) = lookup_service(m.v6, &e.src, sport, e.proto) else {
+    let Some(svc) = lookup_service(m.v6, &e.src, sport, e.proto, m.svc_epoch) else {
         return pass(stat::PASS_NOT_OURS);
     };
     let key = client_key(svc, m.v6, &e.dst);

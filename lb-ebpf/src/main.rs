@@ -117,8 +117,7 @@ fn bump(map: &aya_ebpf::maps::PerCpuArray<Counters>, id: u32, f: impl FnOnce(&mu
 /// change at most one packet later than it would through the map. The reference points into
 /// this CPU's cache slot: valid for this packet (one service lookup per packet).
 #[inline(always)]
-pub fn lookup_service(v6: bool, addr: &[u32; 4], port: u16, proto: u8) -> Option<&'static Service> {
-    let epoch = CONFIG.get(0).map_or(0, |c| c.svc_epoch);
+pub fn lookup_service(v6: bool, addr: &[u32; 4], port: u16, proto: u8, epoch: u32) -> Option<&'static Service> {
     let h = addr_hash(v6, addr) ^ (port as u32).wrapping_mul(0x9e37_79b1) ^ proto as u32;
     let e = SVC_CACHE.get_ptr_mut(h & (SVC_CACHE_ENTRIES - 1))?;
     // SAFETY: this CPU's slot; nothing else writes it while this program runs here.
@@ -180,9 +179,15 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Err(v) = parse::parse(ctx, m) {
         return v;
     }
+    // Possibly ours from here on: the global settings, once per packet.
+    if let Some(c) = CONFIG.get(0) {
+        m.dsr = c.flags & lb_common::GLOBAL_F_DSR != 0;
+        m.fib_epoch = c.fib_epoch;
+        m.svc_epoch = c.svc_epoch;
+    }
     // A frame for another host's MAC (a switch flooding it, or seen in promiscuous mode) is not
     // ours even when it is to a VIP: that host balances it.
-    if !for_this_mac(ctx) {
+    if !for_this_mac(ctx, m.fib_epoch) {
         return pass(stat::PASS_OTHER_MAC);
     }
     // CLOCK_MONOTONIC_COARSE: no clock-source read (tick resolution, ample for timeouts and
@@ -206,7 +211,7 @@ fn process(ctx: &XdpContext) -> Verdict {
 /// is not in `TX_PORTS`: the test harness). The address comes from this CPU's `IFACE_CACHE`, a
 /// copy of `TX_PORTS` retired with the FIB cache (`CONFIG.fib_epoch`).
 #[inline(always)]
-fn for_this_mac(ctx: &XdpContext) -> bool {
+fn for_this_mac(ctx: &XdpContext, epoch: u32) -> bool {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return true;
     };
@@ -216,7 +221,6 @@ fn for_this_mac(ctx: &XdpContext) -> bool {
     };
     // SAFETY: this CPU's slot; nothing else writes it while this program runs here.
     let e = unsafe { &mut *e };
-    let epoch = CONFIG.get(0).map_or(0, |c| c.fib_epoch);
     if e.flags & IFACE_F_VALID == 0 || e.ifindex != ingress || e.epoch != epoch {
         // SAFETY: a copy is taken at once.
         match unsafe { TX_PORTS.get(&ingress) } {
@@ -239,13 +243,6 @@ fn for_this_mac(ctx: &XdpContext) -> bool {
     (0..6).all(|i| dst[i] == e.mac[i])
 }
 
-/// Whether the datapath runs in DSR mode; read only once a packet is known to be ours, so that
-/// other traffic pays no extra lookup.
-#[inline(always)]
-pub fn dsr_mode() -> bool {
-    CONFIG.get(0).is_some_and(|c| c.flags & lb_common::GLOBAL_F_DSR != 0)
-}
-
 /// Returned by `to_vip` when the packet is not to a service.
 const NOT_A_VIP: Verdict = Verdict(u32::MAX);
 
@@ -254,10 +251,9 @@ const NOT_A_VIP: Verdict = Verdict(u32::MAX);
 #[inline(never)]
 fn to_vip(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     let ctx = &crate::ctx_of(raw);
-    let Some(svc) = lookup_service(m.v6, &m.dst, m.dport, m.proto) else {
+    let Some(svc) = lookup_service(m.v6, &m.dst, m.dport, m.proto, m.svc_epoch) else {
         return NOT_A_VIP;
     };
-    m.dsr = dsr_mode();
     count(stat::TO_VIP);
     if let Err(v) = parse::check_l4(ctx, m) {
         return v;
@@ -386,7 +382,6 @@ fn later_fragment(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     if let Err(v) = parse::check_l4(ctx, m) {
         return v;
     }
-    m.dsr = dsr_mode();
     count(stat::FRAGMENT);
     let len = m.len;
     if f.dir == FRAG_TO_BACKEND {

@@ -59,6 +59,9 @@ pub struct Meta {
     pub len: u64,
     /// CLOCK_MONOTONIC_COARSE ns, read once per packet of ours (pins, FIB cache expiry).
     pub now: u64,
+    /// `CONFIG`'s cache epochs, read once per packet of ours with the DSR flag.
+    pub fib_epoch: u32,
+    pub svc_epoch: u32,
 }
 
 impl Meta {
@@ -207,6 +210,8 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Meta, V
         tos: ip.tos,
         len,
         now: 0,
+        fib_epoch: 0,
+        svc_epoch: 0,
     };
     read_ports(ctx, &mut m)?;
     Ok(m)
@@ -308,6 +313,8 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<M
         tos: ((ip.vcf[0] & 0x0f) << 4) | (ip.vcf[1] >> 4),
         len,
         now: 0,
+        fib_epoch: 0,
+        svc_epoch: 0,
     };
     read_ports(ctx, &mut m)?;
     Ok(m)
