@@ -39,11 +39,16 @@ const AF_INET6: u8 = 10;
 /// success refills the slot. The cache assumes the route to a destination does not depend on the
 /// packet's source address or TOS (no source policy routing toward backends and clients; on a
 /// multipath route every source takes the path the lookup that filled the entry took).
-/// Out of line (a BPF-to-BPF call): every path shares one copy.
+/// Out of line (a BPF-to-BPF call) for the rarer paths (ICMP errors, later fragments), which
+/// share one copy; client packets and replies inline `forward_inner`.
 #[inline(never)]
 pub fn forward(raw: *mut xdp_md, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Verdict {
-    let ctx = &crate::ctx_of(raw);
-    let ingress = ctx.ingress_ifindex() as u32;
+    forward_inner(&crate::ctx_of(raw), m, src, dst)
+}
+
+#[inline(always)]
+pub fn forward_inner(ctx: &XdpContext, m: &Meta, src: &[u32; 4], dst: &[u32; 4]) -> Verdict {
+    let ingress = m.ingress;
     // The ingress interface is part of the tag: mixed into the slot, so that one destination
     // reached from two interfaces does not take turns in one slot.
     let slot = (addr_hash(m.v6, dst) ^ ingress.wrapping_mul(0x9e37_79b1)) & (FIB_CACHE_ENTRIES - 1);
@@ -88,7 +93,7 @@ fn lookup(ctx: &XdpContext, m: &Meta, src: &[u32; 4], dst: &[u32; 4], e: &mut Fi
     let fib = unsafe { &mut *storage.as_mut_ptr() };
     fib.l4_protocol = m.proto;
     fib.__bindgen_anon_1.tot_len = m.ip_len;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.ifindex = m.ingress;
     if m.v6 {
         fib.family = AF_INET6;
         fib.__bindgen_anon_3.ipv6_src = *src;
@@ -129,7 +134,7 @@ fn lookup(ctx: &XdpContext, m: &Meta, src: &[u32; 4], dst: &[u32; 4], e: &mut Fi
     // SAFETY: a plain read of the union the helper filled.
     let mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
     e.addr = *dst;
-    e.in_ifindex = ctx.ingress_ifindex() as u32;
+    e.in_ifindex = m.ingress;
     e.ifindex = fib.ifindex;
     e.mtu = if mtu < m.ip_len { m.ip_len } else { mtu };
     e.flags = FIB_F_VALID

@@ -56,18 +56,22 @@ pub fn handle(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     };
     // SAFETY: bounds-checked.
     let ty = unsafe { (*h)[0] };
-    if m.v6 {
+    let embedded = if m.v6 {
         match ty {
-            ICMPV6_ECHO_REQUEST => echo(raw, m, ICMPV6_ECHO_REPLY),
+            ICMPV6_ECHO_REQUEST => return echo(raw, m, ICMPV6_ECHO_REPLY),
             ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED => error_v6(raw, m),
-            _ => pass(stat::PASS_NOT_OURS),
+            _ => return pass(stat::PASS_NOT_OURS),
         }
     } else {
         match ty {
-            ICMP_ECHO_REQUEST => echo(raw, m, ICMP_ECHO_REPLY),
+            ICMP_ECHO_REQUEST => return echo(raw, m, ICMP_ECHO_REPLY),
             ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED => error_v4(raw, m),
-            _ => pass(stat::PASS_NOT_OURS),
+            _ => return pass(stat::PASS_NOT_OURS),
         }
+    };
+    match embedded {
+        Ok(mut e) => error(raw, m, &mut e),
+        Err(v) => v,
     }
 }
 
@@ -122,19 +126,43 @@ struct Embedded {
     /// Embedded source (the VIP: it was our packet) and destination (the client).
     src: [u32; 4],
     dst: [u32; 4],
+    /// The backend serving the client (filled by `to_backend`).
+    baddr: [u32; 4],
+    bport: u16,
 }
 
-/// Sends an ICMP error about a VIP flow to the backend of the embedded flow's client.
+/// `to_backend` found the backend.
+const PICKED: Verdict = Verdict(u32::MAX);
+
+/// Sends an ICMP error about a VIP flow to the backend of the embedded flow's client: the
+/// backend is found by `to_backend`, the message rewritten and forwarded here, so that neither
+/// the rewrite's frame nor the forwarding's stacks on top of the selection's. Out of line: one
+/// copy for IPv4 and IPv6.
+#[inline(never)]
+fn error(raw: *mut xdp_md, m: &Meta, e: &mut Embedded) -> Verdict {
+    let v = to_backend(raw, m, e);
+    if v.0 != PICKED.0 {
+        return v;
+    }
+    // DSR: the backend's own packet came from the VIP; the error goes to it unchanged.
+    if !m.dsr && !rewrite(raw, m, e, &e.baddr, e.bport) {
+        return drop(stat::DROP_MALFORMED);
+    }
+    count(stat::ICMP_ERROR);
+    forward::forward(raw, m, &m.src, &e.baddr)
+}
+
+/// The embedded flow of an ICMPv4 error, if it may be ours.
 #[inline(always)]
-fn error_v4(raw: *mut xdp_md, m: &Meta) -> Verdict {
+fn error_v4(raw: *mut xdp_md, m: &Meta) -> Result<Embedded, Verdict> {
     let ctx = &crate::ctx_of(raw);
     let ip = m.l4() + 8;
-    let Some(h) = ptr_at::<network_types::ip::Ipv4Hdr>(ctx, ip) else { return drop(stat::DROP_MALFORMED) };
+    let Some(h) = ptr_at::<network_types::ip::Ipv4Hdr>(ctx, ip) else { return Err(drop(stat::DROP_MALFORMED)) };
     // SAFETY: bounds-checked.
     let h = unsafe { &*h };
     let ihl = ((h.vihl & 0x0f) as usize) * 4;
     if ihl < 20 || (h.proto != PROTO_TCP && h.proto != PROTO_UDP) {
-        return pass(stat::PASS_NOT_OURS);
+        return Err(pass(stat::PASS_NOT_OURS));
     }
     let e = Embedded {
         ip,
@@ -142,27 +170,37 @@ fn error_v4(raw: *mut xdp_md, m: &Meta) -> Verdict {
         proto: h.proto,
         src: [u32::from_ne_bytes(h.src_addr), 0, 0, 0],
         dst: [u32::from_ne_bytes(h.dst_addr), 0, 0, 0],
+        baddr: [0; 4],
+        bport: 0,
     };
-    to_backend(raw, m, &e)
+    Ok(e)
 }
 
 #[inline(always)]
-fn error_v6(raw: *mut xdp_md, m: &Meta) -> Verdict {
+fn error_v6(raw: *mut xdp_md, m: &Meta) -> Result<Embedded, Verdict> {
     let ctx = &crate::ctx_of(raw);
     let ip = m.l4() + 8;
-    let Some(h) = ptr_at::<network_types::ip::Ipv6Hdr>(ctx, ip) else { return drop(stat::DROP_MALFORMED) };
+    let Some(h) = ptr_at::<network_types::ip::Ipv6Hdr>(ctx, ip) else { return Err(drop(stat::DROP_MALFORMED)) };
     // SAFETY: bounds-checked.
     let h = unsafe { &*h };
     if h.next_hdr != PROTO_TCP && h.next_hdr != PROTO_UDP {
-        return pass(stat::PASS_NOT_OURS);
+        return Err(pass(stat::PASS_NOT_OURS));
     }
-    let e = Embedded { ip, l4: ip + 40, proto: h.next_hdr, src: words(&h.src_addr), dst: words(&h.dst_addr) };
-    to_backend(raw, m, &e)
+    Ok(Embedded {
+        ip,
+        l4: ip + 40,
+        proto: h.next_hdr,
+        src: words(&h.src_addr),
+        dst: words(&h.dst_addr),
+        baddr: [0; 4],
+        bport: 0,
+    })
 }
 
-/// Out of line: one copy for IPv4 and IPv6.
+/// The backend of the embedded flow's client into `e` (`PICKED`), or the verdict. Out of line:
+/// one copy for IPv4 and IPv6.
 #[inline(never)]
-fn to_backend(raw: *mut xdp_md, m: &Meta, e: &Embedded) -> Verdict {
+fn to_backend(raw: *mut xdp_md, m: &Meta, e: &mut Embedded) -> Verdict {
     let ctx = &crate::ctx_of(raw);
     // The quoted IP header and the first 8 bytes of its L4 header must lie inside the datagram;
     // what follows it in the frame (padding) is not part of the ICMP message.
@@ -183,19 +221,16 @@ fn to_backend(raw: *mut xdp_md, m: &Meta, e: &Embedded) -> Verdict {
         Err(v) => return v,
     };
     let Some(b) = BACKENDS.get(backend_id) else { return drop(stat::ABORTED) };
-    let (baddr, bport) = (b.addr, b.port);
-    // DSR: the backend's own packet came from the VIP; the error goes to it unchanged.
-    if !m.dsr && !rewrite(raw, m, e, &baddr, bport) {
-        return drop(stat::DROP_MALFORMED);
-    }
-    count(stat::ICMP_ERROR);
-    forward::forward(ctx.ctx, m, &m.src, &baddr)
+    e.baddr = b.addr;
+    e.bport = b.port;
+    PICKED
 }
 
 /// Outer destination VIP -> backend; embedded source VIP:port -> backend:port, with the outer
 /// IPv4 checksum, the embedded IPv4 and L4 checksums and the ICMP checksum (over its payload, and
 /// for ICMPv6 the outer pseudo-header) all updated incrementally. One bounds-checked pointer per
-/// header (see `nat::rewrite`). Out of line: its frame does not add to `to_backend`'s.
+/// header (see `nat::rewrite`). Out of line, called from `error` after the selection returned:
+/// its frame does not add to the selection's.
 #[inline(always)]
 fn rewrite(raw: *mut xdp_md, m: &Meta, e: &Embedded, baddr: &[u32; 4], bport: u16) -> bool {
     if m.v6 { rewrite_v6(raw, m, e, baddr, bport) } else { rewrite_v4(raw, m, e, baddr, bport) }
@@ -276,15 +311,15 @@ fn rewrite_v6_inner(ctx: &XdpContext, m: &Meta, e: &Embedded, baddr: &[u32; 4], 
         ic = csum::replace2(ic, old_port, bport);
         let outer: *mut Ipv6Hdr = ptr_at(ctx, m.l3()).ok_or(())?;
         let outer = &mut *outer;
-        let old = swap16(outer.dst_addr.as_mut_ptr(), baddr);
+        let d_dst = csum::delta16(&swap16(outer.dst_addr.as_mut_ptr(), baddr), baddr);
         // ICMPv6 covers the outer pseudo-header.
-        ic = csum::replace16(ic, &old, baddr);
+        ic = csum::apply(ic, d_dst);
         let inner: *mut Ipv6Hdr = ptr_at(ctx, e.ip).ok_or(())?;
         let inner = &mut *inner;
-        let old_src = swap16(inner.src_addr.as_mut_ptr(), baddr);
-        ic = csum::replace16(ic, &old_src, baddr);
+        let d_src = csum::delta16(&swap16(inner.src_addr.as_mut_ptr(), baddr), baddr);
+        ic = csum::apply(ic, d_src);
         let l4_update = |c0: u16| {
-            let c1 = csum::replace2(csum::replace16(c0, &old_src, baddr), old_port, bport);
+            let c1 = csum::replace2(csum::apply(c0, d_src), old_port, bport);
             if e.proto == PROTO_UDP { csum::udp_nonzero(c1) } else { c1 }
         };
         if e.proto == PROTO_UDP {

@@ -20,7 +20,7 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{xdp_action, xdp_md},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::xdp,
     programs::XdpContext,
 };
@@ -187,13 +187,22 @@ fn process(ctx: &XdpContext) -> Verdict {
     }
     // A frame for another host's MAC (a switch flooding it, or seen in promiscuous mode) is not
     // ours even when it is to a VIP: that host balances it.
-    if !for_this_mac(ctx, m.fib_epoch) {
+    m.ingress = ctx.ingress_ifindex() as u32;
+    if !for_this_mac(ctx, m.ingress, m.fib_epoch) {
         return pass(stat::PASS_OTHER_MAC);
     }
     // CLOCK_MONOTONIC_COARSE: no clock-source read (tick resolution, ample for timeouts and
-    // cache expiry); once per packet, for every stage.
-    // SAFETY: a helper call with no side effects.
-    m.now = unsafe { bpf_ktime_get_coarse_ns() };
+    // cache expiry), for every stage. It only moves on a tick, when `jiffies` does too: the
+    // verifier inlines `bpf_jiffies64` into a plain load, so the clock helper (a call, whose
+    // return is costly on CPUs with return-stack mitigations) runs once per tick per CPU, not
+    // once per packet. The value kept in this CPU's scratch slot lags the clock by at most the
+    // tick it was read in.
+    // SAFETY: helper calls with no side effects.
+    let j = unsafe { bpf_jiffies64() };
+    if j != m.now_jiffies || m.now == 0 {
+        m.now = unsafe { bpf_ktime_get_coarse_ns() };
+        m.now_jiffies = j;
+    }
     if m.proto == parse::PROTO_ICMP || m.proto == parse::PROTO_ICMPV6 {
         return icmp::handle(ctx.ctx, m);
     }
@@ -211,11 +220,10 @@ fn process(ctx: &XdpContext) -> Verdict {
 /// is not in `TX_PORTS`: the test harness). The address comes from this CPU's `IFACE_CACHE`, a
 /// copy of `TX_PORTS` retired with the FIB cache (`CONFIG.fib_epoch`).
 #[inline(always)]
-fn for_this_mac(ctx: &XdpContext, epoch: u32) -> bool {
+fn for_this_mac(ctx: &XdpContext, ingress: u32, epoch: u32) -> bool {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return true;
     };
-    let ingress = ctx.ingress_ifindex() as u32;
     let Some(e) = IFACE_CACHE.get_ptr_mut(ingress & (IFACE_CACHE_ENTRIES - 1)) else {
         return true;
     };
@@ -323,8 +331,9 @@ fn record_fragment_out(m: &Meta, addr: &[u32; 4], dir: u32, ids: u64) {
 }
 
 /// Client -> VIP: pick the backend (affinity, else Maglev), rewrite the destination, forward.
-/// Out of line: keeps each stage's stack frame small.
-#[inline(never)]
+/// Inlined into `to_vip`, with the rewrite and the forwarding: the hit path makes no BPF-to-BPF
+/// call past `to_vip` (each call's return costs ~10 ns on CPUs with return-stack mitigations,
+/// e.g. AMD's SRSO "safe RET").
 fn to_backend(raw: *mut xdp_md, m: &Meta, svc: &Service) -> Verdict {
     let ctx = &ctx_of(raw);
     let key = client_key(svc, m.v6, &m.src);
@@ -340,10 +349,10 @@ fn to_backend(raw: *mut xdp_md, m: &Meta, svc: &Service) -> Verdict {
     let (baddr, bport) = (backend.addr, backend.port);
     record_fragment(m, &baddr, FRAG_TO_BACKEND, svc.id, backend_id);
     // DSR: the packet stays addressed to the VIP; `forward` only finds the backend's MAC.
-    if !m.dsr && !nat::rewrite(ctx.ctx, m, Side::Dst, &baddr, bport) {
+    if !m.dsr && nat::rewrite_inner(ctx, m, Side::Dst, &baddr, bport).is_err() {
         return drop(stat::DROP_MALFORMED);
     }
-    forward::forward(ctx.ctx, m, &m.src, &baddr)
+    forward::forward_inner(ctx, m, &m.src, &baddr)
 }
 
 /// Backend -> client: the source becomes the VIP again.
@@ -360,10 +369,10 @@ fn to_client(ctx: &XdpContext, m: &Meta, vip: &[u32; 4], rev: &Reverse) -> Verdi
     });
     count(stat::REPLY);
     record_fragment(m, vip, FRAG_TO_CLIENT, rev.service_id, rev.backend_id);
-    if !nat::rewrite(ctx.ctx, m, Side::Src, vip, rev.port) {
+    if nat::rewrite_inner(ctx, m, Side::Src, vip, rev.port).is_err() {
         return drop(stat::DROP_MALFORMED);
     }
-    forward::forward(ctx.ctx, m, vip, &m.dst)
+    forward::forward_inner(ctx, m, vip, &m.dst)
 }
 
 /// A fragment without the L4 header follows its first fragment's translation. Out of line (a

@@ -21,7 +21,8 @@ pub enum Side {
 /// updates the IPv4 header checksum and the TCP/UDP checksum. A UDP checksum of 0 (IPv4: none)
 /// stays 0. Each header is reached through one bounds-checked pointer: separately checked
 /// pointers into the same header let LLVM merge the checks in ways the verifier cannot follow.
-/// Out of line (a BPF-to-BPF call): one copy for every path.
+/// Out of line (a BPF-to-BPF call) for the rarer paths; client packets and replies inline
+/// `rewrite_inner`.
 #[inline(never)]
 pub fn rewrite(raw: *mut xdp_md, m: &Meta, side: Side, addr: &[u32; 4], port: u16) -> bool {
     rewrite_inner(&crate::ctx_of(raw), m, side, addr, port).is_ok()
@@ -78,7 +79,7 @@ fn update_l4(ctx: &XdpContext, m: &Meta, side: Side, port: u16, f: impl Fn(u16, 
 }
 
 #[inline(always)]
-fn rewrite_inner(ctx: &XdpContext, m: &Meta, side: Side, addr: &[u32; 4], port: u16) -> Result<(), ()> {
+pub fn rewrite_inner(ctx: &XdpContext, m: &Meta, side: Side, addr: &[u32; 4], port: u16) -> Result<(), ()> {
     if !m.v6 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, m.l3()).ok_or(())?;
         // SAFETY: bounds-checked.

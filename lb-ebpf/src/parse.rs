@@ -62,6 +62,11 @@ pub struct Meta {
     /// `CONFIG`'s cache epochs, read once per packet of ours with the DSR flag.
     pub fib_epoch: u32,
     pub svc_epoch: u32,
+    /// The ingress interface, read from the context once per packet of ours.
+    pub ingress: u32,
+    /// `jiffies` when `now` was read: `now` is read again (a helper call) only when a tick has
+    /// passed since, so most packets take the clock from this CPU's scratch slot.
+    pub now_jiffies: u64,
 }
 
 impl Meta {
@@ -141,7 +146,7 @@ pub fn parse(ctx: &XdpContext, m: &mut Meta) -> Result<(), Verdict> {
         m.len = len;
         m.vlan = vlan;
         m.v6 = ether_type == ETH_P_IPV6;
-        let v = parse_ip(ctx.ctx, l3, m);
+        let v = parse_ip(ctx, l3, m);
         if v.0 == PARSED.0 { Ok(()) } else { Err(v) }
     } else {
         Err(pass(stat::PASS_NOT_OURS))
@@ -151,29 +156,27 @@ pub fn parse(ctx: &XdpContext, m: &mut Meta) -> Result<(), Verdict> {
 /// `parse_v6` succeeded.
 const PARSED: Verdict = Verdict(u32::MAX);
 
-/// IPv4, or IPv6 with its extension headers, out of line (a BPF-to-BPF call): the entry
-/// function's stack stays small. Returns `PARSED` or the verdict.
-#[inline(never)]
-fn parse_ip(raw: *mut xdp_md, l3: usize, m: &mut Meta) -> Verdict {
-    let ctx = &crate::ctx_of(raw);
-    let parsed = if m.v6 { parse_v6_inner(ctx, l3, m.vlan, m.len) } else { parse_v4(ctx, l3, m.vlan, m.len) };
+/// IPv4, or IPv6 with its extension headers, written straight into `m` (the scratch map: no
+/// copy of the parsed packet on the stack). Returns `PARSED` or the verdict.
+#[inline(always)]
+fn parse_ip(ctx: &XdpContext, l3: usize, m: &mut Meta) -> Verdict {
+    let parsed = if m.v6 {
+        let v = parse_v6(ctx.ctx, l3, m);
+        if v.0 == PARSED.0 { Ok(()) } else { Err(v) }
+    } else {
+        parse_v4(ctx, l3, m)
+    };
     match parsed {
         // Neither to a VIP nor from a backend (nor anything that could be ours: ICMP to a VIP,
-        // fragments of our datagrams): not ours, told by two filter bits instead of map lookups,
-        // before the parsed packet is even stored.
-        Ok(parsed) if !maybe_listed(parsed.v6, &parsed.dst) && !maybe_listed(parsed.v6, &parsed.src) => {
-            pass(stat::PASS_NOT_OURS)
-        }
-        Ok(parsed) => {
-            *m = parsed;
-            PARSED
-        }
+        // fragments of our datagrams): not ours, told by two filter bits instead of map lookups.
+        Ok(()) if !maybe_listed(m.v6, &m.dst) && !maybe_listed(m.v6, &m.src) => pass(stat::PASS_NOT_OURS),
+        Ok(()) => PARSED,
         Err(v) => v,
     }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Meta, Verdict> {
+fn parse_v4(ctx: &XdpContext, l3: usize, m: &mut Meta) -> Result<(), Verdict> {
     let ip: *const network_types::ip::Ipv4Hdr = ptr_at(ctx, l3).ok_or(pass(stat::PASS_MALFORMED))?;
     // SAFETY: bounds-checked by ptr_at.
     let ip = unsafe { &*ip };
@@ -193,32 +196,32 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Meta, V
     } else {
         FRAG_NONE
     };
-    let mut m = Meta {
-        l3: l3 as u16,
-        l4: (l3 + ihl) as u16,
-        v6: false,
-        vlan,
-        dsr: false,
-        proto,
-        src: [u32::from_ne_bytes(ip.src_addr), 0, 0, 0],
-        dst: [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0],
-        sport: 0,
-        dport: 0,
-        frag,
-        frag_id: u16::from_be_bytes(ip.id) as u32,
-        ip_len: u16::from_be_bytes(ip.tot_len),
-        tos: ip.tos,
-        len,
-        now: 0,
-        fib_epoch: 0,
-        svc_epoch: 0,
-    };
-    read_ports(ctx, &mut m)?;
-    Ok(m)
+    m.l3 = l3 as u16;
+    m.l4 = (l3 + ihl) as u16;
+    m.proto = proto;
+    m.src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
+    m.dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
+    m.sport = 0;
+    m.dport = 0;
+    m.frag = frag;
+    m.frag_id = u16::from_be_bytes(ip.id) as u32;
+    m.ip_len = u16::from_be_bytes(ip.tot_len);
+    m.tos = ip.tos;
+    read_ports(ctx, m)
+}
+
+/// IPv6 with its extension headers, out of line (a BPF-to-BPF call): the entry function's stack
+/// stays small. Returns `PARSED` or the verdict.
+#[inline(never)]
+fn parse_v6(raw: *mut xdp_md, l3: usize, m: &mut Meta) -> Verdict {
+    match parse_v6_inner(&crate::ctx_of(raw), l3, m) {
+        Ok(()) => PARSED,
+        Err(v) => v,
+    }
 }
 
 #[inline(always)]
-fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Meta, Verdict> {
+fn parse_v6_inner(ctx: &XdpContext, l3: usize, m: &mut Meta) -> Result<(), Verdict> {
     let ip: *const network_types::ip::Ipv6Hdr = ptr_at(ctx, l3).ok_or(pass(stat::PASS_MALFORMED))?;
     // SAFETY: bounds-checked by ptr_at.
     let ip = unsafe { &*ip };
@@ -233,8 +236,9 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<M
             u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
         ]
     };
-    let src = words(&ip.src_addr);
-    let dst = words(&ip.dst_addr);
+    // Straight into the scratch slot: no copies on the stack.
+    m.src = words(&ip.src_addr);
+    m.dst = words(&ip.dst_addr);
     let mut next = ip.next_hdr;
     let mut off = l3 + 40;
     let mut frag = FRAG_NONE;
@@ -243,14 +247,14 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<M
     while i < MAX_EXT_HEADERS {
         i += 1;
         if off > MAX_L4_OFFSET {
-            return Err(malformed_unless_ours(true, &src, &dst));
+            return Err(malformed_unless_ours(true, &m.src, &m.dst));
         }
         match next {
             // Hop-by-hop, routing, destination options: length in 8-byte units, not counting the
             // first 8 bytes.
             0 | 43 | 60 => {
                 let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else {
-                    return Err(malformed_unless_ours(true, &src, &dst));
+                    return Err(malformed_unless_ours(true, &m.src, &m.dst));
                 };
                 let h = unsafe { *h };
                 next = h[0];
@@ -259,7 +263,7 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<M
             // Authentication header: length in 4-byte units, minus 2.
             51 => {
                 let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else {
-                    return Err(malformed_unless_ours(true, &src, &dst));
+                    return Err(malformed_unless_ours(true, &m.src, &m.dst));
                 };
                 let h = unsafe { *h };
                 next = h[0];
@@ -267,7 +271,7 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<M
             }
             44 => {
                 let Some(h) = ptr_at::<[u8; 8]>(ctx, off) else {
-                    return Err(malformed_unless_ours(true, &src, &dst));
+                    return Err(malformed_unless_ours(true, &m.src, &m.dst));
                 };
                 let h = unsafe { *h };
                 next = h[0];
@@ -287,37 +291,25 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<M
     }
     // Bounds the cursor for the verifier (and lets it prune the paths through the loop).
     if off > MAX_L4_OFFSET {
-        return Err(malformed_unless_ours(true, &src, &dst));
+        return Err(malformed_unless_ours(true, &m.src, &m.dst));
     }
     if matches!(next, 0 | 43 | 60 | 51 | 44) && frag != FRAG_LATER {
         // A chain longer than the bound.
-        return Err(malformed_unless_ours(true, &src, &dst));
+        return Err(malformed_unless_ours(true, &m.src, &m.dst));
     }
     if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
         return Err(pass(stat::PASS_NOT_OURS));
     }
-    let mut m = Meta {
-        l3: l3 as u16,
-        l4: off as u16,
-        v6: true,
-        vlan,
-        dsr: false,
-        proto: next,
-        src,
-        dst,
-        sport: 0,
-        dport: 0,
-        frag,
-        frag_id,
-        ip_len: u16::from_be_bytes(ip.payload_len).wrapping_add(40),
-        tos: ((ip.vcf[0] & 0x0f) << 4) | (ip.vcf[1] >> 4),
-        len,
-        now: 0,
-        fib_epoch: 0,
-        svc_epoch: 0,
-    };
-    read_ports(ctx, &mut m)?;
-    Ok(m)
+    m.l3 = l3 as u16;
+    m.l4 = off as u16;
+    m.proto = next;
+    m.sport = 0;
+    m.dport = 0;
+    m.frag = frag;
+    m.frag_id = frag_id;
+    m.ip_len = u16::from_be_bytes(ip.payload_len).wrapping_add(40);
+    m.tos = ((ip.vcf[0] & 0x0f) << 4) | (ip.vcf[1] >> 4);
+    read_ports(ctx, m)
 }
 
 /// Reads the ports of a TCP/UDP packet that has its L4 header; a packet too short for them passes
