@@ -246,9 +246,15 @@ fn for_this_mac(ctx: &XdpContext, ingress: u32, epoch: u32) -> bool {
     if e.flags & IFACE_F_KNOWN == 0 {
         return true;
     }
-    // SAFETY: bounds-checked above.
-    let dst = unsafe { &(*eth).dst_addr };
-    (0..6).all(|i| dst[i] == e.mac[i])
+    // A word and a half-word compared instead of six bytes (`mac` is word-aligned in the entry;
+    // packet words as in `parse::load_words`).
+    // SAFETY: bounds-checked above; `mac` holds 6 bytes.
+    unsafe {
+        let dst = eth as *const u8;
+        let mac = e.mac.as_ptr();
+        parse::load_word(dst) == core::ptr::read_volatile(mac as *const u32)
+            && core::ptr::read_volatile(dst.add(4) as *const u16) == core::ptr::read_volatile(mac.add(4) as *const u16)
+    }
 }
 
 /// Returned by `to_vip` when the packet is not to a service.

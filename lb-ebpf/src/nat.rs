@@ -85,8 +85,10 @@ pub fn rewrite_inner(ctx: &XdpContext, m: &Meta, side: Side, addr: &[u32; 4], po
         // SAFETY: bounds-checked.
         let ip = unsafe { &mut *ip };
         let field = if side == Side::Src { &mut ip.src_addr } else { &mut ip.dst_addr };
-        let old = u32::from_ne_bytes(*field);
-        *field = addr[0].to_ne_bytes();
+        // The old address is the parsed one: not read back from the packet.
+        let old = if side == Side::Src { m.src[0] } else { m.dst[0] };
+        // SAFETY: a field of the bounds-checked header.
+        unsafe { crate::parse::store_word(field.as_mut_ptr(), addr[0]) };
         ip.check = csum::replace4(u16::from_ne_bytes(ip.check), old, addr[0]).to_ne_bytes();
         if m.has_ports() {
             update_l4(ctx, m, side, port, |c, old_port| csum::replace_addr_port(c, old, addr[0], old_port, port))?;
@@ -97,7 +99,10 @@ pub fn rewrite_inner(ctx: &XdpContext, m: &Meta, side: Side, addr: &[u32; 4], po
     // SAFETY: bounds-checked.
     let ip = unsafe { &mut *ip };
     let field = if side == Side::Src { &mut ip.src_addr } else { &mut ip.dst_addr };
-    let old = swap16(field.as_mut_ptr(), addr);
+    // The old address is the parsed one: the packet's 16 bytes are only written, not read back.
+    let old = if side == Side::Src { m.src } else { m.dst };
+    // SAFETY: a field of the bounds-checked header.
+    unsafe { crate::parse::store_words(field.as_mut_ptr(), addr) };
     if m.has_ports() {
         update_l4(ctx, m, side, port, |c, old_port| csum::replace2(csum::replace16(c, &old, addr), old_port, port))?;
     }

@@ -123,6 +123,68 @@ fn malformed_unless_ours(v6: bool, src: &[u32; 4], dst: &[u32; 4]) -> Verdict {
     }
 }
 
+/// The 16 bytes at `p` (an address field of a bounds-checked packet header) as four 32-bit loads
+/// rather than sixteen byte loads: LLVM's BPF backend splits every access it cannot prove aligned
+/// into bytes, while the kernel lets programs load packet words at any offset (the verifier
+/// checks packet alignment only in strict mode, and there against the `NET_IP_ALIGN` layout an
+/// IPv6 address in an Ethernet frame meets). C XDP programs get the same loads from `struct
+/// in6_addr`'s `u32` members.
+///
+/// # Safety
+/// `p` must point at 16 readable bytes of the packet.
+#[inline(always)]
+#[allow(clippy::cast_ptr_alignment)]
+pub unsafe fn load_words(p: *const u8) -> [u32; 4] {
+    let w = p as *const u32;
+    // SAFETY: see above; volatile keeps LLVM from splitting the loads by the alignment it sees.
+    unsafe {
+        [
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+            core::ptr::read_volatile(w.add(2)),
+            core::ptr::read_volatile(w.add(3)),
+        ]
+    }
+}
+
+/// The 4 bytes at `p` (a packet field) as one 32-bit load (see `load_words`).
+///
+/// # Safety
+/// `p` must point at 4 readable bytes of the packet.
+#[inline(always)]
+#[allow(clippy::cast_ptr_alignment)]
+pub unsafe fn load_word(p: *const u8) -> u32 {
+    // SAFETY: see `load_words`.
+    unsafe { core::ptr::read_volatile(p as *const u32) }
+}
+
+/// Writes `v` to the 4 bytes at `p` as one 32-bit store (see `load_words`).
+///
+/// # Safety
+/// `p` must point at 4 writable bytes of the packet.
+#[inline(always)]
+#[allow(clippy::cast_ptr_alignment)]
+pub unsafe fn store_word(p: *mut u8, v: u32) {
+    // SAFETY: see `load_words`.
+    unsafe { core::ptr::write_volatile(p as *mut u32, v) }
+}
+
+/// Writes `v` to the 16 bytes at `p` as four 32-bit stores (see `load_words`).
+///
+/// # Safety
+/// `p` must point at 16 writable bytes of the packet.
+#[inline(always)]
+#[allow(clippy::cast_ptr_alignment)]
+pub unsafe fn store_words(p: *mut u8, v: &[u32; 4]) {
+    let w = p as *mut u32;
+    // SAFETY: see `load_words`.
+    unsafe {
+        for (i, x) in v.iter().enumerate() {
+            core::ptr::write_volatile(w.add(i), *x);
+        }
+    }
+}
+
 /// Fills `m` from the packet.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext, m: &mut Meta) -> Result<(), Verdict> {
@@ -199,8 +261,11 @@ fn parse_v4(ctx: &XdpContext, l3: usize, m: &mut Meta) -> Result<(), Verdict> {
     m.l3 = l3 as u16;
     m.l4 = (l3 + ihl) as u16;
     m.proto = proto;
-    m.src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
-    m.dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
+    // SAFETY: fields of the bounds-checked header; word loads as in `load_words`.
+    unsafe {
+        m.src = [load_word(ip.src_addr.as_ptr()), 0, 0, 0];
+        m.dst = [load_word(ip.dst_addr.as_ptr()), 0, 0, 0];
+    }
     m.sport = 0;
     m.dport = 0;
     m.frag = frag;
@@ -228,17 +293,12 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, m: &mut Meta) -> Result<(), Verdi
     if ip.vcf[0] >> 4 != 6 {
         return Err(pass(stat::PASS_MALFORMED));
     }
-    let words = |a: &[u8; 16]| -> [u32; 4] {
-        [
-            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-        ]
-    };
     // Straight into the scratch slot: no copies on the stack.
-    m.src = words(&ip.src_addr);
-    m.dst = words(&ip.dst_addr);
+    // SAFETY: fields of the bounds-checked header.
+    unsafe {
+        m.src = load_words(ip.src_addr.as_ptr());
+        m.dst = load_words(ip.dst_addr.as_ptr());
+    }
     let mut next = ip.next_hdr;
     let mut off = l3 + 40;
     let mut frag = FRAG_NONE;
