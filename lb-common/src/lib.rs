@@ -202,7 +202,7 @@ pub struct IfaceCacheEntry {
 }
 const _: () = assert!(core::mem::size_of::<IfaceCacheEntry>() == 20);
 // The datapath compares `mac` as a 32-bit and a 16-bit word.
-const _: () = assert!(core::mem::offset_of!(IfaceCacheEntry, mac) % 4 == 0);
+const _: () = assert!(core::mem::offset_of!(IfaceCacheEntry, mac).is_multiple_of(4));
 
 /// Slots of `FIB_CACHE` per CPU (a power of two).
 pub const FIB_CACHE_ENTRIES: u32 = 4096;
@@ -248,7 +248,7 @@ const _: () = assert!(core::mem::size_of::<FibCacheEntry>() == 56);
 /// Offset of `FibCacheEntry::dmac`, which `smac` follows: the datapath copies both into a frame's
 /// Ethernet header as three 32-bit words.
 pub const FIB_MACS_OFFSET: usize = core::mem::offset_of!(FibCacheEntry, dmac);
-const _: () = assert!(FIB_MACS_OFFSET % 4 == 0 && core::mem::offset_of!(FibCacheEntry, smac) == FIB_MACS_OFFSET + 6);
+const _: () = assert!(FIB_MACS_OFFSET.is_multiple_of(4) && core::mem::offset_of!(FibCacheEntry, smac) == FIB_MACS_OFFSET + 6);
 
 /// (address, port, protocol): a service's VIP, or a backend's endpoint in `REVERSE`.
 #[repr(C)]
