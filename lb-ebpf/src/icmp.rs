@@ -15,9 +15,9 @@ use network_types::{
 };
 
 use crate::{
-    nat::{swap16, words},
+    nat::swap16,
     BACKENDS, Verdict, client_key, count, drop, forward, lookup_service, pass,
-    parse::{self, FRAG_NONE, Meta},
+    parse::{self, FRAG_NONE, Meta, load_words},
     ptr_at, select, verdict,
 };
 
@@ -190,8 +190,9 @@ fn error_v6(raw: *mut xdp_md, m: &Meta) -> Result<Embedded, Verdict> {
         ip,
         l4: ip + 40,
         proto: h.next_hdr,
-        src: words(&h.src_addr),
-        dst: words(&h.dst_addr),
+        // SAFETY: fields of the bounds-checked embedded header.
+        src: unsafe { load_words(h.src_addr.as_ptr()) },
+        dst: unsafe { load_words(h.dst_addr.as_ptr()) },
         baddr: [0; 4],
         bport: 0,
     })

@@ -28,25 +28,14 @@ pub fn rewrite(raw: *mut xdp_md, m: &Meta, side: Side, addr: &[u32; 4], port: u1
     rewrite_inner(&crate::ctx_of(raw), m, side, addr, port).is_ok()
 }
 
-#[inline(always)]
-pub fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
-}
-
 /// Replaces the 16-byte address at `p` by `new` (network order words) and returns the old one,
-/// without byte-array temporaries on the stack.
+/// as word accesses (`parse::load_words`).
 #[inline(always)]
 pub fn swap16(p: *mut u8, new: &[u32; 4]) -> [u32; 4] {
-    let w = p as *mut [u32; 4];
     // SAFETY: the callers pass a field of a bounds-checked IPv6 header.
     unsafe {
-        let old = w.read_unaligned();
-        w.write_unaligned(*new);
+        let old = crate::parse::load_words(p);
+        crate::parse::store_words(p, new);
         old
     }
 }
