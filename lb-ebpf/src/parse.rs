@@ -125,10 +125,11 @@ fn malformed_unless_ours(v6: bool, src: &[u32; 4], dst: &[u32; 4]) -> Verdict {
 
 /// The 16 bytes at `p` (an address field of a bounds-checked packet header) as four 32-bit loads
 /// rather than sixteen byte loads: LLVM's BPF backend splits every access it cannot prove aligned
-/// into bytes, while the kernel lets programs load packet words at any offset (the verifier
-/// checks packet alignment only in strict mode, and there against the `NET_IP_ALIGN` layout an
-/// IPv6 address in an Ethernet frame meets). C XDP programs get the same loads from `struct
-/// in6_addr`'s `u32` members.
+/// into bytes, while the kernel lets programs load packet words at any offset: the verifier
+/// checks packet alignment only in strict mode (`BPF_F_STRICT_ALIGNMENT`, which lb does not ask
+/// for, or an architecture without efficient unaligned access, where the load of the program
+/// would fail with the verifier's message; x86-64 and arm64 are not such). C XDP programs get
+/// the same loads from `struct in6_addr`'s `u32` members.
 ///
 /// # Safety
 /// `p` must point at 16 readable bytes of the packet.
