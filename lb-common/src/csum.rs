@@ -43,18 +43,12 @@ pub const fn replace_addr_port(check: u16, old_addr: u32, new_addr: u32, old_por
 /// The checksum after a 128-bit value (an IPv6 address, as four memory words) changed.
 #[inline(always)]
 pub const fn replace16(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
-    let mut acc = (!check) as u64;
-    let mut i = 0;
-    while i < 4 {
-        acc = add32(add32(acc, !old[i]), new[i]);
-        i += 1;
-    }
-    !fold(acc)
+    apply(check, delta16(old, new))
 }
 
 /// The one's complement sum that replacing a 128-bit value `old -> new` adds to a checksum's
-/// complement: `apply(c, delta16(old, new)) == replace16(c, old, new)`. Lets a caller drop both
-/// values once it has the delta (one register instead of eight words).
+/// complement (`replace16` is `apply` of it). Lets a caller drop both values once it has the
+/// delta (one register instead of eight words).
 #[inline(always)]
 pub const fn delta16(old: &[u32; 4], new: &[u32; 4]) -> u64 {
     let mut acc = 0u64;
@@ -190,13 +184,25 @@ mod tests {
     }
 
     #[test]
-    fn delta_applied_equals_replace16() {
+    fn delta16_matches_full_recompute() {
         let mut rng = Rng(0x0bad_cafe_f00d_1234);
         for _ in 0..20_000 {
-            let c = rng.next() as u16;
-            let old = [rng.next() as u32, rng.next() as u32, rng.next() as u32, rng.next() as u32];
+            // A 40-byte header with its checksum at 10..12 and a 16-byte field at 16..32.
+            let mut data = [0u8; 40];
+            for b in data.iter_mut() {
+                *b = rng.next() as u8;
+            }
+            data[10] = 0;
+            data[11] = 0;
+            let c = checksum(&data);
+            let old = [word32(&data, 16), word32(&data, 20), word32(&data, 24), word32(&data, 28)];
             let new = [rng.next() as u32, rng.next() as u32, rng.next() as u32, rng.next() as u32];
-            assert_eq!(apply(c, delta16(&old, &new)), replace16(c, &old, &new));
+            for (i, w) in new.iter().enumerate() {
+                data[16 + 4 * i..20 + 4 * i].copy_from_slice(&w.to_ne_bytes());
+            }
+            let c1 = apply(c, delta16(&old, &new));
+            data[10..12].copy_from_slice(&c1.to_ne_bytes());
+            assert_eq!(checksum(&data), 0, "delta16 update disagrees with a full sum");
         }
     }
 
