@@ -340,6 +340,7 @@ fn record_fragment_out(m: &Meta, addr: &[u32; 4], dir: u32, ids: u64) {
 /// Inlined into `to_vip`, with the rewrite and the forwarding: the hit path makes no BPF-to-BPF
 /// call past `to_vip` (each call's return costs ~10 ns on CPUs with return-stack mitigations,
 /// e.g. AMD's SRSO "safe RET").
+#[inline(always)]
 fn to_backend(raw: *mut xdp_md, m: &Meta, svc: &Service) -> Verdict {
     let ctx = &ctx_of(raw);
     let key = client_key(svc, m.v6, &m.src);
