@@ -13,7 +13,7 @@ pub mod hash;
 
 /// Bumped whenever a map's key or value layout, a map's meaning, or a map name changes. Stored in
 /// `CONFIG[0].layout_version`; a daemon refuses to adopt pinned state of another version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Pin name of the XDP link of interface `ifname` under the pin path is `LINK_PIN_PREFIX` +
 /// `ifname`: the attachment outlives the daemon, so a restart never interrupts traffic.
@@ -79,6 +79,10 @@ pub mod maps {
     /// looked up, by (VIP, port, protocol), valid while `GlobalConfig::svc_epoch` is unchanged.
     /// Not pinned.
     pub const SVC_CACHE: &str = "SVC_CACHE";
+    /// LRU hash [`crate::FlowKey`] -> [`crate::FlowValue`]: the backend each established TCP
+    /// connection was placed on, so that it stays there while that backend lives, whatever
+    /// happens to its client's pin.
+    pub const FLOWS: &str = "FLOWS";
 }
 
 /// `ADDRS` flags.
@@ -105,6 +109,11 @@ pub const DEFAULT_MAX_SERVICES: u32 = 64;
 pub const DEFAULT_MAX_BACKENDS: u32 = 1024;
 pub const DEFAULT_MAGLEV_M: u32 = 65537;
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 1 << 20;
+pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
+/// Default of `datapath.max_new_pins_per_cpu`: pins and connection entries one CPU may create
+/// per second before new clients are placed without being remembered (Katran's flood guard
+/// uses the same figure).
+pub const DEFAULT_NEW_PINS_PER_CPU: u32 = 125_000;
 
 /// `last_seen` of an affinity entry is refreshed only when it is older than this (or than half the
 /// service's timeout, if that is shorter), so that a busy client does not write the same cache line
@@ -135,9 +144,15 @@ pub struct GlobalConfig {
     /// Bumped by the daemon after every change to `SERVICES`/`SERVICES6`: service cache entries
     /// filled under another epoch are ignored.
     pub svc_epoch: u32,
+    /// Capacity of `FLOWS`.
+    pub flow_entries: u32,
+    /// New pins and connection entries one CPU may write per second (0: no limit). Past it a new
+    /// client is still placed (Maglev), just not remembered: a spoofed flood cannot flush the
+    /// tables.
+    pub new_pins_per_cpu: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 48);
 
 /// Slots of `SVC_CACHE` per CPU (a power of two).
 pub const SVC_CACHE_ENTRIES: u32 = 256;
@@ -292,8 +307,10 @@ pub struct Reverse6 {
     pub _pad: u16,
     pub service_id: u32,
     pub backend_id: u32,
+    /// See [`Reverse::ifindex`].
+    pub ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<Reverse6>() == 28);
+const _: () = assert!(core::mem::size_of::<Reverse6>() == 32);
 
 /// An address and its family (IPv4 uses `addr[0]`).
 #[repr(C)]
@@ -417,6 +434,39 @@ pub struct AffinityValue {
 }
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 24);
 
+/// Connection table key: one TCP connection of a client to a service (the service stands for
+/// the VIP, port and protocol; the client's full address and port for the rest).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub service_id: u32,
+    /// Client address, unmasked, network order words; IPv4 uses `addr[0]`, the rest stay 0.
+    pub addr: [u32; 4],
+    /// Client port, network order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 24);
+
+/// Where a connection was placed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    /// `flow_ticks(now)` when the connection last refreshed its client's pin (at most every
+    /// `LAST_SEEN_REFRESH_NS`, or half the service's timeout): a live connection keeps its
+    /// client's pin alive.
+    pub stamp: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
+
+/// Ticks of `FlowValue::stamp`: CLOCK_MONOTONIC ns / 2^20 (about a millisecond), wrapping
+/// (compare with `wrapping_sub`).
+#[inline(always)]
+pub const fn flow_ticks(ns: u64) -> u32 {
+    (ns >> 20) as u32
+}
+
 /// What a reply from a backend is translated back to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -428,8 +478,13 @@ pub struct Reverse {
     pub _pad: u16,
     pub service_id: u32,
     pub backend_id: u32,
+    /// The interface the balancer's route to the backend leaves by: the backend side. Only
+    /// packets arriving there are replies; a backend's source address arriving anywhere else is
+    /// spoofed and dropped (`stat::DROP_REPLY_SIDE`). 0: no route to the backend is known, so
+    /// nothing from it is translated.
+    pub ifindex: u32,
 }
-const _: () = assert!(core::mem::size_of::<Reverse>() == 16);
+const _: () = assert!(core::mem::size_of::<Reverse>() == 20);
 
 /// Per service and per backend counters (per CPU in the maps; userspace sums them and reports
 /// them as they are, so the field names are also the status/JSON names).
@@ -451,8 +506,14 @@ pub struct Counters {
     /// Reply packets translated back to the VIP.
     pub reply_packets: u64,
     pub reply_bytes: u64,
+    /// TCP connections given a connection entry (their handshake completed, or their entry was
+    /// lost and is written again).
+    pub conns: u64,
+    /// Established connections moved away because their backend went down, was removed or was
+    /// force-drained (counted on the backend they left).
+    pub moved: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 64);
+const _: () = assert!(core::mem::size_of::<Counters>() == 80);
 
 impl Counters {
     /// Adds another CPU's counters into this one.
@@ -465,6 +526,8 @@ impl Counters {
         self.failovers += o.failovers;
         self.reply_packets += o.reply_packets;
         self.reply_bytes += o.reply_bytes;
+        self.conns += o.conns;
+        self.moved += o.moved;
     }
 }
 
@@ -508,8 +571,23 @@ pub mod stat {
     /// A frame for another MAC address than the ingress interface's (flooded by a switch, or
     /// seen in promiscuous mode): passed untouched, the kernel drops it.
     pub const PASS_OTHER_MAC: u32 = 17;
+    /// A TCP SYN to a VIP: placed (its client's pin, else Maglev) without writing any state, so a
+    /// spoofed-source SYN flood creates and evicts nothing (counted besides the verdict).
+    pub const SYN: u32 = 18;
+    /// A TCP connection entry written: the client's first packet after its SYN (counted besides
+    /// the verdict).
+    pub const CONN_NEW: u32 = 19;
+    /// An established connection moved off a backend that is down, removed or force-drained
+    /// (counted besides the verdict).
+    pub const CONN_MOVED: u32 = 20;
+    /// A new pin or connection entry not written: this CPU already wrote
+    /// `GlobalConfig::new_pins_per_cpu` in this second (counted besides the verdict).
+    pub const GUARDED: u32 = 21;
+    /// A packet with a backend's source address that arrived on an interface the backend is not
+    /// reached by (spoofed, or a routing loop): not translated, dropped.
+    pub const DROP_REPLY_SIDE: u32 = 22;
     /// Number of codes.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 23;
 
     /// Names of the codes, by index, for status output and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -531,6 +609,11 @@ pub mod stat {
         "icmp_echo",
         "icmp_error",
         "pass_other_mac",
+        "syn",
+        "conn_new",
+        "conn_moved",
+        "guarded",
+        "drop_reply_side",
     ];
 }
 
@@ -595,6 +678,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for Reverse {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ServiceKey6 {}

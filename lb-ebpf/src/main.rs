@@ -153,7 +153,7 @@ fn lookup_reverse(v6: bool, addr: &[u32; 4], port: u16, proto: u8) -> Option<([u
     unsafe {
         if v6 {
             REVERSE6.get(&ServiceKey6 { addr: *addr, port, proto, _pad: 0 }).map(|r| {
-                (r.vip, Reverse { vip: 0, port: r.port, _pad: 0, service_id: r.service_id, backend_id: r.backend_id })
+                (r.vip, Reverse { vip: 0, port: r.port, _pad: 0, service_id: r.service_id, backend_id: r.backend_id, ifindex: r.ifindex })
             })
         } else {
             REVERSE.get(&ServiceKey { addr: addr[0], port, proto, _pad: 0 }).map(|r| ([r.vip, 0, 0, 0], *r))

@@ -9,6 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     ADDR_FILTER_WORDS, AddrKey, AffinityKey, AffinityValue, Backend, Counters, DEFAULT_AFFINITY_ENTRIES,
+    DEFAULT_FLOW_ENTRIES, FlowKey, FlowValue,
     DEFAULT_MAGLEV_M, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FIB_CACHE_ENTRIES, FRAG_ENTRIES,
     FibCacheEntry, FragKey, IFACE_CACHE_ENTRIES, IfaceCacheEntry, SVC_CACHE_ENTRIES, SvcCacheEntry, TxPort, FragValue, GlobalConfig, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, stat,
 };
@@ -73,7 +74,13 @@ pub static MAGLEV: Array<u64> = Array::with_max_entries(
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
 
-/// (backend address, port, protocol) -> (VIP, port): reply translation in NAT mode.
+/// (service, client address, client port) -> (backend, pin refresh stamp): every established TCP
+/// connection, so that it stays on its backend while that backend lives, whatever happens to its
+/// client's pin. Written at the client's first packet after its SYN, never by a SYN.
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// (backend address, port, protocol) -> (VIP, port, backend side): reply translation in NAT mode.
 #[map(name = "REVERSE")]
 pub static REVERSE: HashMap<ServiceKey, Reverse> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 

@@ -76,6 +76,13 @@ pub struct DatapathConfig {
     pub xdp_mode: XdpMode,
     /// Capacity of the `AFFINITY` LRU map (size it to about twice the active clients).
     pub affinity_entries: u32,
+    /// Capacity of the `FLOWS` LRU map: established TCP connections that stay on their backend
+    /// whatever happens to their client's pin (size it to about twice the open connections).
+    pub flow_entries: u32,
+    /// New pins and connection entries one CPU may write per second (0: no limit); past it, new
+    /// clients are placed by Maglev without being remembered, so a flood of spoofed sources
+    /// cannot flush the tables.
+    pub max_new_pins_per_cpu: u32,
     /// bpffs directory holding the pinned maps and link.
     pub pin_path: PathBuf,
     pub max_services: u32,
@@ -339,6 +346,8 @@ struct RawDatapath {
     mode: Option<String>,
     xdp_mode: Option<String>,
     affinity_entries: Option<i64>,
+    flow_entries: Option<i64>,
+    max_new_pins_per_cpu: Option<i64>,
     pin_path: Option<String>,
     max_services: Option<i64>,
     max_backends: Option<i64>,
@@ -570,6 +579,14 @@ fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
     );
     let affinity_entries =
         e.int("datapath.affinity_entries", r.affinity_entries, lb_common::DEFAULT_AFFINITY_ENTRIES, 1024, 1 << 27);
+    let flow_entries = e.int("datapath.flow_entries", r.flow_entries, lb_common::DEFAULT_FLOW_ENTRIES, 1024, 1 << 27);
+    let max_new_pins_per_cpu = e.int(
+        "datapath.max_new_pins_per_cpu",
+        r.max_new_pins_per_cpu,
+        lb_common::DEFAULT_NEW_PINS_PER_CPU,
+        0,
+        u32::MAX.into(),
+    );
     let pin_path = e.absolute_path("datapath.pin_path", r.pin_path.as_deref(), DEFAULT_PIN_PATH);
     let max_services = e.int("datapath.max_services", r.max_services, lb_common::DEFAULT_MAX_SERVICES, 1, 4096);
     // Maglev tables hold 16-bit backend ids.
@@ -609,6 +626,8 @@ fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
         mode: mode?,
         xdp_mode: xdp_mode?,
         affinity_entries: affinity_entries?,
+        flow_entries: flow_entries?,
+        max_new_pins_per_cpu: max_new_pins_per_cpu?,
         pin_path: pin_path?,
         max_services: max_services?,
         max_backends: max_backends?,
@@ -1164,6 +1183,8 @@ port = 5353
                     mode: Mode::Nat,
                     xdp_mode: XdpMode::Auto,
                     affinity_entries: 1_048_576,
+                    flow_entries: 1_048_576,
+                    max_new_pins_per_cpu: 125_000,
                     pin_path: "/sys/fs/bpf/lb".into(),
                     max_services: 64,
                     max_backends: 1024,

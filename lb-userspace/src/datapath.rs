@@ -31,7 +31,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Every map the daemon pins, by name.
 /// Every map pinned under the pin path (not `FIB_CACHE` and `SCRATCH`: each program has its own).
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 19] = [
     maps::CONFIG,
     maps::SERVICES,
     maps::BACKENDS,
@@ -50,7 +50,11 @@ pub const ALL_MAPS: [&str; 18] = [
     maps::FRAGS,
     maps::TX_PORTS,
     maps::ADDR_FILTER,
+    maps::FLOWS,
 ];
+
+/// What to do with pinned state this lb cannot adopt.
+const DOWN_ADVICE: &str = "run `lb down --config <file>` to remove it (this drops every client's pin), then start again";
 
 /// A (address, port, protocol) endpoint of either family: a VIP (`SERVICES`/`SERVICES6` key) or a
 /// backend (`REVERSE`/`REVERSE6` key).
@@ -126,6 +130,7 @@ pub struct Capacity {
     pub max_backends: u32,
     pub maglev_m: u32,
     pub affinity_entries: u32,
+    pub flow_entries: u32,
 }
 
 impl Capacity {
@@ -135,6 +140,7 @@ impl Capacity {
             max_backends: d.max_backends,
             maglev_m: d.maglev_table_size,
             affinity_entries: d.affinity_entries,
+            flow_entries: d.flow_entries,
         }
     }
 }
@@ -227,7 +233,11 @@ impl Datapath {
             // Every VIP and every backend address, with room for both.
             .map_max_entries(maps::ADDRS, cap.max_backends + cap.max_services)
             .map_max_entries(maps::MAGLEV, maglev_entries)
-            .map_max_entries(maps::AFFINITY, cap.affinity_entries);
+            .map_max_entries(maps::AFFINITY, cap.affinity_entries)
+            .map_max_entries(maps::FLOWS, cap.flow_entries);
+        if let Some(dir) = pin_dir {
+            check_pinned_layout(dir)?;
+        }
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => ALL_MAPS.iter().map(|n| (*n, dir.join(n))).collect(),
             None => Vec::new(),
@@ -515,7 +525,7 @@ impl Datapath {
     /// compatible: same layout version and the same capacities. Anything else is refused with a
     /// pointer to `lb down`, which removes the old state (and with it every pin).
     pub fn check_adoptable(&self) -> Result<bool> {
-        let down = "run `lb down --config <file>` to remove it (this drops every client's pin), then start again";
+        let down = DOWN_ADVICE;
         let g = self
             .read_global()
             .map_err(|e| anyhow!("the pinned datapath state cannot be read by this lb ({e:#}): {down}"))?;
@@ -531,6 +541,7 @@ impl Datapath {
             ("max_backends", g.max_backends, c.max_backends),
             ("maglev_table_size", g.maglev_m, c.maglev_m),
             ("affinity_entries", g.affinity_entries, c.affinity_entries),
+            ("flow_entries", g.flow_entries, c.flow_entries),
         ] {
             if pinned != wanted {
                 bail!("datapath.{what} is {wanted} but the pinned datapath state was made with {pinned}: {down}");
@@ -604,14 +615,15 @@ impl Datapath {
         a.get(&id, 0).with_context(|| format!("reading BACKENDS[{id}]"))
     }
 
-    /// Replies from `backend` are translated back to `vip` (same family).
-    pub fn write_reverse(&mut self, backend: &Endpoint, vip: &Endpoint, service_id: u32, backend_id: u32) -> Result<()> {
+    /// Replies from `backend` arriving on interface `ifindex` (the backend side: where the
+    /// route to the backend leaves; 0 for none) are translated back to `vip` (same family).
+    pub fn write_reverse(&mut self, backend: &Endpoint, vip: &Endpoint, service_id: u32, backend_id: u32, ifindex: u32) -> Result<()> {
         match (backend, vip) {
             (Endpoint::V4(b), Endpoint::V4(v)) => HashMap::<_, ServiceKey, Reverse>::try_from(self.map_mut(maps::REVERSE)?)?
-                .insert(b, Reverse { vip: v.addr, port: v.port, _pad: 0, service_id, backend_id }, 0)
+                .insert(b, Reverse { vip: v.addr, port: v.port, _pad: 0, service_id, backend_id, ifindex }, 0)
                 .context("writing REVERSE"),
             (Endpoint::V6(b), Endpoint::V6(v)) => HashMap::<_, ServiceKey6, Reverse6>::try_from(self.map_mut(maps::REVERSE6)?)?
-                .insert(b, Reverse6 { vip: v.addr, port: v.port, _pad: 0, service_id, backend_id }, 0)
+                .insert(b, Reverse6 { vip: v.addr, port: v.port, _pad: 0, service_id, backend_id, ifindex }, 0)
                 .context("writing REVERSE6"),
             _ => bail!("backend {} and VIP {} are of different address families", backend.addr(), vip.addr()),
         }
@@ -959,6 +971,29 @@ fn sync_set<K: aya::Pod + PartialEq>(m: &mut HashMap<&mut MapData, K, u32>, want
 }
 
 /// A delete of a key that is not there is not an error here (removal is idempotent).
+/// Refuses pinned state of another layout before any map is opened by name: a map whose key or
+/// value changed size would otherwise be reused as it is and the program would fail to load
+/// with a verifier message instead of saying what is wrong.
+fn check_pinned_layout(dir: &Path) -> Result<()> {
+    let path = dir.join(maps::CONFIG);
+    if !path.exists() {
+        return Ok(());
+    }
+    let other = |e: &dyn std::fmt::Display| {
+        anyhow!("the pinned datapath state under {} was made by another lb version ({e}): {DOWN_ADVICE}", dir.display())
+    };
+    let data = MapData::from_pin(&path).map_err(|e| other(&e))?;
+    let a: Array<MapData, GlobalConfig> = Array::try_from(Map::Array(data)).map_err(|e| other(&e))?;
+    let g = a.get(&0, 0).map_err(|e| other(&e))?;
+    if g.layout_version != 0 && g.layout_version != LAYOUT_VERSION {
+        bail!(
+            "the pinned datapath state has layout version {}, this lb uses {LAYOUT_VERSION}: {DOWN_ADVICE}",
+            g.layout_version
+        );
+    }
+    Ok(())
+}
+
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),

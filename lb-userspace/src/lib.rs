@@ -10,4 +10,5 @@ pub mod datapath;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod routes;
 pub mod state;

@@ -174,6 +174,22 @@ impl ServiceRt {
     }
 }
 
+/// The interface the route to a backend leaves by (its side: only replies arriving there are
+/// translated), 0 when there is no route to it (nothing from it is translated until there is).
+pub fn backend_side(addr: IpAddr) -> u32 {
+    match crate::routes::egress(addr) {
+        Ok(Some(e)) => e.ifindex,
+        Ok(None) => {
+            tracing::warn!(backend = %addr, "no route to the backend: its replies are not translated until there is one");
+            0
+        }
+        Err(e) => {
+            tracing::warn!(backend = %addr, error = %format!("{e:#}"), "cannot look up the route to the backend");
+            0
+        }
+    }
+}
+
 /// Ids handed out oldest-freed first, so a freed id rests as long as possible.
 #[derive(Clone, Debug)]
 struct IdPool {
@@ -301,6 +317,8 @@ impl Runtime {
                 affinity_entries: d.affinity_entries,
                 fib_epoch: 0,
                 svc_epoch: 0,
+                flow_entries: d.flow_entries,
+                new_pins_per_cpu: d.max_new_pins_per_cpu,
                 _pad: 0,
             },
             services: Vec::new(),
@@ -623,13 +641,13 @@ impl Runtime {
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP != 0) {
             dp.write_backend(b.id, b.entry(s.entry.id))?;
             if nat {
-                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id)?;
+                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id, backend_side(b.config.address))?;
             }
         }
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP == 0) {
             // Replies from a backend that is down still go back to the VIP.
             if nat {
-                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id)?;
+                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id, backend_side(b.config.address))?;
             }
         }
         let next = if table != s.table { 1 - (s.entry.table & 1) } else { s.entry.table };
