@@ -589,6 +589,10 @@ pub mod stat {
     /// Number of codes.
     pub const COUNT: u32 = 23;
 
+    /// The codes counted beside a packet's verdict (events), not as its verdict: every packet
+    /// counts exactly one code outside this list.
+    pub const EVENT_NAMES: [&str; 8] = ["to_vip", "reply", "fragment", "icmp_error", "syn", "conn_new", "conn_moved", "guarded"];
+
     /// Names of the codes, by index, for status output and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ours",

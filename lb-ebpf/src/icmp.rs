@@ -18,7 +18,7 @@ use crate::{
     nat::swap16,
     BACKENDS, Verdict, client_key, count, drop, forward, lookup_service, pass,
     parse::{self, FRAG_NONE, Meta, load_words},
-    ptr_at, select, verdict,
+    ptr_at, verdict,
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -139,7 +139,7 @@ const PICKED: Verdict = Verdict(u32::MAX);
 /// the rewrite's frame nor the forwarding's stacks on top of the selection's. Out of line: one
 /// copy for IPv4 and IPv6.
 #[inline(never)]
-fn error(raw: *mut xdp_md, m: &Meta, e: &mut Embedded) -> Verdict {
+fn error(raw: *mut xdp_md, m: &mut Meta, e: &mut Embedded) -> Verdict {
     let v = to_backend(raw, m, e);
     if v.0 != PICKED.0 {
         return v;
@@ -201,7 +201,7 @@ fn error_v6(raw: *mut xdp_md, m: &Meta) -> Result<Embedded, Verdict> {
 /// The backend of the embedded flow's client into `e` (`PICKED`), or the verdict. Out of line:
 /// one copy for IPv4 and IPv6.
 #[inline(never)]
-fn to_backend(raw: *mut xdp_md, m: &Meta, e: &mut Embedded) -> Verdict {
+fn to_backend(raw: *mut xdp_md, m: &mut Meta, e: &mut Embedded) -> Verdict {
     let ctx = &crate::ctx_of(raw);
     // The quoted IP header and the first 8 bytes of its L4 header must lie inside the datagram;
     // what follows it in the frame (padding) is not part of the ICMP message.
@@ -217,10 +217,15 @@ fn to_backend(raw: *mut xdp_md, m: &Meta, e: &mut Embedded) -> Verdict {
         return pass(stat::PASS_NOT_OURS);
     };
     let key = client_key(svc, m.v6, &e.dst);
-    let backend_id = match select(ctx.ctx, svc, &key, m.now) {
-        Ok(id) => id,
-        Err(v) => return v,
-    };
+    // The quoted packet went to the client's port: with TCP, that names its connection.
+    // SAFETY: bounds-checked above.
+    let cport = if e.proto == PROTO_TCP { unsafe { (*ports)[1] } } else { 0 };
+    let fk = lb_common::FlowKey { service_id: svc.id, addr: e.dst, port: cport, _pad: 0 };
+    let r = crate::select::peek(ctx.ctx, m, svc, &key, &fk);
+    if r >> 32 == 0 {
+        return Verdict(r as u32);
+    }
+    let backend_id = r as u32;
     let Some(b) = BACKENDS.get(backend_id) else { return drop(stat::ABORTED) };
     e.baddr = b.addr;
     e.bport = b.port;

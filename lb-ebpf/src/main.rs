@@ -15,6 +15,7 @@ mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod select;
 
 use core::mem;
 
@@ -26,14 +27,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use lb_common::{
-    AffinityKey, AffinityValue, BACKEND_F_IN_USE, BACKEND_F_UP, Counters, FRAG_TO_BACKEND, FRAG_TO_CLIENT,
-    FragKey, FragValue, IFACE_CACHE_ENTRIES, IFACE_F_KNOWN, IFACE_F_VALID, LAST_SEEN_REFRESH_NS, Reverse, SERVICE_F_FAIL_OPEN, SVC_CACHE_ENTRIES, SVC_F_V6,
+    AffinityKey, Counters, FRAG_TO_BACKEND, FRAG_TO_CLIENT,
+    FragKey, FragValue, IFACE_CACHE_ENTRIES, IFACE_F_KNOWN, IFACE_F_VALID, Reverse, SVC_CACHE_ENTRIES, SVC_F_V6,
     SVC_F_VALID, Service, ServiceKey, ServiceKey6,
-    hash::{addr_hash, client_slot},
-    maglev_index, maglev_slot_id, stat,
+    hash::addr_hash,
+    stat,
 };
 use maps::{
-    AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, FRAGS, IFACE_CACHE, LOCAL_ADDRS, LOCAL_ADDRS6, MAGLEV, REVERSE,
+    BACKEND_STATS, BACKENDS, CONFIG, FRAGS, IFACE_CACHE, LOCAL_ADDRS, LOCAL_ADDRS6, REVERSE,
     REVERSE6, SCRATCH, SERVICE_STATS, SERVICES, SERVICES6, STATS, SVC_CACHE, TX_PORTS,
 };
 use network_types::eth::EthHdr;
@@ -184,6 +185,9 @@ fn process(ctx: &XdpContext) -> Verdict {
         m.dsr = c.flags & lb_common::GLOBAL_F_DSR != 0;
         m.fib_epoch = c.fib_epoch;
         m.svc_epoch = c.svc_epoch;
+        m.maglev_m = c.maglev_m;
+        m.hash_seed = c.hash_seed;
+        m.new_limit = c.new_pins_per_cpu;
     }
     // A frame for another host's MAC (a switch flooding it, or seen in promiscuous mode) is not
     // ours even when it is to a VIP: that host balances it.
@@ -269,14 +273,16 @@ fn to_vip(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
         return NOT_A_VIP;
     };
     count(stat::TO_VIP);
-    if let Err(v) = parse::check_l4(ctx, m) {
-        return v;
-    }
-    // No client has a multicast, broadcast or VIP source address: spoofed or looping, dropped.
+    let flags = match parse::check_l4(ctx, m) {
+        Ok(f) => f,
+        Err(v) => return v,
+    };
+    // No client has a multicast, broadcast, unspecified, loopback or VIP source address:
+    // spoofed or looping, dropped.
     if martian_source(m) {
         return drop(stat::DROP_MALFORMED);
     }
-    to_backend(raw, m, svc)
+    to_backend(raw, m, svc, flags)
 }
 
 /// A source address no client can have.
@@ -284,9 +290,11 @@ fn to_vip(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
 pub fn martian_source(m: &Meta) -> bool {
     let first = u32::from_be(m.src[0]);
     let bad = if m.v6 {
-        first >> 24 == 0xff
+        // Multicast, or :: and ::1.
+        first >> 24 == 0xff || (first == 0 && m.src[1] == 0 && m.src[2] == 0 && u32::from_be(m.src[3]) <= 1)
     } else {
-        first >> 28 == 0xe || first == u32::MAX
+        // 224/4 multicast, 255.255.255.255, 0/8 "this network", 127/8 loopback.
+        first >> 28 == 0xe || first == u32::MAX || first >> 24 == 0 || first >> 24 == 127
     };
     bad || parse::addr_flags(m.v6, &m.src) & lb_common::ADDR_F_VIP != 0
 }
@@ -301,6 +309,12 @@ fn from_backend(raw: *mut xdp_md, m: &Meta) -> Verdict {
     // A backend answering the balancer itself (health checks): not a client flow.
     if is_local(m.v6, &m.dst) {
         return pass(stat::PASS_NOT_OURS);
+    }
+    // A reply comes from the backend side: the interface the route to the backend leaves by.
+    // A backend's address arriving anywhere else is spoofed (or looping), and is never
+    // re-sourced to the VIP.
+    if rev.ifindex != m.ingress {
+        return drop(stat::DROP_REPLY_SIDE);
     }
     if let Err(v) = parse::check_l4(ctx, m) {
         return v;
@@ -336,16 +350,21 @@ fn record_fragment_out(m: &Meta, addr: &[u32; 4], dir: u32, ids: u64) {
     let _ = FRAGS.insert(&key, &val, 0);
 }
 
-/// Client -> VIP: pick the backend (affinity, else Maglev), rewrite the destination, forward.
-/// Inlined into `to_vip`, with the rewrite and the forwarding: the hit path makes no BPF-to-BPF
-/// call past `to_vip` (each call's return costs ~10 ns on CPUs with return-stack mitigations,
-/// e.g. AMD's SRSO "safe RET").
+/// Client -> VIP: pick the backend (the connection's entry, the client's pin, else Maglev; see
+/// `select`), rewrite the destination, forward. Inlined into `to_vip`, with the rewrite and the
+/// forwarding: an established connection's packet makes no BPF-to-BPF call past `to_vip` (each
+/// call's return costs ~10 ns on CPUs with return-stack mitigations, e.g. AMD's SRSO "safe RET").
 #[inline(always)]
-fn to_backend(raw: *mut xdp_md, m: &Meta, svc: &Service) -> Verdict {
+fn to_backend(raw: *mut xdp_md, m: &mut Meta, svc: &Service, flags: u8) -> Verdict {
     let ctx = &ctx_of(raw);
     let key = client_key(svc, m.v6, &m.src);
     // Selection counts the packet and its bytes for the service and the backend.
-    let backend_id = match select_inner(ctx, svc, &key, m.len, m.now) {
+    let picked = if m.proto == lb_common::PROTO_TCP {
+        select::select_tcp(raw, m, svc, &key, flags)
+    } else {
+        select::place(ctx, m, svc, &key, select::WRITE_CREATE)
+    };
+    let backend_id = match picked {
         Ok(id) => id,
         Err(v) => return v,
     };
@@ -390,7 +409,11 @@ fn later_fragment(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     let key = FragKey { src: m.src, dst: m.dst, id: m.frag_id, proto: m.proto, family: m.family(), _pad: 0 };
     // SAFETY: a copy is taken at once.
     let Some(f) = (unsafe { FRAGS.get(&key) }).copied() else {
-        if parse::is_ours(m.v6, &m.src, &m.dst) {
+        // To a VIP: a datagram of ours whose first fragment was not seen (no backend to send
+        // it to). From a backend's address to anywhere: not a reply we translated (its first
+        // fragment would have been recorded), e.g. the backend's own traffic through this
+        // host as its gateway: passed on untouched.
+        if parse::addr_flags(m.v6, &m.dst) & lb_common::ADDR_F_VIP != 0 {
             return drop(stat::DROP_FRAG_UNPLACED);
         }
         return pass(stat::PASS_NOT_OURS);
@@ -427,97 +450,6 @@ fn later_fragment(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
         }
         forward::forward(ctx.ctx, m, &f.addr, &m.dst)
     }
-}
-
-/// Counts a selection for the service and the backend in one update each: `event` (a hit or a
-/// new pin) and the packet with its bytes.
-#[inline(always)]
-fn count_pick(service_id: u32, backend_id: u32, packets: u64, len: u64, event: impl Fn(&mut Counters) + Copy) {
-    let f = |c: &mut Counters| {
-        event(c);
-        c.packets += packets;
-        c.bytes += len;
-    };
-    bump(&SERVICE_STATS, service_id, f);
-    bump(&BACKEND_STATS, backend_id, f);
-}
-
-/// The client's backend (for ICMP errors, which are not counted as packets): `select_inner` out
-/// of line.
-#[inline(always)]
-pub fn select(raw: *mut xdp_md, svc: &Service, key: &AffinityKey, now: u64) -> Result<u32, Verdict> {
-    let r = select_raw(raw, svc, key, now);
-    if r >> 32 != 0 { Ok(r as u32) } else { Err(Verdict(r as u32)) }
-}
-
-/// `1 << 32 | backend id`, or a verdict.
-#[inline(never)]
-fn select_raw(raw: *mut xdp_md, svc: &Service, key: &AffinityKey, now: u64) -> u64 {
-    match select_inner(&crate::ctx_of(raw), svc, key, 0, now) {
-        Ok(id) => (1u64 << 32) | id as u64,
-        Err(v) => v.0 as u64,
-    }
-}
-
-/// The client's backend: its live affinity entry, else a fresh pick from the Maglev table. A
-/// packet of `len` bytes (0: none) is counted for the service and the chosen backend in the same
-/// counter update as the hit or the new pin.
-#[inline(always)]
-fn select_inner(ctx: &XdpContext, svc: &Service, key: &AffinityKey, len: u64, now: u64) -> Result<u32, Verdict> {
-    let packets = (len != 0) as u64;
-    if let Some(e) = AFFINITY.get_ptr_mut(key) {
-        // SAFETY: the LRU map hands out a pointer to the element, valid during this program run.
-        let e = unsafe { &mut *e };
-        let backend_id = e.backend_id;
-        let idle = now.saturating_sub(e.last_seen_ns);
-        let fresh = idle <= svc.timeout_ns
-            && (svc.max_age_ns == 0 || now.saturating_sub(e.created_ns) <= svc.max_age_ns);
-        // Fail open: with every backend down, pins stay where they are.
-        let usable = match BACKENDS.get(backend_id) {
-            Some(b) => {
-                b.service_id == svc.id
-                    && (b.flags & BACKEND_F_UP != 0 || svc.flags & SERVICE_F_FAIL_OPEN != 0)
-                    && b.flags & BACKEND_F_IN_USE != 0
-            }
-            None => false,
-        };
-        if fresh && usable {
-            // Refresh rarely (cache lines stay calm across CPUs), but well within the timeout.
-            let refresh = if svc.timeout_ns / 2 < LAST_SEEN_REFRESH_NS { svc.timeout_ns / 2 } else { LAST_SEEN_REFRESH_NS };
-            if idle > refresh {
-                e.last_seen_ns = now;
-            }
-            count_pick(svc.id, backend_id, packets, len, |c| c.hits += 1);
-            return Ok(backend_id);
-        }
-        if !fresh {
-            bump(&SERVICE_STATS, svc.id, |c| c.expired += 1);
-        } else {
-            bump(&SERVICE_STATS, svc.id, |c| c.failovers += 1);
-            bump(&BACKEND_STATS, backend_id, |c| c.failovers += 1);
-        }
-    }
-    if svc.backend_count == 0 {
-        return Err(drop(stat::DROP_NO_BACKEND));
-    }
-    let Some(cfg) = CONFIG.get(0) else {
-        return Err(drop(stat::ABORTED));
-    };
-    let m = cfg.maglev_m;
-    if m == 0 {
-        return Err(drop(stat::ABORTED));
-    }
-    let slot = client_slot(cfg.hash_seed, &key.addr, m);
-    let Some(word) = MAGLEV.get(maglev_index(svc.id, svc.table, m, slot)) else {
-        error!(ctx, "service {}: Maglev slot {} out of range", svc.id, slot);
-        return Err(drop(stat::ABORTED));
-    };
-    let backend_id = maglev_slot_id(*word, slot);
-    let val = AffinityValue { backend_id, _pad: 0, last_seen_ns: now, created_ns: now };
-    // BPF_ANY: a concurrent insert for the same client picked the same backend anyway.
-    let _ = AFFINITY.insert(key, &val, 0);
-    count_pick(svc.id, backend_id, packets, len, |c| c.new_pins += 1);
-    Ok(backend_id)
 }
 
 #[cfg(not(test))]

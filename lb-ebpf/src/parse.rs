@@ -67,6 +67,14 @@ pub struct Meta {
     /// `jiffies` when `now` was read: `now` is read again (a helper call) only when a tick has
     /// passed since, so most packets take the clock from this CPU's scratch slot.
     pub now_jiffies: u64,
+    /// `CONFIG`'s Maglev size, client hash seed and new-pin limit, read once per packet of ours.
+    pub maglev_m: u32,
+    pub hash_seed: u32,
+    pub new_limit: u32,
+    /// This CPU's new-pin guard: the second (ns >> 30) it counts, and what it counted in it.
+    /// Kept across packets in this CPU's scratch slot.
+    pub guard_window: u32,
+    pub guard_count: u32,
 }
 
 impl Meta {
@@ -311,9 +319,23 @@ fn parse_v6_inner(ctx: &XdpContext, l3: usize, m: &mut Meta) -> Result<(), Verdi
             return Err(malformed_unless_ours(true, &m.src, &m.dst));
         }
         match next {
-            // Hop-by-hop, routing, destination options: length in 8-byte units, not counting the
-            // first 8 bytes.
-            0 | 43 | 60 => {
+            // A routing header with segments left: the destination field is not the final
+            // destination, which the L4 checksum covers. Ours (to a VIP) is malformed: a rewrite
+            // would leave a wrong checksum; otherwise not ours.
+            43 => {
+                let Some(h) = ptr_at::<[u8; 4]>(ctx, off) else {
+                    return Err(malformed_unless_ours(true, &m.src, &m.dst));
+                };
+                let h = unsafe { *h };
+                if h[3] != 0 {
+                    return Err(malformed_unless_ours(true, &m.src, &m.dst));
+                }
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            // Hop-by-hop, destination options (and routing, above): length in 8-byte units, not
+            // counting the first 8 bytes.
+            0 | 60 => {
                 let Some(h) = ptr_at::<[u8; 2]>(ctx, off) else {
                     return Err(malformed_unless_ours(true, &m.src, &m.dst));
                 };
@@ -396,31 +418,32 @@ fn read_ports(ctx: &XdpContext, m: &mut Meta) -> Result<(), Verdict> {
 }
 
 /// A packet of ours must hold its whole L4 header, and its IP length must cover the headers and
-/// fit in the frame. An IPv6 UDP datagram must carry a checksum (RFC 8200).
+/// fit in the frame. An IPv6 UDP datagram must carry a checksum (RFC 8200). Ok holds the TCP
+/// flags (0 for UDP and later fragments).
 #[inline(always)]
-pub fn check_l4(ctx: &XdpContext, m: &Meta) -> Result<(), Verdict> {
+pub fn check_l4(ctx: &XdpContext, m: &Meta) -> Result<u8, Verdict> {
     let frame = ctx.data_end() - ctx.data();
     let ip_end = if m.v6 { m.l3() + m.ip_len as usize } else { m.l3() + m.ip_len as usize };
     if ip_end > frame || ip_end < m.l4() {
         return Err(crate::drop(stat::DROP_MALFORMED));
     }
     if m.frag == FRAG_LATER {
-        return Ok(());
+        return Ok(0);
     }
     let hdr = if m.proto == PROTO_TCP { 20 } else { 8 };
     if ip_end < m.l4() + hdr {
         return Err(crate::drop(stat::DROP_MALFORMED));
     }
-    let ok = if m.proto == PROTO_TCP {
-        ptr_at::<[u8; 20]>(ctx, m.l4()).is_some()
-    } else {
-        match ptr_at::<[u16; 4]>(ctx, m.l4()) {
-            Some(u) => !(m.v6 && unsafe { (*u)[3] } == 0),
-            None => false,
-        }
-    };
-    if !ok {
-        return Err(crate::drop(stat::DROP_MALFORMED));
+    if m.proto == PROTO_TCP {
+        return match ptr_at::<[u8; 20]>(ctx, m.l4()) {
+            // SAFETY: bounds-checked by ptr_at.
+            Some(h) => Ok(unsafe { (*h)[13] }),
+            None => Err(crate::drop(stat::DROP_MALFORMED)),
+        };
     }
-    Ok(())
+    match ptr_at::<[u16; 4]>(ctx, m.l4()) {
+        // SAFETY: bounds-checked by ptr_at.
+        Some(u) if !(m.v6 && unsafe { (*u)[3] } == 0) => Ok(0),
+        _ => Err(crate::drop(stat::DROP_MALFORMED)),
+    }
 }

@@ -412,9 +412,10 @@ pub fn render_status(r: &StatusReport) -> String {
         let prefix = if s.vip.contains(':') { s.ipv6_prefix } else { s.ipv4_prefix };
         let _ = writeln!(
             o,
-            "\nservice {} {}/{}  affinity {} /{}  table {}  pinned {} ({:.1} new/s)  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {}",
+            "\nservice {} {}/{}  affinity {} /{}  table {}  pinned {} ({:.1} new/s)  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {} connections {} moved {}",
             s.name, endpoint(&s.vip, s.port), s.protocol, s.affinity_timeout, prefix, s.table_fingerprint, s.pinned,
-            s.new_pins_per_sec, c.packets, c.bytes, c.new_pins, c.hits, c.expired, c.failovers, c.reply_packets
+            s.new_pins_per_sec, c.packets, c.bytes, c.new_pins, c.hits, c.expired, c.failovers, c.reply_packets, c.conns,
+            c.moved
         );
         if s.fail_open {
             let _ = writeln!(o, "  !! every backend is down: FAILING OPEN (routing as if all were up)");

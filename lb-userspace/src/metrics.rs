@@ -23,7 +23,7 @@ type Labels = Vec<(&'static str, String)>;
 type CounterField = (&'static str, &'static str, fn(&Counters) -> u64);
 
 /// The `lb_service_*` / `lb_backend_*` counters of one `Counters`.
-const COUNTERS: [CounterField; 8] = [
+const COUNTERS: [CounterField; 10] = [
     ("packets", "Packets from clients forwarded toward", |c| c.packets),
     ("bytes", "Bytes (whole frames) from clients forwarded toward", |c| c.bytes),
     ("pins_created", "Clients pinned (a new affinity entry from the Maglev table) to", |c| c.new_pins),
@@ -32,10 +32,12 @@ const COUNTERS: [CounterField; 8] = [
     ("failovers", "Pins to a backend that could no longer take traffic, re-selected, for", |c| c.failovers),
     ("reply_packets", "Reply packets translated back to the VIP, from", |c| c.reply_packets),
     ("reply_bytes", "Reply bytes translated back to the VIP, from", |c| c.reply_bytes),
+    ("connections", "TCP connections given a connection entry (handshake completed) to", |c| c.conns),
+    ("connections_moved", "Established connections moved off a backend that is down, removed or force-drained, for", |c| c.moved),
 ];
 
 /// The verdict codes of `lb_common::stat` that are counted beside the verdict, not as one.
-const EVENTS: [&str; 4] = ["to_vip", "reply", "fragment", "icmp_error"];
+const EVENTS: [&str; 8] = lb_common::stat::EVENT_NAMES;
 
 /// Backend states as `lb status` names them.
 const STATES: [&str; 4] = ["up", "down", "draining", "drained"];

@@ -583,6 +583,8 @@ fn valid_config() -> impl Strategy<Value = Config> {
                         mode: Mode::Nat,
                         xdp_mode,
                         affinity_entries,
+                        flow_entries: affinity_entries,
+                        max_new_pins_per_cpu: affinity_entries / 8,
                         pin_path: PathBuf::from(pin),
                         max_services,
                         max_backends,

@@ -31,7 +31,15 @@ pub struct Pkt {
     pub ip_id: u16,
     /// IPv4 flags + fragment offset, host order.
     pub frag: u16,
+    /// TCP only: the flag byte (PSH|ACK unless set otherwise).
+    pub tcp_flags: u8,
 }
+
+/// TCP flag bytes.
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH_ACK: u8 = 0x18;
+pub const TCP_ACK: u8 = 0x10;
 
 pub const MAC_CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const MAC_LB_CLIENT_SIDE: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0];
@@ -54,7 +62,13 @@ impl Pkt {
             udp_no_checksum: false,
             ip_id: 0x1234,
             frag: 0x4000, // DF
+            tcp_flags: TCP_PSH_ACK,
         }
+    }
+
+    /// A TCP SYN (no payload): the first packet of a new connection.
+    pub fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Self { tcp_flags: TCP_SYN, payload: Vec::new(), ..Self::tcp(src, sport, dst, dport) }
     }
 
     pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
@@ -95,7 +109,7 @@ impl Pkt {
         if self.proto == PROTO_TCP {
             l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
             l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.extend_from_slice(&[0x50, 0x18]); // doff 5, PSH|ACK
+            l4.extend_from_slice(&[0x50, self.tcp_flags]); // doff 5, flags
             l4.extend_from_slice(&64240u16.to_be_bytes()); // window
             l4.extend_from_slice(&[0, 0, 0, 0]); // check, urg
         } else {
@@ -919,7 +933,7 @@ pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
 /// Counters that are counted besides a verdict, not as one.
-pub const INFORMATIONAL: [&str; 4] = ["to_vip", "reply", "fragment", "icmp_error"];
+pub const INFORMATIONAL: [&str; 8] = lb_common::stat::EVENT_NAMES;
 
 /// One BPF_PROG_TEST_RUN: the verdict, the output frame and the counters it changed.
 pub struct Run {

@@ -603,7 +603,11 @@ fn checked_templates(fx: &mut Fixture) -> Vec<Template> {
         assert_eq!(o.verdict, t.verdict, "template {}: {}: {}", t.name, o.describe(), decode(&o.out));
         let mut want: BTreeMap<&str, u64> = t.also.iter().map(|c| (*c, 1)).collect();
         want.insert(t.counter, 1);
-        assert_eq!(o.changed, want, "template {}: counters", t.name);
+        // Whether a TCP template writes a connection entry depends on which template used its
+        // client port first; the connection table has fixtures of its own (tests/flows.rs).
+        let mut got = o.changed.clone();
+        got.remove("conn_new");
+        assert_eq!(got, want, "template {}: counters", t.name);
         tests::assert_bytes_eq(&o.out, &t.want, &format!("template {}", t.name));
         let out = checksum_states(&o.out);
         assert!(out.iter().all(|s| s.1) && out.len() == sums.len(), "template {}: output checksums {out:?}", t.name);

@@ -534,7 +534,8 @@ fn an_expired_pin_is_reselected() {
         let then = monotonic_ns() - 3_000_000_000;
         let key = AffinityKey { service_id: multi, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
         fx.dp.write_affinity(key, AffinityValue { backend_id: other.id, _pad: 0, last_seen_ns: then, created_ns: then }).unwrap();
-        let (_, out) = fx.run(&Pkt::tcp(client, 40000, VIP_MULTI, 80).bytes(), "cl");
+        // The client's next connection (its SYN) is placed afresh.
+        let (_, out) = fx.run(&Pkt::syn(client, 40000, VIP_MULTI, 80).bytes(), "cl");
         assert_eq!(out[30..34], pick.octets(), "re-selected by Maglev: {}", decode(&out));
         let c = fx.dp.service_counters(multi).unwrap();
         assert_eq!((c.expired, c.new_pins, c.hits), (1, 1, 0));
@@ -678,11 +679,16 @@ fn a_pin_past_max_age_is_reselected_even_when_busy() {
         let key = AffinityKey { service_id: multi, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
         // Seen just now (not idle), but pinned 6 s ago: past the 5 s max age.
         fx.dp.write_affinity(key, AffinityValue { backend_id: other, _pad: 0, last_seen_ns: now, created_ns: now - 6_000_000_000 }).unwrap();
-        assert_eq!(send_multi(&mut fx, client, 40000), pick);
+        // The client's next connection (its SYN) is placed afresh.
+        let syn = |fx: &mut Fixture, port| {
+            let (_, out) = fx.run(&Pkt::syn(client, port, VIP_MULTI, 80).bytes(), "cl");
+            Ipv4Addr::new(out[30], out[31], out[32], out[33])
+        };
+        assert_eq!(syn(&mut fx, 40000), pick);
         assert_eq!(fx.dp.service_counters(multi).unwrap().expired, 1);
         // A pin 4 s old is kept.
         fx.dp.write_affinity(key, AffinityValue { backend_id: other, _pad: 0, last_seen_ns: now, created_ns: now - 4_000_000_000 }).unwrap();
-        assert_ne!(send_multi(&mut fx, client, 40001), pick);
+        assert_ne!(syn(&mut fx, 40001), pick);
     });
 }
 
