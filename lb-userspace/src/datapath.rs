@@ -19,7 +19,7 @@ use aya::{
     },
 };
 use lb_common::{
-    AddrKey, AffinityKey, AffinityValue, Backend, Counters, GlobalConfig, LAYOUT_VERSION, LINK_PIN_PREFIX,
+    AddrKey, AffinityKey, AffinityValue, Backend, Counters, FlowKey, FlowValue, GlobalConfig, LAYOUT_VERSION, LINK_PIN_PREFIX,
     PROGRAM_NAME, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, TxPort, maps, stat,
 };
 use serde::Serialize;
@@ -720,15 +720,25 @@ impl Datapath {
     /// (BPF_MAP_LOOKUP_BATCH: a million pins in a few dozen syscalls); reading does not refresh
     /// an entry's place in the LRU.
     pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
-        let fd = self.map_fd(maps::AFFINITY)?;
-        match batch::lookup_all::<AffinityKey, AffinityValue>(fd, 4096) {
+        self.hash_entries(maps::AFFINITY)
+    }
+
+    /// Every connection entry (see [`Datapath::affinity_entries`]).
+    pub fn flow_entries(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        self.hash_entries(maps::FLOWS)
+    }
+
+    /// Every entry of a hash map, in batches.
+    fn hash_entries<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Result<Vec<(K, V)>> {
+        let fd = self.map_fd(name)?;
+        match batch::lookup_all::<K, V>(fd, 4096) {
             Ok(v) => Ok(v),
             // Kernels before 5.6 have no batch operations.
             Err(e) if batch::unsupported(&e) => {
-                let m: HashMap<&MapData, AffinityKey, AffinityValue> = HashMap::try_from(self.map(maps::AFFINITY)?)?;
-                m.iter().collect::<Result<Vec<_>, _>>().context("reading AFFINITY")
+                let m: HashMap<&MapData, K, V> = HashMap::try_from(self.map(name)?)?;
+                m.iter().collect::<Result<Vec<_>, _>>().with_context(|| format!("reading {name}"))
             }
-            Err(e) => Err(e).context("reading AFFINITY (BPF_MAP_LOOKUP_BATCH)"),
+            Err(e) => Err(e).with_context(|| format!("reading {name} (BPF_MAP_LOOKUP_BATCH)")),
         }
     }
 
@@ -751,21 +761,38 @@ impl Datapath {
 
     /// Deletes these affinity entries (those still there); returns how many were.
     pub fn delete_affinity(&mut self, keys: &[AffinityKey]) -> Result<usize> {
-        let fd = self.map_fd(maps::AFFINITY)?;
+        self.delete_entries::<AffinityKey, AffinityValue>(maps::AFFINITY, keys)
+    }
+
+    /// Deletes every connection entry `pred` selects; returns how many. Those connections fall
+    /// back to their client's pin (or Maglev) at their next packet.
+    pub fn flush_flows(&mut self, pred: impl Fn(&FlowKey, &FlowValue) -> bool) -> Result<usize> {
+        let doomed: Vec<FlowKey> = self.flow_entries()?.into_iter().filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
+        self.delete_entries::<FlowKey, FlowValue>(maps::FLOWS, &doomed)
+    }
+
+    /// Deletes these entries of a hash map (those still there); returns how many were.
+    fn delete_entries<K: aya::Pod, V: aya::Pod>(&mut self, name: &str, keys: &[K]) -> Result<usize> {
+        let fd = self.map_fd(name)?;
         let mut n = 0;
         for chunk in keys.chunks(4096) {
             match batch::delete(fd, chunk) {
                 Ok(d) => n += d,
                 // Old kernels have no batch delete: one by one then.
                 Err(e) if batch::unsupported(&e) => {
-                    let mut m: HashMap<&mut MapData, AffinityKey, AffinityValue> =
-                        HashMap::try_from(self.map_mut(maps::AFFINITY)?)?;
+                    let mut m: HashMap<&mut MapData, K, V> = HashMap::try_from(self.map_mut(name)?)?;
                     n += chunk.iter().filter(|k| m.remove(k).is_ok()).count();
                 }
-                Err(e) => return Err(e).context("deleting AFFINITY entries (BPF_MAP_DELETE_BATCH)"),
+                Err(e) => return Err(e).with_context(|| format!("deleting {name} entries (BPF_MAP_DELETE_BATCH)")),
             }
         }
         Ok(n)
+    }
+
+    /// Writes a connection entry (tests, and a daemon that restores state).
+    pub fn write_flow(&mut self, k: FlowKey, v: FlowValue) -> Result<()> {
+        let mut m: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(self.map_mut(maps::FLOWS)?)?;
+        m.insert(k, v, 0).context("writing FLOWS")
     }
 
     fn map_fd(&self, name: &str) -> Result<std::os::fd::RawFd> {

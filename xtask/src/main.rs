@@ -295,7 +295,7 @@ fn test(filter: Option<&str>) -> Result<()> {
     sh(&mut c)?;
     println!("\n== datapath tests (BPF_PROG_TEST_RUN)");
     let mut c = cargo();
-    c.args(["test", "-p", "tests", "--test", "datapath", "--test", "breadth", "--test", "corpus", "--test", "packaging", "--"]);
+    c.args(["test", "-p", "tests", "--test", "datapath", "--test", "breadth", "--test", "corpus", "--test", "flows", "--test", "packaging", "--"]);
     with_filter(&mut c);
     sh(&mut c)?;
     println!("\n== end-to-end tests (network namespaces, real servers)");
