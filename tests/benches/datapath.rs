@@ -68,7 +68,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_common::{AffinityKey, AffinityValue};
-use tests::{FIXTURE_CONFIG, FixtureNs, Loaded, Pkt, Pkt6, V6_CLIENT, XDP_PASS, XDP_REDIRECT, XDP_TX, monotonic_ns};
+use tests::{FIXTURE_CONFIG, FixtureNs, Loaded, Pkt, Pkt6, TCP_ACK, V6_CLIENT, XDP_PASS, XDP_REDIRECT, XDP_TX, monotonic_ns};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
@@ -793,6 +793,8 @@ struct PerPacket {
     hit_v6: Case,
     miss_v4: Case,
     miss_v4_room: Case,
+    syn_v4: Case,
+    handshake_v4: Case,
     other: Case,
     loop_baseline: Vec<f64>,
     loop_other: Vec<f64>,
@@ -890,6 +892,27 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
                 let after = hits(l, id);
                 assert_eq!((after.0 - before.0, after.1 - before.1), (0, s.runs as u64), "miss_v4: every run a miss");
             }
+            // A new client's SYN (writes nothing: pin lookup, Maglev, connection lookup), then
+            // a new client's handshake-completing ACK (writes its pin and its connection entry).
+            let syns: Vec<Vec<u8>> =
+                (0..s.runs as u32).map(|i| Pkt::syn(synth(next_client + i), 40000, VIP, 80).bytes()).collect();
+            next_client += s.runs as u32;
+            let (before, syn_before) = (hits(&fx, web), fx.stat("syn"));
+            r.syn_v4.push(batch(Prog::Lb(fx.dp.program()), b, &syns, s.runs, cl, XDP_REDIRECT, "syn_v4"), bl);
+            let after = hits(&fx, web);
+            assert_eq!((after.1 - before.1, fx.stat("syn") - syn_before), (0, s.runs as u64), "syn_v4: no pin, every run a SYN");
+            let acks: Vec<Vec<u8>> = (0..s.runs as u32)
+                .map(|i| Pkt { tcp_flags: TCP_ACK, payload: Vec::new(), ..Pkt::tcp(synth(next_client + i), 40000, VIP, 80) }.bytes())
+                .collect();
+            next_client += s.runs as u32;
+            let (before, conns_before) = (hits(&fx, web), fx.stat("conn_new"));
+            r.handshake_v4.push(batch(Prog::Lb(fx.dp.program()), b, &acks, s.runs, cl, XDP_REDIRECT, "handshake_v4"), bl);
+            let after = hits(&fx, web);
+            assert_eq!(
+                (after.1 - before.1, fx.stat("conn_new") - conns_before),
+                (s.runs as u64, s.runs as u64),
+                "handshake_v4: every run a new pin and a new connection entry"
+            );
             // not for a VIP
             r.other.push(batch(Prog::Lb(fx.dp.program()), b, &other, s.runs, cl, XDP_PASS, "other"), bl);
             // scale: the same hit with 1k and 1M pins in the table
@@ -1395,7 +1418,7 @@ fn main() -> io::Result<()> {
     let line = |name: &str, what: &str, c: &Case, target: f64| {
         let (v, r) = (med(&c.ns), ratio(c));
         println!(
-            "  {name:<9} {what:<20} {v:7.1} ns  {:<16} {:>22}  (+{:.1} ns over baseline; target <= {target}x)",
+            "  {name:<12} {what:<20} {v:7.1} ns  {:<16} {:>22}  (+{:.1} ns over baseline; target <= {target}x)",
             spread(&c.ns),
             verdict(r, r <= target),
             v - base
@@ -1404,6 +1427,8 @@ fn main() -> io::Result<()> {
     line("hit_v4", "IPv4 TCP, pinned", &pp.hit_v4, 3.0);
     line("hit_v6", "IPv6 TCP, pinned", &pp.hit_v6, 3.0);
     line("miss_v4", "new client, full LRU", &pp.miss_v4, 15.0);
+    line("syn_v4", "new client's SYN", &pp.syn_v4, 15.0);
+    line("handshake_v4", "its first ACK", &pp.handshake_v4, 15.0);
     line("other", "not for a VIP", &pp.other, 1.5);
     println!(
         "  info: miss_v4 into a table with room (2M entries, no eviction) {miss_room:.1} ns {} = {:.2}x baseline",
@@ -1455,6 +1480,10 @@ fn main() -> io::Result<()> {
             "hit_v6_ratio": round(ratio(&pp.hit_v6), 2),
             "miss_v4_ratio": round(ratio(&pp.miss_v4), 2),
             "other_ratio": round(ratio(&pp.other), 2),
+            "syn_v4_ns": round(med(&pp.syn_v4.ns), 1),
+            "syn_v4_ratio": round(ratio(&pp.syn_v4), 2),
+            "handshake_v4_ns": round(med(&pp.handshake_v4.ns), 1),
+            "handshake_v4_ratio": round(ratio(&pp.handshake_v4), 2),
         },
         "scale": { "hit_ns_1k": round(h1k, 1), "hit_ns_1m": round(h1m, 1), "ratio_1m_1k": round(scale_ratio, 2) },
         "veth": {
