@@ -145,6 +145,12 @@ fn doc_of(c: &Config, mut omit: impl FnMut() -> bool) -> Doc {
         d.affinity_entries.to_string(),
         d.affinity_entries == lb_common::DEFAULT_AFFINITY_ENTRIES && omit(),
     );
+    t.put("flow_entries", d.flow_entries.to_string(), d.flow_entries == lb_common::DEFAULT_FLOW_ENTRIES && omit());
+    t.put(
+        "max_new_pins_per_cpu",
+        d.max_new_pins_per_cpu.to_string(),
+        d.max_new_pins_per_cpu == lb_common::DEFAULT_NEW_PINS_PER_CPU && omit(),
+    );
     let pin = d.pin_path.to_str().expect("generated paths are UTF-8");
     t.put("pin_path", q(pin), pin == DEFAULT_PIN_PATH && omit());
     t.put("max_services", d.max_services.to_string(), d.max_services == lb_common::DEFAULT_MAX_SERVICES && omit());
@@ -234,6 +240,8 @@ const FIELD_PATHS: &[&str] = &[
     "datapath.mode",
     "datapath.xdp_mode",
     "datapath.affinity_entries",
+    "datapath.flow_entries",
+    "datapath.max_new_pins_per_cpu",
     "datapath.pin_path",
     "datapath.max_services",
     "datapath.max_backends",
@@ -623,6 +631,8 @@ const DATAPATH_KEYS: &[(&str, Kind)] = &[
     ("mode", Kind::Choice(&["nat"])),
     ("xdp_mode", Kind::Choice(&["auto", "native", "skb"])),
     ("affinity_entries", Kind::Int(1024, 1 << 27)),
+    ("flow_entries", Kind::Int(1024, 1 << 27)),
+    ("max_new_pins_per_cpu", Kind::Int(0, u32::MAX as i64)),
     ("pin_path", Kind::Path),
     ("max_services", Kind::Int(1, 4096)),
     ("max_backends", Kind::Int(1, 65536)),
