@@ -128,7 +128,7 @@ fn lookup(ctx: &XdpContext, m: &Meta, src: &[u32; 4], dst: &[u32; 4], e: &mut Fi
         if m.v6 { fib.__bindgen_anon_4.ipv6_dst == *dst } else { fib.__bindgen_anon_4.ipv4_dst == dst[0] }
     };
     // SAFETY: presence only.
-    let attached = unsafe { TX_PORTS.get(&fib.ifindex) }.is_some();
+    let attached = unsafe { TX_PORTS.get(fib.ifindex) }.is_some();
     // On success the helper leaves the route's MTU where tot_len was (kernel 5.12+); the packet
     // fitted it, whatever an older kernel leaves there.
     // SAFETY: a plain read of the union the helper filled.

@@ -72,6 +72,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// to take `data`/`data_end` instead of the context pointer (argument promotion): the verifier
 /// rejects the zero-extension shifts that would then be applied to packet pointers.
 #[inline(always)]
+#[expect(clippy::not_unsafe_ptr_arg_deref, reason = "`raw` is always the program's own context, passed down the stages")]
 pub fn ctx_of(raw: *mut xdp_md) -> XdpContext {
     // SAFETY: `raw` is the program's context; `data` is a readable field of it.
     unsafe { core::ptr::read_volatile(&(*raw).data) };
@@ -130,14 +131,12 @@ pub fn lookup_service(v6: bool, addr: &[u32; 4], port: u16, proto: u8, epoch: u3
     // SAFETY: the daemon replaces whole values; the value is copied at once.
     let found = unsafe {
         if v6 {
-            SERVICES6.get(&ServiceKey6 { addr: *addr, port, proto, _pad: 0 })
+            SERVICES6.get(ServiceKey6 { addr: *addr, port, proto, _pad: 0 })
         } else {
-            SERVICES.get(&ServiceKey { addr: addr[0], port, proto, _pad: 0 })
+            SERVICES.get(ServiceKey { addr: addr[0], port, proto, _pad: 0 })
         }
     };
-    let Some(svc) = found else {
-        return None;
-    };
+    let svc = found?;
     e.svc = *svc;
     e.addr = *addr;
     e.port = port;
@@ -153,11 +152,11 @@ fn lookup_reverse(v6: bool, addr: &[u32; 4], port: u16, proto: u8) -> Option<([u
     // SAFETY: a copy is taken at once.
     unsafe {
         if v6 {
-            REVERSE6.get(&ServiceKey6 { addr: *addr, port, proto, _pad: 0 }).map(|r| {
+            REVERSE6.get(ServiceKey6 { addr: *addr, port, proto, _pad: 0 }).map(|r| {
                 (r.vip, Reverse { vip: 0, port: r.port, _pad: 0, service_id: r.service_id, backend_id: r.backend_id, ifindex: r.ifindex })
             })
         } else {
-            REVERSE.get(&ServiceKey { addr: addr[0], port, proto, _pad: 0 }).map(|r| ([r.vip, 0, 0, 0], *r))
+            REVERSE.get(ServiceKey { addr: addr[0], port, proto, _pad: 0 }).map(|r| ([r.vip, 0, 0, 0], *r))
         }
     }
 }
@@ -166,7 +165,7 @@ fn lookup_reverse(v6: bool, addr: &[u32; 4], port: u16, proto: u8) -> Option<([u
 fn is_local(v6: bool, addr: &[u32; 4]) -> bool {
     // SAFETY: presence only.
     unsafe {
-        if v6 { LOCAL_ADDRS6.get(addr).is_some() } else { LOCAL_ADDRS.get(&addr[0]).is_some() }
+        if v6 { LOCAL_ADDRS6.get(addr).is_some() } else { LOCAL_ADDRS.get(addr[0]).is_some() }
     }
 }
 
@@ -235,7 +234,7 @@ fn for_this_mac(ctx: &XdpContext, ingress: u32, epoch: u32) -> bool {
     let e = unsafe { &mut *e };
     if e.flags & IFACE_F_VALID == 0 || e.ifindex != ingress || e.epoch != epoch {
         // SAFETY: a copy is taken at once.
-        match unsafe { TX_PORTS.get(&ingress) } {
+        match unsafe { TX_PORTS.get(ingress) } {
             Some(p) => {
                 for i in 0..6 {
                     e.mac[i] = p.mac[i];
@@ -347,7 +346,7 @@ fn record_fragment_out(m: &Meta, addr: &[u32; 4], dir: u32, ids: u64) {
     let (service_id, backend_id) = ((ids >> 32) as u32, ids as u32);
     let key = FragKey { src: m.src, dst: m.dst, id: m.frag_id, proto: m.proto, family: m.family(), _pad: 0 };
     let val = FragValue { addr: *addr, dir, service_id, backend_id, _pad: 0 };
-    let _ = FRAGS.insert(&key, &val, 0);
+    let _ = FRAGS.insert(key, val, 0);
 }
 
 /// Client -> VIP: pick the backend (the connection's entry, the client's pin, else Maglev; see
@@ -408,7 +407,7 @@ fn later_fragment(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     let ctx = &crate::ctx_of(raw);
     let key = FragKey { src: m.src, dst: m.dst, id: m.frag_id, proto: m.proto, family: m.family(), _pad: 0 };
     // SAFETY: a copy is taken at once.
-    let Some(f) = (unsafe { FRAGS.get(&key) }).copied() else {
+    let Some(f) = (unsafe { FRAGS.get(key) }).copied() else {
         // To a VIP: a datagram of ours whose first fragment was not seen (no backend to send
         // it to). From a backend's address to anywhere: not a reply we translated (its first
         // fragment would have been recorded), e.g. the backend's own traffic through this
@@ -452,7 +451,9 @@ fn later_fragment(raw: *mut xdp_md, m: &mut Meta) -> Verdict {
     }
 }
 
-#[cfg(not(test))]
+// Only for the BPF target: a host build of this crate (`cargo clippy --workspace`) links std
+// through lb-common's `user` feature, which brings its own.
+#[cfg(all(not(test), target_arch = "bpf"))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -113,7 +113,7 @@ pub fn addr_flags(v6: bool, addr: &[u32; 4]) -> u32 {
     }
     let key = AddrKey { addr: *addr, family: if v6 { 6 } else { 4 } };
     // SAFETY: a copy is read at once.
-    unsafe { ADDRS.get(&key) }.copied().unwrap_or(0)
+    unsafe { ADDRS.get(key) }.copied().unwrap_or(0)
 }
 
 /// Whether a packet we could not fully parse is ours (to a VIP or from a backend).
@@ -423,7 +423,7 @@ fn read_ports(ctx: &XdpContext, m: &mut Meta) -> Result<(), Verdict> {
 #[inline(always)]
 pub fn check_l4(ctx: &XdpContext, m: &Meta) -> Result<u8, Verdict> {
     let frame = ctx.data_end() - ctx.data();
-    let ip_end = if m.v6 { m.l3() + m.ip_len as usize } else { m.l3() + m.ip_len as usize };
+    let ip_end = m.l3() + m.ip_len as usize;
     if ip_end > frame || ip_end < m.l4() {
         return Err(crate::drop(stat::DROP_MALFORMED));
     }

@@ -164,7 +164,7 @@ pub fn place(ctx: &XdpContext, m: &mut Meta, svc: &Service, key: &AffinityKey, m
     if write == WRITE_APPROVED || (write == WRITE_CREATE && may_create(m)) {
         let val = AffinityValue { backend_id: id, _pad: 0, last_seen_ns: now, created_ns: now };
         // BPF_ANY: a concurrent insert for the same client picked the same backend anyway.
-        let _ = AFFINITY.insert(key, &val, 0);
+        let _ = AFFINITY.insert(key, val, 0);
         count_pick(svc.id, id, len, |c| c.new_pins += 1);
     } else {
         count_pick(svc.id, id, len, |_| {});
@@ -208,7 +208,7 @@ fn refresh_pin(key: &AffinityKey, backend_id: u32, now: u64) {
         }
         None => {
             let val = AffinityValue { backend_id, _pad: 0, last_seen_ns: now, created_ns: now };
-            let _ = AFFINITY.insert(key, &val, 0);
+            let _ = AFFINITY.insert(key, val, 0);
         }
     }
 }
@@ -224,12 +224,12 @@ pub fn select_tcp(raw: *mut xdp_md, m: &mut Meta, svc: &Service, key: &AffinityK
         // An entry for this client port is an earlier connection's (the port is being reused)
         // or a spoof's: it must not steer this connection's next packets elsewhere.
         // SAFETY: a copy of the id is taken at once.
-        if unsafe { FLOWS.get(&fk) }.is_some_and(|f| f.backend_id != id) {
-            let _ = FLOWS.remove(&fk);
+        if unsafe { FLOWS.get(fk) }.is_some_and(|f| f.backend_id != id) {
+            let _ = FLOWS.remove(fk);
         }
         return Ok(id);
     }
-    if let Some(f) = FLOWS.get_ptr_mut(&fk) {
+    if let Some(f) = FLOWS.get_ptr_mut(fk) {
         // SAFETY: the LRU map hands out a pointer to the element, valid during this program run.
         let f = unsafe { &mut *f };
         let old = f.backend_id;
@@ -260,7 +260,7 @@ pub fn select_tcp(raw: *mut xdp_md, m: &mut Meta, svc: &Service, key: &AffinityK
     let mode = ANY_AGE | if create { WRITE_APPROVED } else { WRITE_EXISTING };
     let id = unpack(place_out(raw, m, svc, key, mode))?;
     if create {
-        let _ = FLOWS.insert(&fk, &FlowValue { backend_id: id, stamp: flow_ticks(m.now) }, 0);
+        let _ = FLOWS.insert(fk, FlowValue { backend_id: id, stamp: flow_ticks(m.now) }, 0);
         count(stat::CONN_NEW);
         bump(&SERVICE_STATS, svc.id, |c| c.conns += 1);
         bump(&BACKEND_STATS, id, |c| c.conns += 1);
@@ -276,11 +276,10 @@ pub fn peek(raw: *mut xdp_md, m: &mut Meta, svc: &Service, key: &AffinityKey, fk
     let ctx = &crate::ctx_of(raw);
     if fk.port != 0 {
         // SAFETY: a copy of the id is taken at once.
-        if let Some(id) = unsafe { FLOWS.get(fk) }.map(|f| f.backend_id) {
-            if usable(svc, id).is_some() {
+        if let Some(id) = unsafe { FLOWS.get(fk) }.map(|f| f.backend_id)
+            && usable(svc, id).is_some() {
                 return (1u64 << 32) | id as u64;
             }
-        }
     }
     let len = m.len;
     m.len = 0;
