@@ -312,7 +312,9 @@ fn from_backend(raw: *mut xdp_md, m: &Meta) -> Verdict {
     // A reply comes from the backend side: the interface the route to the backend leaves by.
     // A backend's address arriving anywhere else is spoofed (or looping), and is never
     // re-sourced to the VIP.
-    if rev.ifindex != m.ingress {
+    // A tagged frame arrives on the physical interface while the route names the VLAN device
+    // on top of it: not checked (see README, "Replies").
+    if !m.vlan && rev.ifindex != m.ingress {
         return drop(stat::DROP_REPLY_SIDE);
     }
     if let Err(v) = parse::check_l4(ctx, m) {
