@@ -102,6 +102,8 @@ pub struct Daemon {
     rates: Rates,
     /// Keeps the VIP routes for BIRD (`[announce]`); none without that table.
     announcer: Option<crate::announce::Announcer>,
+    /// Keeps the backends' next hops resolved (managed neighbour entries).
+    neighbours: Option<crate::neighbours::Keeper>,
 }
 
 fn time_string(t: SystemTime) -> String {
@@ -294,6 +296,9 @@ impl Daemon {
         self.config = cfg;
         self.health.set_targets(self.rt.health_targets());
         self.update_announcements();
+        if let Some(k) = &self.neighbours {
+            k.set(self.rt.backend_addrs());
+        }
         Ok(changes)
     }
 
@@ -476,6 +481,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         Some(_) => Some(crate::announce::connect().inspect_err(|_| cleanup_socket())?),
         None => None,
     };
+    let neigh_netlink = crate::neighbours::connect().inspect_err(|_| cleanup_socket())?;
     let pins = PinDir::prepare(&cfg.datapath.pin_path).inspect_err(|_| cleanup_socket())?;
     let had_state = pins.path.join(lb_common::maps::CONFIG).exists();
     let (mut dp, rt, adopted) = match start(&cfg, &pins) {
@@ -490,16 +496,6 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         }
     };
     spawn_ebpf_logger(&mut dp);
-    if cfg.datapath.mode == crate::config::Mode::Dsr {
-        for s in cfg.services.iter().filter(|s| s.health.kind == crate::config::HealthKind::None) {
-            tracing::warn!(
-                service = %s.name,
-                "DSR without health checks: nothing keeps the backends' MAC addresses resolved; packets are \
-                 dropped (drop_fib) while a backend's neighbour entry is missing (health checks of another \
-                 service to the same hosts, or static neighbour entries, resolve them)"
-            );
-        }
-    }
     for s in &rt.services {
         tracing::info!(
             service = %s.config.name,
@@ -523,6 +519,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         stop: stop_tx,
         rates: Rates::default(),
         announcer: None,
+        neighbours: None,
     }));
     {
         let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());
@@ -533,6 +530,22 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
             d.announcer = Some(crate::announce::Announcer::start(handle, a.table, a.grace, want));
             tracing::info!(table = a.table, "announcing VIPs through kernel table {}", a.table);
         }
+        // Every pass also tells which backends' routes moved to another interface (their side).
+        let weak = Arc::downgrade(&daemon);
+        let keeper = crate::neighbours::Keeper::start(neigh_netlink, d.rt.backend_addrs(), move |sides| {
+            let Some(daemon) = weak.upgrade() else { return };
+            let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());
+            let Daemon { rt, dp, .. } = &mut *d;
+            match rt.refresh_sides(dp, |addr| sides.get(&addr).copied()) {
+                Ok(changed) => {
+                    for (backend, was, now) in changed {
+                        tracing::info!(%backend, was, now, "the route to a backend moved: its side (REVERSE ifindex) updated");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "updating the backends' sides"),
+            }
+        });
+        d.neighbours = Some(keeper);
     }
     let mut server = tokio::spawn(control::serve(listener, daemon.clone()));
     let metrics_server = metrics_listener.map(|l| {
@@ -598,6 +611,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
     }
     let how = result.as_ref().map(|h| *h).unwrap_or(Stop::Leave);
     let announcer = lock().announcer.take();
+    let neighbours = lock().neighbours.take();
     if let Some(a) = announcer {
         match how {
             // A restart keeps announcing: the datapath keeps serving.
@@ -622,6 +636,16 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         }
     }
     drop(daemon);
+    if let Some(k) = neighbours {
+        match how {
+            // A restart keeps them: the datapath keeps forwarding to the backends.
+            Stop::Leave => k.leave(),
+            Stop::Down => match k.remove_all().await {
+                Ok(n) => tracing::info!(removed = n, "removed lb's neighbour entries"),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "removing lb's neighbour entries"),
+            },
+        }
+    }
     match how {
         Stop::Leave => tracing::info!(
             pin_path = %pins.path.display(),
@@ -653,6 +677,13 @@ pub fn down_offline(cfg: &Config) -> Result<String> {
         if n > 0 {
             println!("withdrew {n} VIP route(s) from table {}", a.table);
         }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let n = rt
+        .block_on(async { crate::neighbours::remove_all(&crate::neighbours::connect()?).await })
+        .context("removing lb's neighbour entries")?;
+    if n > 0 {
+        println!("removed {n} managed neighbour entr{} lb made", if n == 1 { "y" } else { "ies" });
     }
     let dir = &cfg.datapath.pin_path;
     if !dir.join(lb_common::maps::CONFIG).exists() && Datapath::pinned_link_interfaces(dir).is_empty() {

@@ -10,5 +10,6 @@ pub mod datapath;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod neighbours;
 pub mod routes;
 pub mod state;

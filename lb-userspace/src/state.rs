@@ -265,6 +265,8 @@ pub struct Runtime {
     addrs: Option<BTreeMap<AddrKey, u32>>,
     /// `ADDR_FILTER` as last written (None: not known yet).
     filter: Option<Vec<u64>>,
+    /// The side (`Reverse::ifindex`) last written for each backend id, for [`Runtime::refresh_sides`].
+    sides: BTreeMap<u32, u32>,
 }
 
 /// `ADDR_FILTER` words holding `addrs`.
@@ -326,6 +328,7 @@ impl Runtime {
             backend_ids: IdPool::new(d.max_backends),
             addrs: None,
             filter: None,
+            sides: BTreeMap::new(),
         }
     }
 
@@ -641,13 +644,17 @@ impl Runtime {
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP != 0) {
             dp.write_backend(b.id, b.entry(s.entry.id))?;
             if nat {
-                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id, backend_side(b.config.address))?;
+                let side = backend_side(b.config.address);
+                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id, side)?;
+                self.sides.insert(b.id, side);
             }
         }
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP == 0) {
             // Replies from a backend that is down still go back to the VIP.
             if nat {
-                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id, backend_side(b.config.address))?;
+                let side = backend_side(b.config.address);
+                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id, side)?;
+                self.sides.insert(b.id, side);
             }
         }
         let next = if table != s.table { 1 - (s.entry.table & 1) } else { s.entry.table };
@@ -671,6 +678,38 @@ impl Runtime {
             dp.remove_reverse(&s.reverse_key(b))?;
         }
         Ok(())
+    }
+
+    /// Follows route changes: rewrites the REVERSE entry of each NAT backend whose side
+    /// (`side(addr)`: the egress ifindex now, 0 without a route, None when unknown) differs from
+    /// the one last written. The caller resolves the routes (netlink) before it takes the lock
+    /// this runs under. Returns the backends whose side changed, with the old and new ifindex.
+    pub fn refresh_sides(&mut self, dp: &mut Datapath, side: impl Fn(IpAddr) -> Option<u32>) -> Result<Vec<(IpAddr, u32, u32)>> {
+        let mut changed = Vec::new();
+        if self.global.flags & lb_common::GLOBAL_F_DSR != 0 {
+            return Ok(changed);
+        }
+        for s in &self.services {
+            for b in &s.backends {
+                let Some(now) = side(b.config.address) else { continue };
+                let was = self.sides.get(&b.id).copied();
+                if was == Some(now) {
+                    continue;
+                }
+                dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id, now)
+                    .with_context(|| format!("updating the side of backend {}", b.config.address))?;
+                self.sides.insert(b.id, now);
+                changed.push((b.config.address, was.unwrap_or(0), now));
+            }
+        }
+        let ids: BTreeSet<u32> = self.services.iter().flat_map(|s| s.backends.iter().map(|b| b.id)).collect();
+        self.sides.retain(|id, _| ids.contains(id));
+        Ok(changed)
+    }
+
+    /// Every backend address of every service (the next hops lb keeps resolved).
+    pub fn backend_addrs(&self) -> BTreeSet<IpAddr> {
+        self.services.iter().flat_map(|s| s.backends.iter().map(|b| b.config.address)).collect()
     }
 
     /// Frees the ids of removed backends after deleting every pin that names them.

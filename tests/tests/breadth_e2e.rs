@@ -644,3 +644,185 @@ fn dsr_replies_bypass_the_balancer() {
         );
     }
 }
+
+/// One IPv4 neighbour entry of a namespace, as `ip -j -d neigh show` reports it (read with
+/// iproute2, not with lb's own netlink code, so that a bug there cannot hide itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Neighbour {
+    dev: String,
+    lladdr: Option<String>,
+    managed: bool,
+    state: Vec<String>,
+    protocol: Option<String>,
+}
+
+/// The IPv4 neighbour entries of namespace `ns`, by address.
+fn neighbours(lab: &Lab, ns: &str) -> BTreeMap<Ipv4Addr, Neighbour> {
+    let out = xtask::lab::output_timeout(
+        std::process::Command::new("ip").args(["-n", ns, "-4", "-j", "-d", "neigh", "show"]),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| fail(lab, &format!("ip neigh show in {ns}: {e:#}")));
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        fail(
+            lab,
+            &format!("ip -j neigh show: {e}: {}", String::from_utf8_lossy(&out.stdout)),
+        )
+    });
+    let text = |v: &serde_json::Value, k: &str| v.get(k).and_then(|s| s.as_str()).map(str::to_owned);
+    all.iter()
+        .filter_map(|v| {
+            let dst: Ipv4Addr = text(v, "dst")?.parse().ok()?;
+            let state = v
+                .get("state")
+                .and_then(|s| s.as_array())
+                .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            Some((
+                dst,
+                Neighbour {
+                    dev: text(v, "dev").unwrap_or_default(),
+                    lladdr: text(v, "lladdr"),
+                    managed: v.get("managed").is_some(),
+                    state,
+                    protocol: text(v, "protocol"),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Waits until `ok` holds for the balancer's neighbour table (lb keeps it every few seconds).
+fn wait_neighbours(lab: &Lab, what: &str, ok: impl Fn(&BTreeMap<Ipv4Addr, Neighbour>) -> bool) {
+    let started = Instant::now();
+    loop {
+        let table = neighbours(lab, lab.ns_lb());
+        if ok(&table) {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            fail(lab, &format!("{what}: not within 15 s; the balancer's neighbours: {table:#?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// lb's managed entry, resolved: what keeps a DSR backend's MAC without traffic.
+fn kept_resolved(n: Option<&Neighbour>) -> bool {
+    n.is_some_and(|n| {
+        n.managed
+            && n.protocol.as_deref() == Some("242")
+            && n.lladdr.is_some()
+            && n.state.iter().any(|s| s == "REACHABLE" || s == "STALE" || s == "DELAY" || s == "PROBE")
+    })
+}
+
+/// DSR without health checks: nothing but lb's managed neighbour entries resolves the backends'
+/// MACs (a DSR packet still addressed to the VIP cannot go to the kernel), so every client's very
+/// first request succeeds and nothing is dropped for a missing next hop.
+#[test]
+fn neighbours_kept_dsr_without_health_checks_answers_the_first_request() {
+    let bin = lb_bin();
+    let lab = lab_with_lb(
+        &bin,
+        LabSpec { clients: 6, backends: 3 },
+        LabOptions::default()
+            .with_dsr()
+            .with_health_kind(xtask::lab::HealthKind::None),
+    );
+    let backends: Vec<Ipv4Addr> = (1..=3).map(|i| lab.backend_addr(i)).collect();
+    wait_neighbours(&lab, "a resolved managed neighbour entry for every backend", |t| {
+        backends.iter().all(|b| kept_resolved(t.get(b)))
+    });
+    let vip = SocketAddr::from((lab.vip(), VIP_HTTP_PORT));
+    let mut failures = Vec::new();
+    for client in lab.client_addrs() {
+        // One try each: a dropped SYN would need the kernel's 1 s retransmission, so the timeout
+        // is shorter than that.
+        if let Err(e) = lab.http_get_from(client.into(), vip, "/", Duration::from_millis(900)) {
+            failures.push(format!("{client}: first request: {e:#}"));
+        }
+    }
+    fail_on_errors(&lab, "DSR without health checks", lab.client_addrs().len(), &failures);
+    let after = status(&lab, &bin);
+    if stat(&after, "drop_fib") != 0 {
+        fail(&lab, &format!("packets dropped for want of a next hop: {:?}", after.stats));
+    }
+}
+
+/// The keeper removes the entries of backends a reload removed, and all of its entries on
+/// `lb down`, and never touches an operator's PERMANENT entry.
+#[test]
+fn neighbours_follow_the_backends_and_spare_permanent_entries() {
+    let bin = lb_bin();
+    let options = LabOptions::default()
+        .with_dsr()
+        .with_health_kind(xtask::lab::HealthKind::None);
+    let mut lab = Lab::create_with(LabSpec { clients: 2, backends: 3 }, options.clone())
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    // Backends 1..=3 at b[0..3].
+    let b: Vec<Ipv4Addr> = (1..=3).map(|i| lab.backend_addr(i)).collect();
+    // The operator's static entry for backend 3, with a MAC of its own choosing.
+    const STATIC_MAC: &str = "02:00:00:00:42:42";
+    let out = xtask::lab::output_timeout(
+        std::process::Command::new("ip").args([
+            "-n",
+            lab.ns_lb(),
+            "neigh",
+            "replace",
+            &b[2].to_string(),
+            "dev",
+            "eth0",
+            "lladdr",
+            STATIC_MAC,
+            "nud",
+            "permanent",
+        ]),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(out.status.success(), "ip neigh replace: {}", String::from_utf8_lossy(&out.stderr));
+    let permanent_kept = |t: &BTreeMap<Ipv4Addr, Neighbour>| {
+        t.get(&b[2]).is_some_and(|n| {
+            n.lladdr.as_deref() == Some(STATIC_MAC)
+                && n.state == ["PERMANENT"]
+                && !n.managed
+                && n.dev == "eth0"
+        })
+    };
+    lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    wait_neighbours(&lab, "managed entries for backends 1 and 2", |t| {
+        kept_resolved(t.get(&b[0])) && kept_resolved(t.get(&b[1]))
+    });
+    let table = neighbours(&lab, lab.ns_lb());
+    if !permanent_kept(&table) {
+        fail(&lab, &format!("the operator's PERMANENT entry for {} changed: {table:#?}", b[2]));
+    }
+
+    // Reload with backend 1 only: the entry for backend 2 goes, the permanent one stays.
+    lab.set_options(options.with_backends(1)).unwrap_or_else(|e| panic!("{e:#}"));
+    let out = lab.lb_cli(&bin, &["reload"]).unwrap_or_else(|e| panic!("{e:#}"));
+    if !out.status.success() {
+        fail(&lab, &format!("lb reload: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    wait_neighbours(&lab, "the removed backend's entry removed", |t| {
+        !t.contains_key(&b[1]) && kept_resolved(t.get(&b[0]))
+    });
+    let table = neighbours(&lab, lab.ns_lb());
+    if !permanent_kept(&table) {
+        fail(&lab, &format!("reload: the operator's PERMANENT entry for {} changed: {table:#?}", b[2]));
+    }
+
+    // `lb down` while running: lb's entries go, the operator's stays.
+    let out = lab.lb_down(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    if !out.status.success() {
+        fail(&lab, &format!("lb down: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    wait_neighbours(&lab, "lb down removes lb's entries", |t| {
+        !t.values().any(|n| n.protocol.as_deref() == Some("242"))
+    });
+    let table = neighbours(&lab, lab.ns_lb());
+    if !permanent_kept(&table) {
+        fail(&lab, &format!("lb down: the operator's PERMANENT entry for {} changed: {table:#?}", b[2]));
+    }
+}
