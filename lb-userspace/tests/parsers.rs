@@ -598,8 +598,6 @@ fn valid_config() -> impl Strategy<Value = Config> {
                         max_backends,
                         maglev_table_size: m,
                         hash_seed,
-                        flow_entries: lb_common::DEFAULT_FLOW_ENTRIES,
-                        max_new_pins_per_cpu: lb_common::DEFAULT_NEW_PINS_PER_CPU,
                     },
                     control: ControlConfig { socket: PathBuf::from(socket), metrics },
                     services,
