@@ -789,12 +789,6 @@ impl Datapath {
         Ok(n)
     }
 
-    /// Writes a connection entry (tests, and a daemon that restores state).
-    pub fn write_flow(&mut self, k: FlowKey, v: FlowValue) -> Result<()> {
-        let mut m: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(self.map_mut(maps::FLOWS)?)?;
-        m.insert(k, v, 0).context("writing FLOWS")
-    }
-
     fn map_fd(&self, name: &str) -> Result<std::os::fd::RawFd> {
         let data: &MapData = match self.map(name)? {
             Map::LruHashMap(d) | Map::HashMap(d) | Map::Array(d) | Map::PerCpuArray(d) => d,
