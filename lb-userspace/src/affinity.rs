@@ -11,121 +11,20 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    time::Duration,
 };
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use lb_common::{AffinityKey, AffinityValue, BACKEND_F_UP, hash::client_slot};
-use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::{Datapath, addr_words, monotonic_coarse_ns, words_addr},
+    api::{AffinityList, BadRequest, Explanation, FlushReport, FlushRequest, ListQuery, NotFound, PinReport, human, human_secs},
+    datapath::{Datapath, PinTable, addr_words, monotonic_coarse_ns, words_addr},
     state::{BackendRt, Runtime, ServiceRt},
 };
 
-/// One pin as `lb affinity list` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct PinReport {
-    pub service: String,
-    /// The client prefix the pin is for: an address, or address/prefix when the service's
-    /// affinity prefix is shorter than the address.
-    pub client: String,
-    /// `address:port` of the backend (or `id N` for one that no longer exists).
-    pub backend: String,
-    /// up, down, draining, drained or removed.
-    pub backend_state: String,
-    /// Since the pin was made, and since the client's last packet (refreshed at most once a
-    /// second), in seconds.
-    pub age_secs: f64,
-    pub idle_secs: f64,
-    /// Seconds until the pin lapses if the client stays silent (the idle timeout or the max age,
-    /// whichever comes first); 0 once it has.
-    pub expires_in_secs: f64,
-    /// Whether the client's next packet follows this pin.
-    pub live: bool,
-    /// Why it does not, when it does not.
-    pub stale: Option<String>,
-}
-
-/// `lb affinity list`: the pins that matched, and how many there are in the whole table.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct AffinityList {
-    /// Entries in the affinity table, live or stale, of every service.
-    pub table_entries: usize,
-    pub table_capacity: u32,
-    /// Pins that matched the filters (all of them, even beyond `limit`).
-    pub matched: usize,
-    pub pins: Vec<PinReport>,
-}
-
-/// Filters of `lb affinity list`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ListQuery {
-    pub service: Option<String>,
-    /// `address:port` of a backend.
-    pub backend: Option<String>,
-    /// At most this many pins in the answer (all when absent).
-    pub limit: Option<usize>,
-}
-
-/// Body of `POST /affinity/flush`: exactly one of `client`, `backend`, `all`; `service` narrows
-/// any of them to one service.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct FlushRequest {
-    pub client: Option<IpAddr>,
-    pub backend: Option<String>,
-    #[serde(default)]
-    pub all: bool,
-    pub service: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct FlushReport {
-    /// Pins deleted: their clients are placed afresh (by Maglev) at their next packet.
-    pub flushed: usize,
-}
-
-/// `lb explain`: where a client's next packet to one service goes, and why.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Explanation {
-    pub client: String,
-    pub service: String,
-    /// `vip:port/protocol`.
-    pub vip: String,
-    /// The affinity key: the client address masked to the service's prefix.
-    pub key: String,
-    /// `pin` (the client's pin is used), `maglev` (no usable pin: a fresh pick, which pins it),
-    /// or `none` (no backend can take a new client: the packet is dropped).
-    pub via: String,
-    /// Where the next packet goes, and that backend's state.
-    pub backend: Option<String>,
-    pub backend_state: Option<String>,
-    /// The client's pin, usable or not.
-    pub pin: Option<PinReport>,
-    /// What the live Maglev table says for this client, pin or not.
-    pub maglev_slot: u32,
-    pub maglev_table_size: u32,
-    pub maglev_backend: Option<String>,
-    /// One sentence: why this backend.
-    pub reason: String,
-}
 
 fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
-}
-
-/// A duration for people: whole seconds (or milliseconds under a second).
-pub fn human(ns: u64) -> String {
-    let d = if ns >= 1_000_000_000 {
-        Duration::from_secs(ns / 1_000_000_000)
-    } else {
-        Duration::from_millis(ns / 1_000_000)
-    };
-    humantime::format_duration(d).to_string()
-}
-
-fn human_secs(s: f64) -> String {
-    human((s * 1e9) as u64)
 }
 
 /// `address:port`, IPv6 in brackets.
@@ -205,113 +104,180 @@ pub fn judge(s: &ServiceRt, key: &AffinityKey, v: &AffinityValue, now: u64) -> P
     }
 }
 
-/// Live pins per service id and per (service id, backend id).
+/// Live pins per service id and per (service id, backend id), and when they were counted.
 #[derive(Clone, Debug, Default)]
 pub struct PinCounts {
+    /// Entries in the table, live or stale.
     pub entries: usize,
     pub by_service: BTreeMap<u32, u64>,
     pub by_backend: BTreeMap<(u32, u32), u64>,
 }
 
-/// Counts the live pins of every service (one scan of the table).
-pub fn count(rt: &Runtime, dp: &Datapath) -> Result<PinCounts> {
-    let entries = dp.affinity_entries()?;
+/// What judging pins needs of the model, copied out under the daemon lock (without the Maglev
+/// tables) so that scans of the whole table run without it.
+#[derive(Clone)]
+pub struct View {
+    pub services: Vec<ServiceRt>,
+}
+
+impl View {
+    pub fn of(rt: &Runtime) -> Self {
+        Self { services: rt.services.iter().map(ServiceRt::without_table).collect() }
+    }
+
+    fn by_name(&self, name: Option<&str>) -> Result<Vec<&ServiceRt>> {
+        match name {
+            Some(n) => match self.services.iter().find(|s| s.config.name == n) {
+                Some(s) => Ok(vec![s]),
+                None => Err(NotFound(format!("no service named {n:?}")).into()),
+            },
+            None => Ok(self.services.iter().collect()),
+        }
+    }
+}
+
+/// Counts the live pins of every service: one scan of the table, a batch at a time.
+pub fn count(view: &View, table: &PinTable) -> Result<PinCounts> {
     let now = monotonic_coarse_ns();
-    let by_id: BTreeMap<u32, &ServiceRt> = rt.services.iter().map(|s| (s.entry.id, s)).collect();
-    let mut c = PinCounts { entries: entries.len(), ..Default::default() };
-    for (k, v) in &entries {
-        let Some(s) = by_id.get(&k.service_id) else { continue };
+    // Per service: its timeouts and whether it fails open; per (service, backend): up or not.
+    let by_id: BTreeMap<u32, &ServiceRt> = view.services.iter().map(|s| (s.entry.id, s)).collect();
+    let mut c = PinCounts::default();
+    c.entries = table.scan(|k, v| {
+        let Some(s) = by_id.get(&k.service_id) else { return };
         if staleness(s, v, now).is_none() {
             *c.by_service.entry(k.service_id).or_default() += 1;
             *c.by_backend.entry((k.service_id, v.backend_id)).or_default() += 1;
         }
-    }
+    })?;
     Ok(c)
-}
-
-fn services<'a>(rt: &'a Runtime, name: Option<&str>) -> Result<Vec<&'a ServiceRt>> {
-    match name {
-        Some(n) => match rt.service(n) {
-            Some(s) => Ok(vec![s]),
-            None => bail!("no service named {n:?}"),
-        },
-        None => Ok(rt.services.iter().collect()),
-    }
 }
 
 /// The backend `addr:port` in `candidates`: (service id, backend id) pairs.
 fn backend_ids(candidates: &[&ServiceRt], backend: &str) -> Result<Vec<(u32, u32)>> {
-    let addr = crate::control::parse_backend(backend).map_err(anyhow::Error::msg)?;
+    let addr = crate::api::parse_backend(backend).map_err(BadRequest)?;
     let ids: Vec<(u32, u32)> = candidates
         .iter()
         .filter_map(|s| s.backend(addr.ip(), addr.port()).map(|b| (s.entry.id, b.id)))
         .collect();
     if ids.is_empty() {
-        bail!("no backend {addr} in {}", if candidates.len() == 1 { "that service" } else { "any service" });
+        return Err(NotFound(format!(
+            "no backend {addr} in {}",
+            if candidates.len() == 1 { "that service" } else { "any service" }
+        ))
+        .into());
     }
     Ok(ids)
 }
 
-/// `lb affinity list`.
-pub fn list(rt: &Runtime, dp: &Datapath, q: &ListQuery) -> Result<AffinityList> {
-    let svcs = services(rt, q.service.as_deref())?;
+/// A pin kept for `lb affinity list`, ordered by (service rank, client address) alone: unique,
+/// since a service has each key once.
+struct Kept {
+    order: (usize, [u32; 4]),
+    key: AffinityKey,
+    value: AffinityValue,
+}
+
+impl PartialEq for Kept {
+    fn eq(&self, other: &Self) -> bool {
+        self.order == other.order
+    }
+}
+
+impl Eq for Kept {}
+
+impl PartialOrd for Kept {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Kept {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order.cmp(&other.order)
+    }
+}
+
+/// `lb affinity list`: with a limit, only the first `limit` pins (by service name, then client
+/// address) are kept while scanning, so a table of millions costs no more memory than the answer.
+pub fn list(view: &View, table: &PinTable, q: &ListQuery) -> Result<AffinityList> {
+    let mut svcs = view.by_name(q.service.as_deref())?;
     let wanted_backends = q.backend.as_deref().map(|b| backend_ids(&svcs, b)).transpose()?;
-    let by_id: BTreeMap<u32, &ServiceRt> = svcs.iter().map(|s| (s.entry.id, *s)).collect();
-    let entries = dp.affinity_entries()?;
+    // Services in name order: their position is the first sort key.
+    svcs.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+    let rank: BTreeMap<u32, usize> = svcs.iter().enumerate().map(|(i, s)| (s.entry.id, i)).collect();
+    let limit = q.limit.unwrap_or(usize::MAX);
+    let mut kept: std::collections::BinaryHeap<Kept> = Default::default();
+    let mut matched = 0;
+    let entries = table.scan(|k, v| {
+        let Some(&r) = rank.get(&k.service_id) else { return };
+        if wanted_backends.as_ref().is_some_and(|w| !w.contains(&(k.service_id, v.backend_id))) {
+            return;
+        }
+        matched += 1;
+        if limit == 0 {
+            return;
+        }
+        let order = (r, k.addr.map(u32::from_be));
+        if kept.len() < limit {
+            kept.push(Kept { order, key: *k, value: *v });
+        } else if kept.peek().is_some_and(|top| order < top.order) {
+            kept.pop();
+            kept.push(Kept { order, key: *k, value: *v });
+        }
+    })?;
     let now = monotonic_coarse_ns();
-    let mut pins: Vec<(String, [u32; 4], PinReport)> = entries
-        .iter()
-        .filter(|(k, v)| wanted_backends.as_ref().is_none_or(|w| w.contains(&(k.service_id, v.backend_id))))
-        .filter_map(|(k, v)| by_id.get(&k.service_id).map(|s| (s.config.name.clone(), k.addr, judge(s, k, v, now))))
-        .collect();
-    // By service, then by address (numerically).
-    pins.sort_by(|a, b| (&a.0, a.1.map(u32::from_be)).cmp(&(&b.0, b.1.map(u32::from_be))));
-    let matched = pins.len();
-    Ok(AffinityList {
-        table_entries: entries.len(),
-        table_capacity: dp.capacity().affinity_entries,
-        matched,
-        pins: pins.into_iter().take(q.limit.unwrap_or(usize::MAX)).map(|p| p.2).collect(),
-    })
+    let pins = kept.into_sorted_vec().into_iter().map(|p| judge(svcs[p.order.0], &p.key, &p.value, now)).collect();
+    Ok(AffinityList { table_entries: entries, table_capacity: table.capacity(), matched, pins })
 }
 
 /// `lb affinity flush`.
-pub fn flush(rt: &Runtime, dp: &mut Datapath, req: &FlushRequest) -> Result<FlushReport> {
-    let svcs = services(rt, req.service.as_deref())?;
-    let flushed = match (req.client, req.backend.as_deref(), req.all) {
-        (Some(client), None, false) => {
-            let keys: Vec<AffinityKey> = svcs
-                .iter()
-                .filter(|s| s.config.vip.is_ipv6() == client.is_ipv6())
-                .map(|s| client_key(s, client))
-                .collect();
-            dp.delete_affinity(&keys)?
-        }
+pub fn flush(view: &View, table: &PinTable, req: &FlushRequest) -> Result<FlushReport> {
+    let svcs = view.by_name(req.service.as_deref())?;
+    let doomed: Vec<AffinityKey> = match (req.client, req.backend.as_deref(), req.all) {
+        (Some(client), None, false) => svcs
+            .iter()
+            .filter(|s| s.config.vip.is_ipv6() == client.is_ipv6())
+            .map(|s| client_key(s, client))
+            .collect(),
         (None, Some(backend), false) => {
             let ids = backend_ids(&svcs, backend)?;
-            dp.flush_affinity(|k, v| ids.contains(&(k.service_id, v.backend_id)))?
+            let mut keys = Vec::new();
+            table.scan(|k, v| {
+                if ids.contains(&(k.service_id, v.backend_id)) {
+                    keys.push(*k);
+                }
+            })?;
+            keys
         }
         (None, None, true) => {
             let ids: Vec<u32> = svcs.iter().map(|s| s.entry.id).collect();
-            dp.flush_affinity(|k, _| ids.contains(&k.service_id))?
+            let mut keys = Vec::new();
+            table.scan(|k, _| {
+                if ids.contains(&k.service_id) {
+                    keys.push(*k);
+                }
+            })?;
+            keys
         }
-        _ => bail!("name exactly one of: a client address, --backend ADDRESS:PORT, --all"),
+        _ => return Err(BadRequest("name exactly one of: a client address, --backend ADDRESS:PORT, --all".into()).into()),
     };
-    Ok(FlushReport { flushed })
+    Ok(FlushReport { flushed: table.delete(&doomed)? })
 }
 
 /// `lb explain`: for each service of the client's family (or the one named).
 pub fn explain(rt: &Runtime, dp: &Datapath, client: IpAddr, service: Option<&str>) -> Result<Vec<Explanation>> {
-    let svcs: Vec<&ServiceRt> = services(rt, service)?
-        .into_iter()
-        .filter(|s| s.config.vip.is_ipv6() == client.is_ipv6())
-        .collect();
+    let named: Vec<&ServiceRt> = match service {
+        Some(n) => vec![rt.service(n).ok_or_else(|| NotFound(format!("no service named {n:?}")))?],
+        None => rt.services.iter().collect(),
+    };
+    let svcs: Vec<&ServiceRt> = named.into_iter().filter(|s| s.config.vip.is_ipv6() == client.is_ipv6()).collect();
     if svcs.is_empty() {
-        bail!(
+        return Err(NotFound(format!(
             "no {} service{}",
             if client.is_ipv6() { "IPv6" } else { "IPv4" },
             service.map(|n| format!(" named {n:?}")).unwrap_or_default()
-        );
+        ))
+        .into());
     }
     let now = monotonic_coarse_ns();
     let m = rt.global.maglev_m;
@@ -374,60 +340,3 @@ pub fn explain(rt: &Runtime, dp: &Datapath, client: IpAddr, service: Option<&str
     Ok(out)
 }
 
-/// `lb explain` as text.
-pub fn render_explanations(v: &[Explanation]) -> String {
-    let mut o = String::new();
-    for e in v {
-        let to = match (&e.backend, &e.backend_state) {
-            (Some(b), Some(st)) => format!("{b} ({st})"),
-            _ => "nowhere (dropped)".to_string(),
-        };
-        o.push_str(&format!("client {} -> service {} {} (key {}): {} via {}\n", e.client, e.service, e.vip, e.key, to, e.via));
-        o.push_str(&format!("  {}\n", e.reason));
-        if e.via == "pin" {
-            o.push_str(&format!(
-                "  without the pin: Maglev slot {} of {} -> {}\n",
-                e.maglev_slot,
-                e.maglev_table_size,
-                e.maglev_backend.as_deref().unwrap_or("no backend")
-            ));
-        }
-    }
-    o
-}
-
-/// `lb affinity list` as a table.
-pub fn render_list(l: &AffinityList) -> String {
-    let mut o = format!(
-        "{} pin(s) matched; the affinity table holds {} of {} entries\n",
-        l.matched, l.table_entries, l.table_capacity
-    );
-    if l.pins.is_empty() {
-        return o;
-    }
-    o.push_str(&format!(
-        "{:<12} {:<28} {:<24} {:>8} {:>10} {:>10} {:>12}  {}\n",
-        "service", "client", "backend", "state", "age", "idle", "expires in", "live"
-    ));
-    for p in &l.pins {
-        let live = match &p.stale {
-            None => "yes".to_string(),
-            Some(why) => format!("no: {why}"),
-        };
-        o.push_str(&format!(
-            "{:<12} {:<28} {:<24} {:>8} {:>10} {:>10} {:>12}  {}\n",
-            p.service,
-            p.client,
-            p.backend,
-            p.backend_state,
-            human_secs(p.age_secs),
-            human_secs(p.idle_secs),
-            human_secs(p.expires_in_secs),
-            live
-        ));
-    }
-    if l.pins.len() < l.matched {
-        o.push_str(&format!("... {} more (raise --limit)\n", l.matched - l.pins.len()));
-    }
-    o
-}

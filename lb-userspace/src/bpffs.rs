@@ -107,3 +107,50 @@ fn mount_bpffs(at: &Path) -> Result<()> {
         format!("mounting bpffs at {} (is this a privileged container?)", at.display())
     })
 }
+
+/// The one-daemon-per-pin-directory lock: an exclusive flock(2) on the pin directory itself
+/// (bpffs holds no regular files, but any directory can be locked), held for the daemon's life
+/// and released by the kernel when it exits, however it exits.
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+impl PinLock {
+    /// Takes the lock, or fails naming the pid of the daemon that holds it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        let f = std::fs::File::open(dir).with_context(|| format!("opening pin directory {}", dir.display()))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Self { _dir: f });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e).with_context(|| format!("locking pin directory {}", dir.display()));
+        }
+        let who = match lock_holder(dir) {
+            Some(pid) => format!("lb (pid {pid})"),
+            None => "another lb".to_string(),
+        };
+        bail!(
+            "datapath.pin_path {}: {who} is already running on it; one daemon per pin path \
+             (stop that one first, or give this one another pin_path)",
+            dir.display()
+        )
+    }
+}
+
+/// The pid holding a flock on `path`, from /proc/locks (pids as this pid namespace sees them).
+pub fn lock_holder(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    let (dev, ino) = (m.dev(), m.ino());
+    let want = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        // "1: FLOCK  ADVISORY  WRITE 4242 00:2d:11 0 EOF"
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str())).then(|| f.get(4)?.parse().ok()).flatten()
+    })
+}

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
     path::{Path, PathBuf},
 };
 
@@ -641,6 +641,17 @@ impl Datapath {
         .context("removing a REVERSE entry")
     }
 
+    /// Every REVERSE and REVERSE6 key (backend endpoints).
+    pub fn reverse_keys(&self) -> Result<Vec<Endpoint>> {
+        let v4: HashMap<&MapData, ServiceKey, Reverse> = HashMap::try_from(self.map(maps::REVERSE)?)?;
+        let v6: HashMap<&MapData, ServiceKey6, Reverse6> = HashMap::try_from(self.map(maps::REVERSE6)?)?;
+        let mut out: Vec<Endpoint> = v4.keys().map(|k| k.map(Endpoint::V4)).collect::<Result<_, _>>().context("reading REVERSE")?;
+        for k in v6.keys() {
+            out.push(Endpoint::V6(k.context("reading REVERSE6")?));
+        }
+        Ok(out)
+    }
+
     /// Every in-use BACKENDS slot, by id.
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
         let a: Array<&MapData, Backend> = Array::try_from(self.map(maps::BACKENDS)?)?;
@@ -714,6 +725,17 @@ impl Datapath {
         sync_set(&mut HashMap::<_, u32, u32>::try_from(self.map_mut(maps::LOCAL_ADDRS)?)?, &v4).context("writing LOCAL_ADDRS")?;
         sync_set(&mut HashMap::<_, [u32; 4], u32>::try_from(self.map_mut(maps::LOCAL_ADDRS6)?)?, &v6)
             .context("writing LOCAL_ADDRS6")
+    }
+
+    /// A second handle on the affinity table for scans without the daemon lock.
+    pub fn pin_table(&self) -> Result<PinTable> {
+        let fd = self.map_fd(maps::AFFINITY)?;
+        // SAFETY: `fd` is a live map fd owned by this Datapath for the duration of the call.
+        let owned = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .context("duplicating the AFFINITY map fd")?;
+        let data = MapData::from_fd(owned).context("opening AFFINITY a second time")?;
+        Ok(PinTable { map: Map::LruHashMap(data), capacity: self.cap.affinity_entries })
     }
 
     /// Every affinity entry (the datapath's clock: [`monotonic_coarse_ns`]). Read in batches
@@ -844,6 +866,86 @@ impl Datapath {
 }
 
 
+/// A second handle on the AFFINITY map, for the scans that run without the daemon lock (pin
+/// counts, `lb affinity list` and `flush`): the daemon's own map writes go on meanwhile (the
+/// kernel locks per bucket). Made by [`Datapath::pin_table`].
+pub struct PinTable {
+    map: Map,
+    capacity: u32,
+}
+
+impl PinTable {
+    fn fd(&self) -> RawFd {
+        match &self.map {
+            Map::LruHashMap(d) | Map::HashMap(d) => d.fd().as_fd().as_raw_fd(),
+            _ => unreachable!("made from AFFINITY"),
+        }
+    }
+
+    /// The table's capacity (`datapath.affinity_entries`).
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Calls `f` on every entry, a batch at a time (reading does not refresh an entry's place in
+    /// the LRU). Returns how many entries there were.
+    pub fn scan(&self, mut f: impl FnMut(&AffinityKey, &AffinityValue)) -> Result<usize> {
+        match batch::lookup_each::<AffinityKey, AffinityValue>(self.fd(), 4096, &mut f) {
+            Ok(n) => Ok(n),
+            // Kernels before 5.6 have no batch operations: one key at a time then.
+            Err(e) if batch::unsupported(&e) => {
+                let m: HashMap<&MapData, AffinityKey, AffinityValue> = HashMap::try_from(&self.map)?;
+                let mut n = 0;
+                for entry in m.iter() {
+                    let (k, v) = entry.context("reading AFFINITY")?;
+                    f(&k, &v);
+                    n += 1;
+                }
+                Ok(n)
+            }
+            Err(e) => Err(e).context("reading AFFINITY (BPF_MAP_LOOKUP_BATCH)"),
+        }
+    }
+
+    /// Deletes these entries (those still there); returns how many were.
+    pub fn delete(&self, keys: &[AffinityKey]) -> Result<usize> {
+        let mut n = 0;
+        for chunk in keys.chunks(4096) {
+            match batch::delete(self.fd(), chunk) {
+                Ok(d) => n += d,
+                Err(e) if batch::unsupported(&e) => {
+                    for k in chunk {
+                        if delete_elem(self.fd(), k) {
+                            n += 1;
+                        }
+                    }
+                }
+                Err(e) => return Err(e).context("deleting AFFINITY entries (BPF_MAP_DELETE_BATCH)"),
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// BPF_MAP_DELETE_ELEM of one key; whether it was there.
+fn delete_elem<K: aya::Pod>(fd: RawFd, key: &K) -> bool {
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    let mut attr = ElemAttr { map_fd: fd as u32, _pad: 0, key: key as *const K as u64, value: 0, flags: 0 };
+    // SAFETY: `attr` points at a live key of the map's key size for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &mut attr as *mut ElemAttr, std::mem::size_of::<ElemAttr>() as libc::c_uint)
+    };
+    rc == 0
+}
+
 /// The MAC address of `iface` in this network namespace.
 pub fn interface_mac(iface: &str) -> Result<[u8; 6]> {
     nix::ifaddrs::getifaddrs()
@@ -899,14 +1001,24 @@ mod batch {
     }
 
     /// Every (key, value) of a hash map, `chunk` at a time (more when one bucket needs it).
-    pub fn lookup_all<K: aya::Pod, V: aya::Pod>(fd: RawFd, mut chunk: usize) -> io::Result<Vec<(K, V)>> {
+    pub fn lookup_all<K: aya::Pod, V: aya::Pod>(fd: RawFd, chunk: usize) -> io::Result<Vec<(K, V)>> {
         let mut out = Vec::new();
+        lookup_each(fd, chunk, |k: &K, v: &V| out.push((*k, *v)))?;
+        Ok(out)
+    }
+
+    /// Calls `f` on every (key, value) of a hash map, reading `chunk` entries per syscall (more
+    /// when one bucket needs it), so a scan of millions of entries holds one chunk in memory.
+    /// Returns how many entries it saw.
+    pub fn lookup_each<K: aya::Pod, V: aya::Pod>(fd: RawFd, mut chunk: usize, mut f: impl FnMut(&K, &V)) -> io::Result<usize> {
+        let mut seen = 0;
         // The batch position is opaque: for hash maps a bucket index (u32); room for more.
         let (mut token_in, mut token_out) = ([0u8; 8], [0u8; 8]);
         let mut first = true;
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
         loop {
-            let mut keys = vec![0u8; chunk * size_of::<K>()];
-            let mut values = vec![0u8; chunk * size_of::<V>()];
+            keys.resize(chunk * size_of::<K>(), 0u8);
+            values.resize(chunk * size_of::<V>(), 0u8);
             let mut attr = BatchAttr {
                 in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
                 out_batch: token_out.as_mut_ptr() as u64,
@@ -925,12 +1037,13 @@ mod batch {
                         values.as_ptr().add(i * size_of::<V>()).cast::<V>().read_unaligned(),
                     )
                 };
-                out.push((k, v));
+                f(&k, &v);
             }
+            seen += attr.count as usize;
             match r {
                 Ok(()) => {}
                 // Past the last bucket: done.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(seen),
                 // One bucket holds more entries than `chunk`: again from the same place, bigger.
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && attr.count == 0 => {
                     chunk *= 2;

@@ -2,7 +2,10 @@
 //! `lb` binary does, so the tests can drive the same code.
 pub mod affinity;
 pub mod announce;
+pub mod api;
 pub mod bpffs;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -11,5 +14,7 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod neighbours;
+pub mod pincount;
 pub mod routes;
+pub mod run;
 pub mod state;

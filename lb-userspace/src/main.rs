@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb::{config::Config, control};
+use lb::cli;
 
 #[derive(Parser)]
 #[command(name = "lb", version, about = "Sticky XDP layer-4 load balancer")]
@@ -58,8 +58,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Services, backends and counters of the running daemon.
+    /// Services, backends and counters of the running daemon. Pin counts are counted in the
+    /// background and shown with their age.
     Status {
+        /// Wait for a pin count that starts after this call (up to a minute on huge tables).
+        #[arg(long)]
+        fresh: bool,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -140,10 +144,16 @@ enum AffinityCommand {
     },
 }
 
+/// Logs go to stderr, coloured only when it is a terminal (under systemd, journald or a redirect
+/// the lines carry no escape codes).
 fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // `init` also installs the `log` bridge, which carries aya-log's records from the XDP program.
     match format {
         LogFormat::Text => b.init(),
@@ -176,151 +186,33 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     if let Some(ns) = &cli.netns {
         enter_netns(ns)?;
     }
+    let out = |o: Output| if o == Output::Json { cli::Output::Json } else { cli::Output::Text };
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} service(s), {} backend(s))",
-                    config.display(),
-                    c.services.len(),
-                    c.services.iter().map(|s| s.backends.len()).sum::<usize>()
-                );
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(errors) => {
-                eprintln!("{}: {} error(s)", config.display(), errors.0.len());
-                for e in &errors.0 {
-                    eprintln!("  {e}");
-                }
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        Command::Check { config } => cli::check(&config),
         Command::Run { config } => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            rt.block_on(lb::daemon::run(&config, cli.socket))?;
+            rt.block_on(lb::run::run(&config, cli.socket))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { opts: ClientOpts { output, config } } => {
-            let socket = client_socket(cli.socket, config)?;
-            let report: control::StatusReport = block_on(control::get_json(&socket, "/status"))?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", control::render_status(&report));
-            }
-            Ok(ExitCode::SUCCESS)
+        Command::Status { fresh, opts: ClientOpts { output, config } } => {
+            cli::status(&cli::socket(cli.socket, config)?, fresh, out(output))
         }
-        Command::Reload { opts: ClientOpts { output, config } } => {
-            let socket = client_socket(cli.socket, config)?;
-            let changes: lb::state::Changes = match block_on(control::call_json(&socket, "POST", "/reload", None)) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("lb: reload refused, the running config stays in force:\n{e:#}");
-                    return Ok(ExitCode::FAILURE);
-                }
-            };
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&changes)?);
-            } else if changes.is_empty() {
-                println!("reloaded: nothing changed");
-            } else {
-                println!("reloaded: {}", serde_json::to_string(&changes)?);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Reload { opts: ClientOpts { output, config } } => cli::reload(&cli::socket(cli.socket, config)?, out(output)),
         Command::Drain { service, backend, force, opts: ClientOpts { output, config } } => {
-            admin(client_socket(cli.socket, config)?, "/drain", service, backend, force, output)
+            cli::admin(&cli::socket(cli.socket, config)?, service, backend, force, false, out(output))
         }
         Command::Undrain { service, backend, opts: ClientOpts { output, config } } => {
-            admin(client_socket(cli.socket, config)?, "/undrain", service, backend, false, output)
+            cli::admin(&cli::socket(cli.socket, config)?, service, backend, false, true, out(output))
         }
         Command::Explain { client, service, opts: ClientOpts { output, config } } => {
-            let socket = client_socket(cli.socket, config)?;
-            let path = control::with_query("/explain", &[("client", Some(client)), ("service", service)]);
-            let v: Vec<lb::affinity::Explanation> = block_on(control::get_json(&socket, &path))?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", lb::affinity::render_explanations(&v));
-            }
-            Ok(ExitCode::SUCCESS)
+            cli::explain(&cli::socket(cli.socket, config)?, client, service, out(output))
         }
         Command::Affinity { command: AffinityCommand::List { service, backend, limit, opts: ClientOpts { output, config } } } => {
-            let socket = client_socket(cli.socket, config)?;
-            let path = control::with_query(
-                "/affinity",
-                &[("service", service), ("backend", backend), ("limit", limit.map(|l| l.to_string()))],
-            );
-            let l: lb::affinity::AffinityList = block_on(control::get_json(&socket, &path))?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&l)?);
-            } else {
-                print!("{}", lb::affinity::render_list(&l));
-            }
-            Ok(ExitCode::SUCCESS)
+            cli::affinity_list(&cli::socket(cli.socket, config)?, service, backend, limit, out(output))
         }
         Command::Affinity { command: AffinityCommand::Flush { client, backend, all, service, opts: ClientOpts { output, config } } } => {
-            let client = match client {
-                Some(c) => Some(c.parse::<std::net::IpAddr>().map_err(|_| anyhow::anyhow!("{c:?} is not an IP address"))?),
-                None => None,
-            };
-            if client.is_none() && backend.is_none() && !all {
-                anyhow::bail!("name what to flush: a client address, --backend ADDRESS:PORT, or --all");
-            }
-            let socket = client_socket(cli.socket, config)?;
-            let req = lb::affinity::FlushRequest { client, backend, all, service };
-            let r: lb::affinity::FlushReport =
-                block_on(control::call_json(&socket, "POST", "/affinity/flush", Some(&serde_json::to_string(&req)?)))?;
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!("flushed {} pin(s); those clients are placed afresh at their next packet", r.flushed);
-            }
-            Ok(ExitCode::SUCCESS)
+            cli::affinity_flush(&cli::socket(cli.socket, config)?, client, backend, all, service, out(output))
         }
-        Command::Down { config } => {
-            let cfg = Config::load(&config).map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", config.display()))?;
-            let socket = control::socket_path(cli.socket, Some(cfg.control.socket.clone()));
-            if socket.exists() && block_on(control::request(&socket, "POST", "/down", None)).is_ok() {
-                // The daemon detaches, removes its pins and exits; wait for it.
-                for _ in 0..100 {
-                    if !socket.exists() {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                if socket.exists() {
-                    anyhow::bail!("the daemon on {} did not stop within 10s", socket.display());
-                }
-                println!("stopped the running lb; it detached XDP and removed its pinned state");
-            }
-            println!("{}", lb::daemon::down_offline(&cfg)?);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Down { config } => cli::down(cli.socket, &config),
     }
-}
-
-fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
-}
-
-/// The control socket a client command talks to.
-fn client_socket(flag: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf> {
-    let from_config = match config {
-        Some(p) => Some(Config::load(&p).map_err(|e| anyhow::anyhow!("{e}"))?.control.socket),
-        None => None,
-    };
-    Ok(control::socket_path(flag, from_config))
-}
-
-fn admin(socket: PathBuf, path: &str, service: String, backend: String, force: bool, output: Output) -> Result<ExitCode> {
-    let req = control::DrainRequest { service, backend, force };
-    let b: control::BackendReport =
-        block_on(control::call_json(&socket, "POST", path, Some(&serde_json::to_string(&req)?)))?;
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&b)?);
-    } else {
-        println!("{}/{} is now {} ({})", req.service, control::endpoint(&b.address, b.port), b.state, b.reason);
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -15,7 +15,10 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::control::{CountersReport, Shared, StatusReport, endpoint};
+use crate::{
+    api::{CountersReport, StatusReport, endpoint},
+    daemon::Shared,
+};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -100,7 +103,13 @@ pub fn render(r: &StatusReport) -> String {
         "Packets the datapath saw, by kind (to a VIP, reply from a backend, later fragment, ICMP error), counted beside their verdict"
             .into(),
     );
-    let fill = gauge_family(&mut reg, "lb_affinity_entries", "Entries in the affinity table, live or stale");
+    let fill = gauge_family(&mut reg, "lb_affinity_entries", "Entries in the affinity table, live or stale (as of the latest pin count)");
+    let count_age = gauge_family_f64(
+        &mut reg,
+        "lb_pin_count_age_seconds",
+        "Age of the pin count behind lb_*_pinned_clients and lb_affinity_entries (counted in the background)",
+    );
+    let count_took = gauge_family_f64(&mut reg, "lb_pin_count_duration_seconds", "How long the latest pin count took");
     let cap = gauge_family(&mut reg, "lb_affinity_capacity", "Capacity of the affinity table (datapath.affinity_entries)");
     let ifaces = gauge_family(&mut reg, "lb_interface_attached", "1 for each interface the XDP program is attached to, with its mode");
     let info = gauge_family(&mut reg, "lb_build_info", "Version of the running lb; always 1");
@@ -138,6 +147,10 @@ pub fn render(r: &StatusReport) -> String {
         fam.get_or_create(&vec![(key, name.clone())]).inc_by(*v);
     }
     fill.get_or_create(&vec![]).set(r.affinity_entries as i64);
+    if let (Some(age), Some(took)) = (r.pin_count.age_secs, r.pin_count.took_ms) {
+        count_age.get_or_create(&vec![]).set(age);
+        count_took.get_or_create(&vec![]).set(took / 1e3);
+    }
     cap.get_or_create(&vec![]).set(r.affinity_capacity as i64);
     for i in &r.interfaces {
         ifaces.get_or_create(&vec![("interface", i.name.clone()), ("mode", i.mode.clone())]).set(1);

@@ -18,24 +18,13 @@ use lb_common::{
     BACKEND_F_IN_USE, BACKEND_F_UP, Backend, GlobalConfig, LAYOUT_VERSION, SERVICE_F_FAIL_OPEN, Service, addr_filter_bit,
     v4_mask, v6_mask, FAMILY_V6,
 };
-use serde::{Deserialize, Serialize};
 
+pub use crate::api::{Admin, Changes};
 use crate::{
     config::{BackendConfig, BackendState, Config, HealthKind, ServiceConfig},
     datapath::{Datapath, Endpoint, addr_key, addr_words, words_addr},
     maglev::{self, MaglevBackend},
 };
-
-/// A backend's administrative state at run time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Admin {
-    Active,
-    /// No new clients; pinned clients stay until their pin times out.
-    Draining,
-    /// No new clients, and pinned clients are moved at their next packet.
-    Forced,
-}
 
 /// A backend as the daemon tracks it.
 #[derive(Clone, Debug)]
@@ -102,8 +91,9 @@ pub struct ServiceRt {
     /// The SERVICES entry as last written.
     pub entry: Service,
     pub backends: Vec<BackendRt>,
-    /// The live Maglev table (backend ids).
-    pub table: Vec<u32>,
+    /// The live Maglev table (backend ids); shared, so that a copy of the model (a reload's
+    /// rollback point) does not copy every table.
+    pub table: std::sync::Arc<Vec<u32>>,
     /// A digest of the live table by backend identity (see [`ServiceRt::table_digest`]),
     /// computed when first asked for after the table changed (a reload of many services does
     /// not pay for it).
@@ -113,6 +103,19 @@ pub struct ServiceRt {
 }
 
 impl ServiceRt {
+    /// A copy without the Maglev table (for judging pins outside the daemon lock).
+    pub fn without_table(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            key: self.key,
+            entry: self.entry,
+            backends: self.backends.clone(),
+            table: Default::default(),
+            digest: Default::default(),
+            fail_open: self.fail_open,
+        }
+    }
+
     /// A digest of `table` by backend address and port, not by datapath id.
     pub fn table_digest(&self, table: &[u32]) -> u64 {
         const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -238,24 +241,23 @@ impl IdPool {
     }
 }
 
-/// What a reconcile changed, for logs and `lb reload`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Changes {
-    pub services_added: Vec<String>,
-    pub services_removed: Vec<String>,
-    pub services_changed: Vec<String>,
-    pub backends_added: Vec<String>,
-    pub backends_removed: Vec<String>,
-    pub pins_flushed: usize,
+/// What a staged reconcile removed, for its commit: the ids of removed services (with their
+/// backends) and of removed backends of services that stay.
+#[derive(Debug, Default)]
+#[must_use = "commit it (or roll back): the pins and ids of what was removed are still held"]
+pub struct Retired {
+    services: Vec<(u32, Vec<u32>)>,
+    backends: Vec<(u32, Vec<u32>)>,
 }
 
-impl Changes {
+impl Retired {
     pub fn is_empty(&self) -> bool {
-        *self == Changes::default()
+        self.services.is_empty() && self.backends.is_empty()
     }
 }
 
 /// The whole runtime state.
+#[derive(Clone)]
 pub struct Runtime {
     pub global: GlobalConfig,
     pub services: Vec<ServiceRt>,
@@ -381,7 +383,7 @@ impl Runtime {
                 tracing::info!(service = %config.name, "pinned service not in the config: will be removed");
             }
             rt.services.push(ServiceRt {
-                table: Vec::new(),
+                table: Default::default(),
                 digest: Default::default(),
                 fail_open: entry.flags & SERVICE_F_FAIL_OPEN != 0,
                 key,
@@ -400,7 +402,18 @@ impl Runtime {
     /// Brings the datapath to `cfg`: adds, removes and changes services and backends, keeping
     /// every id (and so every pin) of what stays. Nothing is written for what did not change.
     pub fn reconcile(&mut self, cfg: &Config, dp: &mut Datapath) -> Result<Changes> {
+        let (mut ch, retired) = self.stage(cfg, dp)?;
+        ch.pins_flushed += self.commit(dp, retired)?;
+        Ok(ch)
+    }
+
+    /// The part of [`Runtime::reconcile`] that can be undone: every map write, but no pin
+    /// deleted and no id freed (that is [`Runtime::commit`]). Should it fail half-way, or the
+    /// caller's next step fail, [`Runtime::rollback`] to a copy of the runtime taken before
+    /// brings the maps back to that copy.
+    pub fn stage(&mut self, cfg: &Config, dp: &mut Datapath) -> Result<(Changes, Retired)> {
         let mut ch = Changes::default();
+        let mut retired = Retired::default();
         // (The cache epochs are the datapath's own.)
         let pinned =
             GlobalConfig { fib_epoch: self.global.fib_epoch, svc_epoch: self.global.svc_epoch, ..dp.read_global()? };
@@ -428,7 +441,8 @@ impl Runtime {
             .collect();
         for i in gone {
             let s = self.services.remove(i);
-            ch.pins_flushed += self.teardown_service(dp, &s)?;
+            Self::unwrite_service(dp, &s)?;
+            retired.services.push((s.entry.id, s.backends.iter().map(|b| b.id).collect()));
             ch.services_removed.push(s.config.name.clone());
         }
         // Update the model first; the services that changed are written afterwards, once their
@@ -461,11 +475,94 @@ impl Runtime {
         for ((i, removed), table) in pending.into_iter().zip(tables) {
             let s = &mut ordered[i];
             self.write_service(dp, s, &removed, table)?;
-            ch.pins_flushed += self.retire_backends(dp, s.entry.id, &removed)?;
+            if !removed.is_empty() {
+                retired.backends.push((s.entry.id, removed.iter().map(|b| b.id).collect()));
+            }
         }
         self.services = ordered;
         self.sync_addrs(dp)?;
-        Ok(ch)
+        Ok((ch, retired))
+    }
+
+    /// Finishes a staged reconcile: deletes the pins that name removed services and backends,
+    /// then frees their ids (only then may a new backend take one). Returns the pins deleted.
+    pub fn commit(&mut self, dp: &mut Datapath, retired: Retired) -> Result<usize> {
+        if retired.is_empty() {
+            return Ok(0);
+        }
+        let services: BTreeSet<u32> = retired.services.iter().map(|(id, _)| *id).collect();
+        let backends: BTreeSet<(u32, u32)> =
+            retired.backends.iter().flat_map(|(s, ids)| ids.iter().map(move |b| (*s, *b))).collect();
+        let n = dp.flush_affinity(|k, v| services.contains(&k.service_id) || backends.contains(&(k.service_id, v.backend_id)))?;
+        for (id, backend_ids) in retired.services {
+            for b in backend_ids {
+                self.backend_ids.release(b);
+            }
+            self.service_ids.release(id);
+        }
+        for (_, ids) in retired.backends {
+            for b in ids {
+                self.backend_ids.release(b);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Undoes a staged reconcile that failed or was not committed: the model becomes `before`
+    /// (a copy taken before [`Runtime::stage`]) and the maps are written back to it. What the
+    /// attempt added is removed (with any pin the datapath made to it meanwhile); what it
+    /// removed or changed is written again as it was. Each service's live Maglev half is the
+    /// one `before` names, which a stage never writes (it fills the idle half).
+    pub fn rollback(&mut self, dp: &mut Datapath, before: Runtime) -> Result<()> {
+        *self = before;
+        let keys: std::collections::HashSet<Endpoint> = self.services.iter().map(|s| s.key).collect();
+        let ids: BTreeSet<u32> = self.services.iter().map(|s| s.entry.id).collect();
+        let backend_ids: BTreeSet<u32> = self.services.iter().flat_map(|s| s.backends.iter().map(|b| b.id)).collect();
+        let reverse: std::collections::HashSet<Endpoint> =
+            self.services.iter().flat_map(|s| s.backends.iter().map(|b| s.reverse_key(b))).collect();
+        let mut stray_services = BTreeSet::new();
+        for (key, entry) in dp.services()? {
+            if !keys.contains(&key) {
+                dp.remove_service(&key)?;
+            }
+            if !ids.contains(&entry.id) {
+                stray_services.insert(entry.id);
+            }
+        }
+        let mut stray_backends = BTreeSet::new();
+        for (id, _) in dp.backends()? {
+            if !backend_ids.contains(&id) {
+                dp.write_backend(id, Backend::default())?;
+                stray_backends.insert(id);
+            }
+        }
+        for key in dp.reverse_keys()? {
+            if !reverse.contains(&key) {
+                dp.remove_reverse(&key)?;
+            }
+        }
+        if !stray_services.is_empty() || !stray_backends.is_empty() {
+            dp.flush_affinity(|k, v| stray_services.contains(&k.service_id) || stray_backends.contains(&v.backend_id))?;
+        }
+        let nat = self.global.flags & lb_common::GLOBAL_F_DSR == 0;
+        for s in &self.services {
+            for b in &s.backends {
+                dp.write_backend(b.id, b.entry(s.entry.id))?;
+                if nat {
+                    let side = self.sides.get(&b.id).copied().unwrap_or_else(|| backend_side(b.config.address));
+                    dp.write_reverse(&s.reverse_key(b), &s.key, s.entry.id, b.id, side)?;
+                }
+            }
+            dp.write_service(&s.key, s.entry)?;
+        }
+        let pinned = GlobalConfig { fib_epoch: self.global.fib_epoch, svc_epoch: self.global.svc_epoch, ..dp.read_global()? };
+        if pinned != self.global {
+            dp.write_global(self.global)?;
+        }
+        // Read ADDRS and ADDR_FILTER back from the maps, and write the difference.
+        self.addrs = None;
+        self.filter = None;
+        self.sync_addrs(dp)
     }
 
     /// Brings `ADDRS` to the current services, writing only what changed since the last time
@@ -541,7 +638,7 @@ impl Runtime {
             entry: service_entry(sc, id),
             config: sc.clone(),
             backends,
-            table: Vec::new(),
+            table: Default::default(),
             digest: Default::default(),
             fail_open: false,
         };
@@ -657,7 +754,7 @@ impl Runtime {
                 self.sides.insert(b.id, side);
             }
         }
-        let next = if table != s.table { 1 - (s.entry.table & 1) } else { s.entry.table };
+        let next = if table != *s.table { 1 - (s.entry.table & 1) } else { s.entry.table };
         if next != s.entry.table {
             dp.write_maglev(s.entry.id, next, &table)
                 .with_context(|| format!("writing the Maglev table of service {}", s.config.name))?;
@@ -668,7 +765,7 @@ impl Runtime {
         s.entry.generation = s.entry.generation.wrapping_add(1);
         dp.write_service(&s.key, s.entry)?;
         s.digest = Default::default();
-        s.table = table;
+        s.table = std::sync::Arc::new(table);
         s.fail_open = fail_open;
         for b in s.backends.iter().filter(|b| b.flags() & BACKEND_F_UP == 0) {
             dp.write_backend(b.id, b.entry(s.entry.id))?;
@@ -712,32 +809,14 @@ impl Runtime {
         self.services.iter().flat_map(|s| s.backends.iter().map(|b| b.config.address)).collect()
     }
 
-    /// Frees the ids of removed backends after deleting every pin that names them.
-    fn retire_backends(&mut self, dp: &mut Datapath, service_id: u32, removed: &[BackendRt]) -> Result<usize> {
-        if removed.is_empty() {
-            return Ok(0);
-        }
-        let ids: BTreeSet<u32> = removed.iter().map(|b| b.id).collect();
-        let n = dp.flush_affinity(|k, v| k.service_id == service_id && ids.contains(&v.backend_id))?;
-        for id in ids {
-            self.backend_ids.release(id);
-        }
-        Ok(n)
-    }
-
-    fn teardown_service(&mut self, dp: &mut Datapath, s: &ServiceRt) -> Result<usize> {
+    /// Removes a service's entries from the maps (its pins and ids go at the commit).
+    fn unwrite_service(dp: &mut Datapath, s: &ServiceRt) -> Result<()> {
         dp.remove_service(&s.key)?;
         for b in &s.backends {
             dp.remove_reverse(&s.reverse_key(b))?;
             dp.write_backend(b.id, Backend::default())?;
         }
-        let id = s.entry.id;
-        let n = dp.flush_affinity(|k, _| k.service_id == id)?;
-        for b in &s.backends {
-            self.backend_ids.release(b.id);
-        }
-        self.service_ids.release(id);
-        Ok(n)
+        Ok(())
     }
 
     /// Index of the service named `name`.
@@ -860,7 +939,7 @@ mod tests {
         }
         let mut s = services.pop().unwrap();
         let (table, _, _) = s.desired_table(cfg.datapath.maglev_table_size);
-        s.table = table;
+        s.table = std::sync::Arc::new(table);
         (s, cfg.datapath.hash_seed)
     }
 

@@ -19,7 +19,7 @@ use lb::{
         AffinityConfig, AnnounceConfig, BackendConfig, BackendState, Config, ConfigErrors, ControlConfig, DEFAULT_PIN_PATH,
         DEFAULT_SOCKET, DatapathConfig, HealthConfig, HealthKind, Mode, Protocol, ServiceConfig, XdpMode,
     },
-    control::{DrainRequest, parse_backend, parse_response},
+    api::{DrainRequest, parse_backend},
 };
 use proptest::{
     collection::vec,
@@ -1721,141 +1721,6 @@ fn backend_text() -> impl Strategy<Value = String> {
     ]
 }
 
-// ================================================================================================
-// Control API: the daemon's HTTP answers.
-
-#[derive(Clone, Debug)]
-enum Framing {
-    /// `Content-Length`.
-    Length,
-    /// Neither header: the body runs to the end of the connection.
-    Close,
-    /// `Transfer-Encoding: chunked`, cut where the indices say (empty chunks are skipped: an
-    /// empty chunk ends the body), sizes in upper or lower case hex, with or without leading
-    /// zeros, and trailer fields or not.
-    Chunked { cuts: Vec<Index>, upper: bool, pad: bool, trailer: bool },
-}
-
-#[derive(Clone, Debug)]
-struct Response {
-    code: u16,
-    reason: String,
-    headers: Vec<(String, String)>,
-    /// Whether the framing header's name goes on the wire upper-cased.
-    upper_names: bool,
-    body: Vec<u8>,
-    framing: Framing,
-}
-
-impl Response {
-    fn bytes(&self) -> Vec<u8> {
-        let mut o = format!("HTTP/1.1 {} {}\r\n", self.code, self.reason).into_bytes();
-        let case = |name: &str| if self.upper_names { name.to_ascii_uppercase() } else { name.to_owned() };
-        for (k, v) in &self.headers {
-            o.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
-        }
-        match &self.framing {
-            Framing::Length => {
-                o.extend_from_slice(format!("{}: {}\r\n\r\n", case("Content-Length"), self.body.len()).as_bytes())
-            }
-            Framing::Close => o.extend_from_slice(b"\r\n"),
-            Framing::Chunked { .. } => {
-                o.extend_from_slice(format!("{}: chunked\r\n\r\n", case("Transfer-Encoding")).as_bytes())
-            }
-        }
-        match &self.framing {
-            Framing::Length | Framing::Close => o.extend_from_slice(&self.body),
-            Framing::Chunked { cuts, upper, pad, trailer } => {
-                let mut at: Vec<usize> = cuts.iter().map(|c| c.index(self.body.len() + 1)).collect();
-                at.extend([0, self.body.len()]);
-                at.sort_unstable();
-                at.dedup();
-                for w in at.windows(2) {
-                    let chunk = &self.body[w[0]..w[1]];
-                    let size = match (upper, pad) {
-                        (false, false) => format!("{:x}", chunk.len()),
-                        (true, false) => format!("{:X}", chunk.len()),
-                        (false, true) => format!("{:08x}", chunk.len()),
-                        (true, true) => format!("{:08X}", chunk.len()),
-                    };
-                    o.extend_from_slice(size.as_bytes());
-                    o.extend_from_slice(b"\r\n");
-                    o.extend_from_slice(chunk);
-                    o.extend_from_slice(b"\r\n");
-                }
-                o.extend_from_slice(b"0\r\n");
-                if *trailer {
-                    o.extend_from_slice(b"x-trailer: 1\r\n");
-                }
-                o.extend_from_slice(b"\r\n");
-            }
-        }
-        o
-    }
-}
-
-fn response() -> impl Strategy<Value = Response> {
-    let header = ("[A-Za-z][A-Za-z0-9-]{0,15}", "[ -~]{0,30}")
-        .prop_filter("not a framing header", |(k, v)| {
-            // The parser looks for the framing header as text anywhere in the head.
-            let (k, v) = (k.to_ascii_lowercase(), v.to_ascii_lowercase());
-            k != "content-length" && !k.contains("transfer-encoding") && !v.contains("transfer-encoding")
-        })
-        .prop_map(|(k, v)| (k, v.trim().to_owned()));
-    let body = prop_oneof![
-        "(?s).{0,200}".prop_map(String::into_bytes),
-        // JSON as the daemon sends it.
-        json_value().prop_map(|v| v.to_string().into_bytes()),
-        vec(any::<u8>(), 0..200),
-    ];
-    let framing = prop_oneof![
-        Just(Framing::Length),
-        Just(Framing::Close),
-        (vec(any::<Index>(), 0..8), any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(|(cuts, upper, pad, trailer)| Framing::Chunked { cuts, upper, pad, trailer }),
-    ];
-    (100u16..=999, "[A-Za-z ]{0,20}", vec(header, 0..4), any::<bool>(), body, framing).prop_map(
-        |(code, reason, headers, upper_names, body, framing)| Response {
-            code,
-            reason,
-            headers,
-            upper_names,
-            body,
-            framing,
-        },
-    )
-}
-
-/// Chunked answers with wild size lines.
-fn chunked_garbage() -> impl Strategy<Value = Vec<u8>> {
-    let piece = prop_oneof![
-        select(vec![
-            "0",
-            "1",
-            "5",
-            "ffffffffffffffff",
-            "10000000000000000",
-            "-1",
-            "+1",
-            " 5 ",
-            "1;ext=1",
-            "",
-            "g",
-            "FFFFFFFF",
-        ])
-        .prop_map(|s| format!("{s}\r\n")),
-        "(?s).{0,10}",
-        Just("\r\n".to_owned()),
-    ];
-    vec(piece, 0..8).prop_map(|ps| {
-        let mut o = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
-        for p in ps {
-            o.extend_from_slice(p.as_bytes());
-        }
-        o
-    })
-}
-
 proptest! {
     #![proptest_config(cases(1024))]
 
@@ -1904,29 +1769,6 @@ proptest! {
             v6.set_flowinfo(0);
         }
         prop_assert_eq!(parse_backend(&a.to_string()), Ok(a));
-    }
-
-    /// 4. Arbitrary bytes from the socket never panic the response parser.
-    #[test]
-    fn response_arbitrary_bytes(raw in prop_oneof![vec(any::<u8>(), 0..300), chunked_garbage()]) {
-        let _ = parse_response(&raw);
-    }
-
-    /// 4. Well-formed answers give back their status and body, however framed and chunked.
-    #[test]
-    fn response_round_trips(r in response()) {
-        let raw = r.bytes();
-        let (code, body) = parse_response(&raw)
-            .map_err(|e| TestCaseError::fail(format!("{e:#}\n--- answer:\n{}", String::from_utf8_lossy(&raw))))?;
-        prop_assert_eq!(code, r.code);
-        prop_assert_eq!(body, String::from_utf8_lossy(&r.body).into_owned(), "answer:\n{}", String::from_utf8_lossy(&raw));
-    }
-
-    /// 4. A well-formed answer cut anywhere (a dropped connection) still never panics the parser.
-    #[test]
-    fn response_truncated(r in response(), cut in any::<Index>()) {
-        let raw = r.bytes();
-        let _ = parse_response(&raw[..cut.index(raw.len() + 1)]);
     }
 }
 

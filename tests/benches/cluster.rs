@@ -80,7 +80,7 @@ fn run() -> Result<serde_json::Value> {
     // The flow really goes through node 1.
     let through_node1 = |c: &Cluster| -> Result<u64> {
         let out = c.lb_cli(1, &bin, &["status", "--output", "json"])?;
-        let st: lb::control::StatusReport = serde_json::from_slice(&out.stdout).context("node 1 status")?;
+        let st: lb::api::StatusReport = serde_json::from_slice(&out.stdout).context("node 1 status")?;
         Ok(st.services.iter().find(|s| s.name == "web").map_or(0, |s| s.counters.packets))
     };
     // A client the router sends to node 1 (its ECMP hashes by address here): found by trying,

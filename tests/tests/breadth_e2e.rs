@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lb::control::{ServiceReport, StatusReport};
+use lb::api::{ServiceReport, StatusReport};
 use tests::lb_bin;
 use xtask::lab::{
     CLIENT_PROBE_ADDR, CLIENT_PROBE_ADDR6, Ipv6Options, Lab, LabOptions, LabSpec,

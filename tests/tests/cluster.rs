@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lb::control::StatusReport;
+use lb::api::StatusReport;
 use nix::sys::signal::Signal;
 use tests::lb_bin;
 use xtask::lab::cluster::{CLUSTER_VIP, Cluster, ClusterMode, ClusterSpec, EcmpHash};
@@ -56,7 +56,7 @@ fn backends_of(c: &Cluster, rounds: usize) -> BTreeMap<Ipv4Addr, String> {
     seen
 }
 
-fn web(st: &StatusReport) -> &lb::control::ServiceReport {
+fn web(st: &StatusReport) -> &lb::api::ServiceReport {
     st.services.iter().find(|s| s.name == "web").expect("service web")
 }
 

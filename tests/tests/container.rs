@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lb::control::StatusReport;
+use lb::api::StatusReport;
 use tests::lb_bin;
 use xtask::lab::{Lab, LabSpec, VIP_HTTP_PORT, output_timeout};
 
@@ -100,7 +100,7 @@ fn the_balancer_runs_from_its_image_against_a_lab() {
             assert_eq!(*first, body, "client {client} moved in round {round}");
         }
     }
-    let out = lab.lb_cli(&bin, &["status", "--output", "json"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let out = lab.lb_cli(&bin, &["status", "--fresh", "--output", "json"]).unwrap_or_else(|e| panic!("{e:#}"));
     let st: StatusReport = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status JSON: {e}"));
     let web = st.services.iter().find(|s| s.name == "web").expect("service web");
     assert_eq!(web.pinned, lab.client_addrs().len() as u64 + 1, "our clients and the probe: {web:?}");

@@ -23,9 +23,9 @@ use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lb::control::{BackendReport, ServiceReport, StatusReport};
+use lb::api::{BackendReport, ServiceReport, StatusReport};
 use lb::maglev::{self, MaglevBackend};
-use lb::state::Admin;
+use lb::api::Admin;
 use nix::sys::signal::Signal;
 use tests::lb_bin;
 use xtask::lab::{

@@ -625,7 +625,7 @@ fn draining_keeps_pins_and_takes_no_new_clients_and_force_moves_them() {
     in_fixture("drain", |fx| {
         let pins = pin_clients(fx);
         let drained = Ipv4Addr::new(10, 1, 0, 11);
-        set_backend(fx, drained, |b| b.admin = lb::state::Admin::Draining);
+        set_backend(fx, drained, |b| b.admin = lb::api::Admin::Draining);
         for (c, before) in &pins {
             assert_eq!(send_multi(fx, *c, 40001), *before, "pinned client {c} moved on a drain");
         }
@@ -633,7 +633,7 @@ fn draining_keeps_pins_and_takes_no_new_clients_and_force_moves_them() {
             let c = Ipv4Addr::new(10, 0, 0, i);
             assert_ne!(send_multi(fx, c, 40000), drained, "new client {c} reached a draining backend");
         }
-        set_backend(fx, drained, |b| b.admin = lb::state::Admin::Forced);
+        set_backend(fx, drained, |b| b.admin = lb::api::Admin::Forced);
         for (c, before) in &pins {
             let after = send_multi(fx, *c, 40002);
             if *before == drained {

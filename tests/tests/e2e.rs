@@ -334,7 +334,7 @@ fn missing_interface_fails_cleanly() {
 }
 
 /// `lb status --output json` from the running daemon.
-fn status_json(lab: &Lab, bin: &Path) -> lb::control::StatusReport {
+fn status_json(lab: &Lab, bin: &Path) -> lb::api::StatusReport {
     let out = lab.lb_cli(bin, &["status", "--output", "json"]).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(out.status.success(), "lb status failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("lb status JSON: {e}: {}", String::from_utf8_lossy(&out.stdout)))
@@ -366,7 +366,7 @@ fn status_counts_match_the_traffic_and_sigterm_cleans_up() {
     assert_eq!(web.counters.new_pins, clients.len() as u64, "one pin per client: {web:?}");
     assert!(web.counters.hits >= (clients.len() * 2) as u64, "later connections hit their pin: {web:?}");
     assert!(web.counters.reply_packets > 0, "replies were translated: {web:?}");
-    let sum = |f: fn(&lb::control::CountersReport) -> u64| web.backends.iter().map(|b| f(&b.counters)).sum::<u64>();
+    let sum = |f: fn(&lb::api::CountersReport) -> u64| web.backends.iter().map(|b| f(&b.counters)).sum::<u64>();
     assert_eq!(sum(|c| c.packets), web.counters.packets, "backend packets add up to the service's");
     assert_eq!(sum(|c| c.new_pins), web.counters.new_pins);
     assert_eq!(sum(|c| c.reply_packets), web.counters.reply_packets);

@@ -224,7 +224,7 @@ fn an_established_connection_stays_through_expiry_max_age_and_table_changes() {
         fx.write_pin(CLIENT, other, 60_000_000_000);
         assert_eq!(fx.send(CLIENT, 40000, TCP_ACK), pick, "the connection moved with its client's pin");
         // Its backend drained: the connection stays too.
-        fx.set_backend(pick, |b| b.admin = lb::state::Admin::Draining);
+        fx.set_backend(pick, |b| b.admin = lb::api::Admin::Draining);
         assert_eq!(fx.send(CLIENT, 40000, TCP_ACK), pick, "the connection moved off a draining backend");
         // The client's next connection follows its (stale) pin's re-placement: not the
         // draining backend.

@@ -9,8 +9,8 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lb::affinity::{AffinityList, Explanation, FlushReport};
-use lb::control::StatusReport;
+use lb::api::{AffinityList, Explanation, FlushReport};
+use lb::api::StatusReport;
 use tests::lb_bin;
 use xtask::lab::{Lab, LabSpec, VIP_HTTP_PORT, VIP_UDP_PORT};
 
@@ -119,7 +119,9 @@ fn explain_predicts_the_backend_and_changes_nothing() {
     assert!(text.contains(&format!("{predicted} (up) via pin")) && text.contains("pinned") && text.contains("Maglev slot"), "{text}");
 
     // Draining keeps the pin (and says so); a forced drain moves the client at its next packet.
-    let b: lb::control::BackendReport = cli_json(&lab, &bin, &["drain", "web", &predicted]);
+    // The drain reports the latest background pin count: make sure it has counted this pin.
+    let _: StatusReport = cli_json(&lab, &bin, &["status", "--fresh"]);
+    let b: lb::api::BackendReport = cli_json(&lab, &bin, &["drain", "web", &predicted]);
     assert!(b.state == "draining" && b.pinned >= 1, "{b:?}");
     let e: Vec<Explanation> = cli_json(&lab, &bin, &["explain", &c, "--service", "web"]);
     assert_eq!((e[0].via.as_str(), e[0].backend_state.as_deref()), ("pin", Some("draining")), "{:?}", e[0]);
@@ -134,7 +136,7 @@ fn explain_predicts_the_backend_and_changes_nothing() {
     assert_eq!(http_endpoint(&lab, &get(&lab, clients[0])), moved_to, "the client went where explain said");
     let text = cli(&lab, &bin, &["undrain", "web", &predicted]);
     assert!(text.contains(&format!("web/{predicted} is now up")), "{text}");
-    let ch: lb::state::Changes = cli_json(&lab, &bin, &["reload"]);
+    let ch: lb::api::Changes = cli_json(&lab, &bin, &["reload"]);
     assert!(ch.is_empty(), "an unchanged config reloads to no change: {ch:?}");
 
     // Bad input: one clear line, no crash.
@@ -227,7 +229,9 @@ fn status_shows_pinned_clients_rates_and_the_table() {
     for c in &clients {
         *per_backend.entry(http_endpoint(&lab, &get(&lab, *c))).or_default() += 1;
     }
-    let st: StatusReport = cli_json(&lab, &bin, &["status"]);
+    // Pins are counted in the background: --fresh waits for a count begun after this call.
+    let st: StatusReport = cli_json(&lab, &bin, &["status", "--fresh"]);
+    assert!(st.pin_count.counted_at.is_some() && st.pin_count.age_secs.is_some_and(|a| a < 60.0), "{:?}", st.pin_count);
     let web = st.services.iter().find(|s| s.name == "web").unwrap();
     // The warm-up probe client is pinned too.
     assert_eq!(web.pinned, clients.len() as u64 + 1, "{web:?}");
@@ -247,21 +251,17 @@ fn status_shows_pinned_clients_rates_and_the_table() {
 
 /// Scrapes `GET /metrics` inside the balancer's namespace (where it listens on loopback).
 fn scrape(lab: &Lab) -> (String, prometheus_parse::Scrape) {
-    let raw = xtask::lab::in_netns(lab.ns_lb(), || -> std::io::Result<String> {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect_timeout(&"127.0.0.1:9940".parse().unwrap(), TIMEOUT)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
+    // curl undoes the chunked transfer encoding and prints the head (-D -) before the body.
+    let raw = xtask::lab::in_netns(lab.ns_lb(), || {
+        std::process::Command::new("curl").args(["-sS", "--max-time", "10", "-D", "-", "http://127.0.0.1:9940/metrics"]).output()
     })
     .unwrap_or_else(|e| panic!("{e:#}"))
+    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     .unwrap_or_else(|e| fail(lab, &format!("scraping 127.0.0.1:9940 in {}: {e}", lab.ns_lb())));
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP:\n{raw}"));
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
-    let (_, body) = lb::control::parse_response(raw.as_bytes()).unwrap_or_else(|e| panic!("{e:#}: {body}"));
+    let body = body.to_string();
     let parsed = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
         .unwrap_or_else(|e| panic!("not the Prometheus text format: {e}\n{body}"));
     (body, parsed)
@@ -311,6 +311,8 @@ fn metrics_match_the_traffic() {
         }
     }
     let sent = (clients.len() * per_client) as f64;
+    // The metrics show the latest background pin count: have one counted after the traffic.
+    let _: StatusReport = cli_json(&lab, &bin, &["status", "--fresh"]);
     let (text, m) = scrape(&lab);
     let dns = [("service", "dns")];
     assert_eq!(value(&m, "lb_service_packets_total", &dns), sent, "{text}");

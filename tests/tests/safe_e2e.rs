@@ -24,7 +24,7 @@ use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lb::affinity::AffinityList;
+use lb::api::AffinityList;
 use lb::maglev::{self, MaglevBackend};
 use tests::{Pkt, lb_bin};
 use xtask::lab::{
@@ -190,8 +190,9 @@ impl T {
             .unwrap_or_else(|e| self.fail(&format!("lb {all:?}: JSON: {e}:\n{out}")))
     }
 
+    /// Status with pin counts counted after this call (they are counted in the background).
     fn status(&self) -> Status {
-        self.cli_json(&["status"])
+        self.cli_json(&["status", "--fresh"])
     }
 
     /// A verdict or event counter of `lb status` (0 when not reported).
@@ -344,7 +345,7 @@ impl T {
     }
 }
 
-/// The part of `lb status --output json` (`lb::control::StatusReport`) these tests read. A view
+/// The part of `lb status --output json` (`lb::api::StatusReport`) these tests read. A view
 /// of its own, with defaults for the fields "Safe stickiness" added, so that the same tests run
 /// against an lb from before it and show what they catch there.
 #[derive(Debug, serde::Deserialize)]

@@ -1,0 +1,156 @@
+//! Every table and line the CLI prints for people (`--output text`); JSON output is the API's
+//! reports as they are.
+
+use std::fmt::Write as _;
+
+use crate::api::{AffinityList, BackendReport, Changes, Explanation, StatusReport, endpoint, human_secs};
+
+/// Renders `lb status` as a readable table.
+pub fn render_status(r: &StatusReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "lb {} (pid {}), config {}, started {}{}",
+        r.version,
+        r.pid,
+        r.config,
+        r.started,
+        if r.adopted { " (adopted the pinned datapath state)" } else { "" }
+    );
+    let ifs: Vec<String> = r.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
+    let _ = writeln!(o, "interfaces: {}", ifs.join(", "));
+    let counted = match (&r.pin_count.age_secs, &r.pin_count.took_ms) {
+        (Some(age), Some(took)) => format!("counted {} ago in {took:.0} ms", human_secs(*age)),
+        _ => "not counted yet".to_string(),
+    };
+    let running = if r.pin_count.running { ", a count is running" } else { "" };
+    let failed = r.pin_count.error.as_ref().map(|e| format!(", the last count failed: {e}")).unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "affinity table: {} of {} entries ({counted}{running}{failed}); client hash seed {}",
+        r.affinity_entries, r.affinity_capacity, r.hash_seed
+    );
+    if let Some(a) = &r.announce {
+        let list = if a.announced.is_empty() { "nothing".to_string() } else { a.announced.join(", ") };
+        let _ = writeln!(o, "announcing (kernel table {}, grace {}): {list}", a.table, human_secs(a.grace_secs));
+    }
+    for s in &r.services {
+        let c = &s.counters;
+        let prefix = if s.vip.contains(':') { s.ipv6_prefix } else { s.ipv4_prefix };
+        let _ = writeln!(
+            o,
+            "\nservice {} {}/{}  affinity {} /{}  table {}  pinned {} ({:.1} new/s)  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {} connections {} moved {}",
+            s.name, endpoint(&s.vip, s.port), s.protocol, s.affinity_timeout, prefix, s.table_fingerprint, s.pinned,
+            s.new_pins_per_sec, c.packets, c.bytes, c.new_pins, c.hits, c.expired, c.failovers, c.reply_packets, c.conns,
+            c.moved
+        );
+        if s.fail_open {
+            let _ = writeln!(o, "  !! every backend is down: FAILING OPEN (routing as if all were up)");
+        }
+        let _ = writeln!(
+            o,
+            "  {:<22} {:>6} {:>8} {:>7} {:>8} {:>7} {:>10} {:>12} {:>8} {:>10}  since / reason",
+            "backend", "weight", "state", "slots", "pinned", "new/s", "packets", "bytes", "pins", "replies"
+        );
+        for b in &s.backends {
+            let c = &b.counters;
+            let _ = writeln!(
+                o,
+                "  {:<22} {:>6} {:>8} {:>7} {:>8} {:>7.1} {:>10} {:>12} {:>8} {:>10}  {} {}",
+                endpoint(&b.address, b.port),
+                b.weight,
+                b.state,
+                b.slots,
+                b.pinned,
+                b.new_pins_per_sec,
+                c.packets,
+                c.bytes,
+                c.new_pins,
+                c.reply_packets,
+                b.since,
+                b.reason
+            );
+        }
+    }
+    let stats: Vec<String> = r.stats.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(o, "\nverdicts: {}", if stats.is_empty() { "none yet".into() } else { stats.join(" ") });
+    o
+}
+
+
+/// `lb explain` as text.
+pub fn render_explanations(v: &[Explanation]) -> String {
+    let mut o = String::new();
+    for e in v {
+        let to = match (&e.backend, &e.backend_state) {
+            (Some(b), Some(st)) => format!("{b} ({st})"),
+            _ => "nowhere (dropped)".to_string(),
+        };
+        o.push_str(&format!("client {} -> service {} {} (key {}): {} via {}\n", e.client, e.service, e.vip, e.key, to, e.via));
+        o.push_str(&format!("  {}\n", e.reason));
+        if e.via == "pin" {
+            o.push_str(&format!(
+                "  without the pin: Maglev slot {} of {} -> {}\n",
+                e.maglev_slot,
+                e.maglev_table_size,
+                e.maglev_backend.as_deref().unwrap_or("no backend")
+            ));
+        }
+    }
+    o
+}
+
+/// `lb affinity list` as a table.
+pub fn render_list(l: &AffinityList) -> String {
+    let mut o = format!(
+        "{} pin(s) matched; the affinity table holds {} of {} entries\n",
+        l.matched, l.table_entries, l.table_capacity
+    );
+    if l.pins.is_empty() {
+        return o;
+    }
+    o.push_str(&format!(
+        "{:<12} {:<28} {:<24} {:>8} {:>10} {:>10} {:>12}  {}\n",
+        "service", "client", "backend", "state", "age", "idle", "expires in", "live"
+    ));
+    for p in &l.pins {
+        let live = match &p.stale {
+            None => "yes".to_string(),
+            Some(why) => format!("no: {why}"),
+        };
+        o.push_str(&format!(
+            "{:<12} {:<28} {:<24} {:>8} {:>10} {:>10} {:>12}  {}\n",
+            p.service,
+            p.client,
+            p.backend,
+            p.backend_state,
+            human_secs(p.age_secs),
+            human_secs(p.idle_secs),
+            human_secs(p.expires_in_secs),
+            live
+        ));
+    }
+    if l.pins.len() < l.matched {
+        o.push_str(&format!("... {} more (raise --limit)\n", l.matched - l.pins.len()));
+    }
+    o
+}
+
+/// `lb reload` as a line.
+pub fn render_changes(c: &Changes) -> String {
+    if c.is_empty() {
+        "reloaded: nothing changed\n".to_string()
+    } else {
+        format!("reloaded: {}\n", serde_json::to_string(c).unwrap_or_default())
+    }
+}
+
+/// `lb drain` / `lb undrain` as a line.
+pub fn render_backend_change(service: &str, b: &BackendReport) -> String {
+    format!("{service}/{} is now {} ({})\n", endpoint(&b.address, b.port), b.state, b.reason)
+}
+
+/// `lb affinity flush` as a line.
+pub fn render_flushed(n: usize) -> String {
+    format!("flushed {n} pin(s); those clients are placed afresh at their next packet\n")
+}
