@@ -155,18 +155,24 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
     let cleanup_socket = || {
         let _ = std::fs::remove_file(&socket);
     };
-    let metrics_listener = match cfg.control.metrics {
-        Some(addr) => Some(crate::metrics::bind(addr).await.inspect_err(|_| cleanup_socket())?),
-        None => None,
-    };
-    let netlink = match cfg.announce {
-        Some(_) => Some(crate::announce::connect().inspect_err(|_| cleanup_socket())?),
-        None => None,
-    };
-    let neigh_netlink = crate::neighbours::connect().inspect_err(|_| cleanup_socket())?;
     let pins = PinDir::prepare(&cfg.datapath.pin_path).inspect_err(|_| cleanup_socket())?;
     // One daemon per pin directory, whatever socket each was given: held until this exits.
     let _owner = PinLock::acquire(&pins.path).inspect_err(|_| cleanup_socket())?;
+    // A start that fails from here on leaves no bpffs it mounted (unless state was pinned there).
+    let undo = |e: anyhow::Error| {
+        pins.release(&[]);
+        cleanup_socket();
+        e
+    };
+    let metrics_listener = match cfg.control.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await.map_err(undo)?),
+        None => None,
+    };
+    let netlink = match cfg.announce {
+        Some(_) => Some(crate::announce::connect().map_err(undo)?),
+        None => None,
+    };
+    let neigh_netlink = crate::neighbours::connect().map_err(undo)?;
     let had_state = pins.path.join(lb_common::maps::CONFIG).exists();
     let (mut dp, rt, adopted) = match start(&cfg, &pins) {
         Ok(x) => x,

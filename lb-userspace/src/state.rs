@@ -821,7 +821,10 @@ impl Runtime {
 
     /// Index of the service named `name`.
     fn position(&self, name: &str) -> Result<usize> {
-        self.services.iter().position(|s| s.config.name == name).ok_or_else(|| anyhow!("no service named {name:?}"))
+        self.services
+            .iter()
+            .position(|s| s.config.name == name)
+            .ok_or_else(|| crate::api::NotFound(format!("no service named {name:?}")).into())
     }
 
     /// Changes one backend's state with `f` and re-syncs its service. Returns the backend after.
@@ -839,7 +842,7 @@ impl Runtime {
             .backends
             .iter_mut()
             .find(|b| b.config.address == addr && b.config.port == port)
-            .ok_or_else(|| anyhow!("service {service:?} has no backend {addr}:{port}"))?;
+            .ok_or_else(|| crate::api::NotFound(format!("service {service:?} has no backend {}", std::net::SocketAddr::new(addr, port))))?;
         let changed = f(b);
         let after = b.clone();
         if changed {

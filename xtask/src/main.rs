@@ -300,7 +300,7 @@ fn test(filter: Option<&str>) -> Result<()> {
     sh(&mut c)?;
     println!("\n== end-to-end tests (network namespaces, real servers)");
     let mut c = cargo();
-    c.args(["test", "-p", "tests", "--test", "e2e", "--test", "control", "--test", "breadth_e2e", "--test", "operator", "--test", "safe_e2e", "--", "--test-threads=1"])
+    c.args(["test", "-p", "tests", "--test", "e2e", "--test", "control", "--test", "breadth_e2e", "--test", "operator", "--test", "safe_e2e", "--test", "hardening", "--", "--test-threads=1"])
         .env("LB_BIN", &lb);
     with_filter(&mut c);
     sh(&mut c)?;
