@@ -1,13 +1,7 @@
-//! The TOML configuration: a raw serde model, validated once into typed runtime values before
-//! anything touches the kernel.
-//!
-//! The raw model is deliberately loose (optional fields, integers as `i64`, enums, addresses and
-//! durations as strings) so that validation, not deserialization, judges values: that way every
-//! problem in a file is reported at once, each naming its field path
-//! (`services[1].backends[0].port`), what is wrong and how to fix it. Only TOML syntax errors,
-//! wrong value types and unknown fields stop early, as one error carrying toml's own message.
-//!
-//! Field names are a contract with operators' files: extend, never rename.
+//! Validation: the raw model judged into the typed one, every problem reported with its field
+//! path and the fix. Each check returns `None` after recording an error; later cross-checks only
+//! look at values that passed, so one mistake is reported once rather than echoed by every rule
+//! after it.
 
 use std::{
     collections::HashMap,
@@ -17,20 +11,18 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use super::{
+    model::{
+        AffinityConfig, AnnounceConfig, BackendConfig, BackendState, Config, ControlConfig, DEFAULT_ANNOUNCE_GRACE,
+        DEFAULT_METRICS, DEFAULT_PIN_PATH, DEFAULT_SOCKET, DEFAULT_WEIGHT, DatapathConfig, HealthConfig, HealthKind,
+        Mode, Protocol, ServiceConfig, XdpMode,
+    },
+    raw::{RawAffinity, RawAnnounce, RawBackend, RawConfig, RawControl, RawDatapath, RawHealth, RawService},
+};
 use crate::maglev::is_prime;
 
-/// Where `lb run` pins its maps and link unless told otherwise.
-pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
-/// The control socket `lb run` listens on and the CLI talks to unless told otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
-/// Where the Prometheus metrics are served unless `control.metrics` says otherwise: loopback.
-pub const DEFAULT_METRICS: &str = "127.0.0.1:9940";
-
-
-const DEFAULT_WEIGHT: u32 = 100;
-const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Upper bound of `affinity.max_age`.
 const MAX_PIN_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -38,224 +30,6 @@ const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 /// Cap on the `MAGLEV` array (`max_services * 2 * maglev_table_size` u32 slots): beyond this the
 /// map is more memory than any sane deployment wants locked in the kernel.
 const MAX_MAGLEV_BYTES: u64 = 1 << 30;
-
-// ------------------------------------------------------------------------------------------------
-// Validated, typed configuration.
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Config {
-    pub datapath: DatapathConfig,
-    pub control: ControlConfig,
-    pub services: Vec<ServiceConfig>,
-    /// VIP announcement for a routing daemon (BIRD); none when the table is absent.
-    pub announce: Option<AnnounceConfig>,
-}
-
-/// `[announce]`: the daemon keeps one blackhole route per announced VIP in a kernel routing
-/// table of its own (protocol `announce::ROUTE_PROTOCOL`), which a routing daemon such as BIRD
-/// learns and announces over BGP. A VIP is announced while the datapath is attached and one of
-/// its services has a backend up.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AnnounceConfig {
-    /// The kernel routing table (1..=2^32-1, not 253 default, 254 main or 255 local).
-    pub table: u32,
-    /// `lb down`: after withdrawing, how long the datapath keeps serving (routers move the
-    /// traffic meanwhile) before it is detached.
-    #[serde(with = "humantime_serde")]
-    pub grace: Duration,
-}
-
-/// Default of `announce.grace`.
-pub const DEFAULT_ANNOUNCE_GRACE: Duration = Duration::from_secs(2);
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DatapathConfig {
-    /// Interfaces the XDP program is attached to.
-    pub interfaces: Vec<String>,
-    pub mode: Mode,
-    pub xdp_mode: XdpMode,
-    /// Capacity of the `AFFINITY` LRU map (size it to about twice the active clients).
-    pub affinity_entries: u32,
-    /// Capacity of the `FLOWS` LRU map: established TCP connections that stay on their backend
-    /// whatever happens to their client's pin (size it to about twice the open connections).
-    pub flow_entries: u32,
-    /// New pins and connection entries one CPU may write per second (0: no limit); past it, new
-    /// clients are placed by Maglev without being remembered, so a flood of spoofed sources
-    /// cannot flush the tables.
-    pub max_new_pins_per_cpu: u32,
-    /// bpffs directory holding the pinned maps and link.
-    pub pin_path: PathBuf,
-    pub max_services: u32,
-    /// Capacity of `BACKENDS`: total over all services.
-    pub max_backends: u32,
-    /// Maglev table size M, a prime.
-    pub maglev_table_size: u32,
-    /// Seed for hashing clients onto Maglev slots; the same on every node of a cluster.
-    pub hash_seed: u32,
-}
-
-/// Forwarding mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Rewrite the destination to the backend; replies come back through the balancer.
-    Nat,
-    /// Direct server return: only the destination MAC is rewritten; the backends, on the same L2
-    /// segment as the balancer, hold the VIP on a loopback interface and answer clients directly.
-    Dsr,
-}
-
-/// How the XDP program is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    /// Native (driver) mode where the driver supports it, generic (skb) mode otherwise.
-    Auto,
-    Native,
-    Skb,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ControlConfig {
-    /// Unix socket of the control API.
-    pub socket: PathBuf,
-    /// Prometheus listener (`DEFAULT_METRICS`, on loopback, unless set; `"off"`: none).
-    pub metrics: Option<SocketAddr>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ServiceConfig {
-    pub name: String,
-    pub vip: IpAddr,
-    pub port: u16,
-    pub protocol: Protocol,
-    pub affinity: AffinityConfig,
-    pub health: HealthConfig,
-    pub backends: Vec<BackendConfig>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    /// IP protocol number, as in the IPv4 header and `ServiceKey::proto`.
-    pub fn number(&self) -> u8 {
-        match self {
-            Protocol::Tcp => lb_common::PROTO_TCP,
-            Protocol::Udp => lb_common::PROTO_UDP,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AffinityConfig {
-    /// Idle time after which a client's pin counts as gone. Make it longer than the
-    /// application's own session timeout.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Clients sharing this many leading address bits share a backend.
-    pub ipv4_prefix: u8,
-    pub ipv6_prefix: u8,
-    /// Cap on a pin's whole life, even for a client that never goes idle; none when absent.
-    #[serde(with = "humantime_serde")]
-    pub max_age: Option<Duration>,
-}
-
-impl Default for AffinityConfig {
-    fn default() -> Self {
-        Self { timeout: DEFAULT_AFFINITY_TIMEOUT, ipv4_prefix: 32, ipv6_prefix: 64, max_age: None }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct HealthConfig {
-    pub kind: HealthKind,
-    /// Request path (HTTP checks only).
-    pub path: String,
-    /// Host header (HTTP checks only); the backend address when absent.
-    pub host: Option<String>,
-    #[serde(with = "humantime_serde")]
-    pub interval: Duration,
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Consecutive successes that bring a backend up.
-    pub rise: u32,
-    /// Consecutive failures that take a backend down.
-    pub fall: u32,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        Self {
-            kind: HealthKind::Tcp,
-            path: "/".to_owned(),
-            host: None,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-            rise: 2,
-            fall: 3,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HealthKind {
-    /// A TCP connect.
-    Tcp,
-    /// An HTTP GET expecting a 2xx or 3xx status.
-    Http,
-    /// No checks: backends are always up.
-    None,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct BackendConfig {
-    pub address: IpAddr,
-    pub port: u16,
-    pub weight: u32,
-    /// Administrative state from the config (`lb drain`/`lb undrain` override it at run time).
-    pub state: BackendState,
-}
-
-/// A backend's administrative state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendState {
-    /// Takes new clients (when healthy).
-    #[default]
-    Active,
-    /// Takes no new clients; clients pinned to it keep it until their pin times out.
-    Draining,
-}
-
-macro_rules! display_as_serde_name {
-    ($($ty:ty { $($variant:ident => $name:literal),* $(,)? })*) => {$(
-        impl $ty {
-            /// The name used in the config file and in status output.
-            pub fn as_str(&self) -> &'static str {
-                match self { $(Self::$variant => $name),* }
-            }
-        }
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    )*};
-}
-
-display_as_serde_name! {
-    Mode { Nat => "nat", Dsr => "dsr" }
-    XdpMode { Auto => "auto", Native => "native", Skb => "skb" }
-    Protocol { Tcp => "tcp", Udp => "udp" }
-    HealthKind { Tcp => "tcp", Http => "http", None => "none" }
-    BackendState { Active => "active", Draining => "draining" }
-}
 
 // ------------------------------------------------------------------------------------------------
 // Errors.
@@ -291,125 +65,8 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-impl Config {
-    /// Parses and validates a config; reports every problem found, not just the first.
-    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        parse_from(text, "config")
-    }
-
-    /// Reads, parses and validates the config file at `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![FieldError {
-                field: path.display().to_string(),
-                message: format!("cannot read the config file: {e}"),
-            }])
-        })?;
-        parse_from(&text, &path.display().to_string())
-    }
-}
-
-/// `origin` names the source in a TOML syntax error, which has no field path of its own.
-fn parse_from(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        ConfigErrors(vec![FieldError { field: origin.to_owned(), message: e.to_string().trim_end().to_owned() }])
-    })?;
-    validate(raw)
-}
-
 // ------------------------------------------------------------------------------------------------
-// Raw model: what the file says, before judging it.
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    datapath: RawDatapath,
-    #[serde(default)]
-    control: RawControl,
-    #[serde(default)]
-    services: Vec<RawService>,
-    announce: Option<RawAnnounce>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAnnounce {
-    table: Option<i64>,
-    grace: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDatapath {
-    interfaces: Option<Vec<String>>,
-    mode: Option<String>,
-    xdp_mode: Option<String>,
-    affinity_entries: Option<i64>,
-    flow_entries: Option<i64>,
-    max_new_pins_per_cpu: Option<i64>,
-    pin_path: Option<String>,
-    max_services: Option<i64>,
-    max_backends: Option<i64>,
-    maglev_table_size: Option<i64>,
-    hash_seed: Option<i64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawControl {
-    socket: Option<String>,
-    metrics: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    name: Option<String>,
-    vip: Option<String>,
-    port: Option<i64>,
-    protocol: Option<String>,
-    #[serde(default)]
-    affinity: RawAffinity,
-    #[serde(default)]
-    health: RawHealth,
-    #[serde(default)]
-    backends: Vec<RawBackend>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAffinity {
-    timeout: Option<String>,
-    ipv4_prefix: Option<i64>,
-    ipv6_prefix: Option<i64>,
-    max_age: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHealth {
-    kind: Option<String>,
-    path: Option<String>,
-    host: Option<String>,
-    interval: Option<String>,
-    timeout: Option<String>,
-    rise: Option<i64>,
-    fall: Option<i64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBackend {
-    address: Option<String>,
-    port: Option<i64>,
-    weight: Option<i64>,
-    state: Option<String>,
-}
-
-// ------------------------------------------------------------------------------------------------
-// Validation. Each check returns `None` after recording an error; later cross-checks only look at
-// values that passed, so one mistake is reported once rather than echoed by every rule after it.
+// Validation.
 
 #[derive(Default)]
 struct Errors(Vec<FieldError>);
@@ -517,7 +174,7 @@ impl Errors {
     }
 }
 
-fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let mut e = Errors::default();
     let datapath = validate_datapath(&mut e, raw.datapath);
     let control = validate_control(&mut e, raw.control);
@@ -1036,141 +693,10 @@ fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Op
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::net::Ipv4Addr;
 
-    /// The example from the config contract, every field set.
-    const FULL: &str = r#"
-[datapath]
-interfaces = ["eth0", "eth1"]
-mode = "nat"
-xdp_mode = "auto"
-affinity_entries = 1048576
-pin_path = "/sys/fs/bpf/lb"
-max_services = 64
-max_backends = 1024
-maglev_table_size = 65537
-hash_seed = 0
-
-[control]
-socket = "/run/lb/lb.sock"
-metrics = "127.0.0.1:9940"
-
-[announce]
-table = 4242
-grace = "3s"
-
-[[services]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-protocol = "tcp"
-
-[services.affinity]
-timeout = "30m"
-ipv4_prefix = 32
-ipv6_prefix = 64
-
-[services.health]
-kind = "http"
-path = "/healthz"
-host = "www.example.com"
-interval = "1s"
-timeout = "500ms"
-rise = 2
-fall = 3
-
-[[services.backends]]
-address = "10.1.0.11"
-port = 8080
-weight = 100
-"#;
-
-    /// Only what is required: everything else takes its default.
-    const MINIMAL: &str = r#"
-[datapath]
-interfaces = ["eth0"]
-
-[[services]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-
-[[services.backends]]
-address = "10.1.0.11"
-port = 8080
-"#;
-
-    /// MINIMAL with a second service (`dns`, UDP, two backends) appended.
-    fn two_services(extra: &str) -> String {
-        format!(
-            r#"{MINIMAL}
-[[services]]
-name = "dns"
-vip = "10.0.0.53"
-port = 53
-protocol = "udp"
-{extra}
-[[services.backends]]
-address = "10.1.0.21"
-port = 5353
-
-[[services.backends]]
-address = "10.1.0.22"
-port = 5353
-"#
-        )
-    }
-
-    /// `base` with each `(from, to)` replaced once; `from` must occur (guards against typos that
-    /// would silently test the unedited config).
-    fn edit(base: &str, edits: &[(&str, &str)]) -> String {
-        let mut s = base.to_owned();
-        for (from, to) in edits {
-            assert!(s.contains(from), "test bug: {from:?} not in config");
-            s = s.replacen(from, to, 1);
-        }
-        s
-    }
-
-    fn errors(text: &str) -> Vec<FieldError> {
-        match Config::parse(text) {
-            Ok(c) => panic!("expected errors, got {c:#?}\nfrom:\n{text}"),
-            Err(e) => e.0,
-        }
-    }
-
-    /// Asserts that `text` is rejected with an error on exactly `field` whose message contains
-    /// `needle`.
-    #[track_caller]
-    fn rejects(text: &str, field: &str, needle: &str) {
-        let errs = errors(text);
-        assert!(
-            errs.iter().any(|e| e.field == field && e.message.contains(needle)),
-            "expected `{field}: ...{needle}...`, got:\n{}",
-            ConfigErrors(errs.clone())
-        );
-    }
-
-    #[track_caller]
-    fn rejects_minimal(edits: &[(&str, &str)], field: &str, needle: &str) {
-        rejects(&edit(MINIMAL, edits), field, needle);
-    }
-
-    /// Adds `line` to the [datapath] table of MINIMAL.
-    fn datapath(line: &str) -> String {
-        edit(MINIMAL, &[("interfaces = [\"eth0\"]", &format!("interfaces = [\"eth0\"]\n{line}"))])
-    }
-
-    /// Adds `lines` to services[0] of MINIMAL (as keys, or as a sub-table before the backends).
-    fn service(lines: &str) -> String {
-        edit(MINIMAL, &[("port = 80\n", &format!("port = 80\n{lines}\n"))])
-    }
-
-    /// Adds `line` to services[0].backends[0] of MINIMAL.
-    fn backend(line: &str) -> String {
-        edit(MINIMAL, &[("port = 8080", &format!("port = 8080\n{line}"))])
-    }
+    use super::*;
+    use crate::config::testing::*;
 
     #[test]
     fn full_example_parses() {
@@ -1277,67 +803,6 @@ port = 5353
         assert_eq!(dns.affinity.ipv4_prefix, 24);
         assert_eq!(dns.affinity.timeout, Duration::from_secs(7200));
         assert_eq!(dns.backends.len(), 2);
-    }
-
-    #[test]
-    fn serializes_lowercase_and_humantime() {
-        let v = serde_json::to_value(Config::parse(FULL).unwrap()).unwrap();
-        assert_eq!(v["datapath"]["mode"], "nat");
-        assert_eq!(v["datapath"]["xdp_mode"], "auto");
-        assert_eq!(v["services"][0]["protocol"], "tcp");
-        assert_eq!(v["services"][0]["health"]["kind"], "http");
-        assert_eq!(v["services"][0]["affinity"]["timeout"], "30m");
-        assert_eq!(v["services"][0]["vip"], "10.0.0.100");
-        assert_eq!(v["control"]["metrics"], "127.0.0.1:9940");
-    }
-
-    #[test]
-    fn load_reads_a_file_and_names_an_unreadable_one() {
-        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("lb.toml");
-        std::fs::write(&file, MINIMAL).unwrap();
-        assert_eq!(Config::load(&file).unwrap(), Config::parse(MINIMAL).unwrap());
-        std::fs::write(&file, "[datapath\n").unwrap();
-        let errs = Config::load(&file).unwrap_err().0;
-        assert_eq!(errs[0].field, file.display().to_string());
-        let missing = dir.join("nope.toml");
-        let errs = Config::load(&missing).unwrap_err().0;
-        assert_eq!(errs.len(), 1);
-        assert_eq!(errs[0].field, missing.display().to_string());
-        assert!(errs[0].message.contains("cannot read"), "{}", errs[0]);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    // ---- TOML-level errors: one error, toml's own message.
-
-    #[test]
-    fn unknown_fields_are_rejected_by_name() {
-        for (text, name) in [
-            (datapath("colour = 1"), "colour"),
-            (service("vipp = \"1.2.3.4\""), "vipp"),
-            (backend("wieght = 3"), "wieght"),
-            (service("[services.affinity]\nprefix = 24"), "prefix"),
-            (service("[services.health]\nretries = 3"), "retries"),
-            (format!("{MINIMAL}\n[control]\nsockett = \"/x\""), "sockett"),
-            (format!("{MINIMAL}\n[announce]\ntable = 7\ngrase = \"1s\""), "grase"),
-            (format!("{MINIMAL}\n[extra]\n"), "extra"),
-        ] {
-            let errs = errors(&text);
-            assert_eq!(errs.len(), 1, "{errs:?}");
-            assert!(errs[0].message.contains(&format!("unknown field `{name}`")), "{}", errs[0]);
-            assert!(errs[0].message.contains("line"), "toml's message names the line: {}", errs[0]);
-        }
-    }
-
-    #[test]
-    fn toml_syntax_and_type_errors_keep_tomls_message() {
-        let errs = errors("[datapath\n");
-        assert_eq!(errs.len(), 1);
-        assert_eq!(errs[0].field, "config");
-        assert!(errs[0].message.contains("TOML parse error at line 1"), "{}", errs[0]);
-        let errs = errors(&datapath("max_services = \"many\""));
-        assert!(errs[0].message.contains("invalid type"), "{}", errs[0]);
     }
 
     // ---- datapath

@@ -1,0 +1,91 @@
+//! The TOML configuration: a raw serde model, validated once into typed runtime values before
+//! anything touches the kernel.
+//!
+//! The raw model is deliberately loose (optional fields, integers as `i64`, enums, addresses and
+//! durations as strings) so that validation, not deserialization, judges values: that way every
+//! problem in a file is reported at once, each naming its field path
+//! (`services[1].backends[0].port`), what is wrong and how to fix it. Only TOML syntax errors,
+//! wrong value types and unknown fields stop early, as one error carrying toml's own message.
+//!
+//! Field names are a contract with operators' files: extend, never rename.
+//!
+//! Three rooms: `raw` (the serde structs, as read from TOML), `model` (the typed values the
+//! daemon uses) and `validate` (raw into model, and the errors it reports).
+
+use std::path::Path;
+
+mod model;
+mod raw;
+#[cfg(test)]
+mod testing;
+mod validate;
+
+pub use model::{
+    AffinityConfig, AnnounceConfig, BackendConfig, BackendState, Config, ControlConfig, DEFAULT_ANNOUNCE_GRACE,
+    DEFAULT_METRICS, DEFAULT_PIN_PATH, DEFAULT_SOCKET, DatapathConfig, HealthConfig, HealthKind, Mode, Protocol,
+    ServiceConfig, XdpMode,
+};
+pub use validate::{ConfigErrors, FieldError};
+
+use raw::RawConfig;
+
+impl Config {
+    /// Parses and validates a config; reports every problem found, not just the first.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        parse_from(text, "config")
+    }
+
+    /// Reads, parses and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![FieldError {
+                field: path.display().to_string(),
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?;
+        parse_from(&text, &path.display().to_string())
+    }
+}
+
+/// `origin` names the source in a TOML syntax error, which has no field path of its own.
+fn parse_from(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        ConfigErrors(vec![FieldError { field: origin.to_owned(), message: e.to_string().trim_end().to_owned() }])
+    })?;
+    validate::validate(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{testing::*, *};
+
+    #[test]
+    fn load_reads_a_file_and_names_an_unreadable_one() {
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lb.toml");
+        std::fs::write(&file, MINIMAL).unwrap();
+        assert_eq!(Config::load(&file).unwrap(), Config::parse(MINIMAL).unwrap());
+        std::fs::write(&file, "[datapath\n").unwrap();
+        let errs = Config::load(&file).unwrap_err().0;
+        assert_eq!(errs[0].field, file.display().to_string());
+        let missing = dir.join("nope.toml");
+        let errs = Config::load(&missing).unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].field, missing.display().to_string());
+        assert!(errs[0].message.contains("cannot read"), "{}", errs[0]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // ---- TOML-level errors: one error, toml's own message.
+
+    #[test]
+    fn toml_syntax_and_type_errors_keep_tomls_message() {
+        let errs = errors("[datapath\n");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].field, "config");
+        assert!(errs[0].message.contains("TOML parse error at line 1"), "{}", errs[0]);
+        let errs = errors(&datapath("max_services = \"many\""));
+        assert!(errs[0].message.contains("invalid type"), "{}", errs[0]);
+    }
+}
