@@ -887,6 +887,24 @@ impl PinTable {
         self.capacity
     }
 
+    /// The AFFINITY map a daemon pinned under `pin_dir` (benchmarks and tests fill it).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        let path = pin_dir.join(maps::AFFINITY);
+        let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let capacity = data.info().context("reading AFFINITY's info")?.max_entries();
+        Ok(Self { map: Map::LruHashMap(data), capacity })
+    }
+
+    /// Writes entries (BPF_MAP_UPDATE_BATCH, 64 Ki at a time); returns how many.
+    pub fn write(&self, entries: &[(AffinityKey, AffinityValue)]) -> Result<usize> {
+        let mut n = 0;
+        for chunk in entries.chunks(65536) {
+            let (keys, values): (Vec<AffinityKey>, Vec<AffinityValue>) = chunk.iter().copied().unzip();
+            n += batch::update(self.fd(), &keys, &values).context("writing AFFINITY (BPF_MAP_UPDATE_BATCH)")?;
+        }
+        Ok(n)
+    }
+
     /// Calls `f` on every entry, a batch at a time (reading does not refresh an entry's place in
     /// the LRU). Returns how many entries there were.
     pub fn scan(&self, mut f: impl FnMut(&AffinityKey, &AffinityValue)) -> Result<usize> {

@@ -43,8 +43,6 @@ struct Shared {
     running: bool,
     /// Start the next count as soon as the pause after the last allows it.
     woken: bool,
-    /// Number of counts finished, for waiters.
-    finished: u64,
     stop: bool,
 }
 
@@ -138,7 +136,6 @@ impl PinCounter {
                 {
                     let mut s = me.lock();
                     s.running = false;
-                    s.finished += 1;
                     match r {
                         Ok(counts) => {
                             s.latest = Some(Arc::new(Count { counts, started, started_at, took }));

@@ -12,7 +12,7 @@ use std::{
     time::SystemTime,
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use lb_common::{
     ADDR_F_BACKEND, ADDR_F_VIP, ADDR_FILTER_WORDS, AddrKey, BACKEND_F_DRAINING, BACKEND_F_FORCED, BACKEND_F_HEALTH_DOWN,
     BACKEND_F_IN_USE, BACKEND_F_UP, Backend, GlobalConfig, LAYOUT_VERSION, SERVICE_F_FAIL_OPEN, Service, addr_filter_bit,

@@ -173,8 +173,12 @@ fn config_with(lab: &Lab, base: &str, extra_ifs: &[&str]) -> String {
     out.replace("xdp_mode = \"auto\"", "xdp_mode = \"native\"")
 }
 
-/// What a failed reload must leave exactly as it was.
-fn model(st: &StatusReport) -> Vec<(String, String, Vec<(String, u16, u32, String)>)> {
+/// A backend as a failed reload must leave it: address, port, weight, state.
+type BackendModel = (String, u16, u32, String);
+
+/// What a failed reload must leave exactly as it was: each service's name, table fingerprint and
+/// backends.
+fn model(st: &StatusReport) -> Vec<(String, String, Vec<BackendModel>)> {
     st.services
         .iter()
         .map(|s| {

@@ -229,8 +229,9 @@ fn bench(quick: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let reps = if quick { "3" } else { "7" };
-    let runs: [(&str, &[&str]); 4] = [
+    let runs: [(&str, &[&str]); 5] = [
         ("control plane: Maglev build, reload of 1000 services", &["bench", "-p", "lb-userspace", "--bench", "control"]),
+        ("control plane at scale: status, scrape and health with 10 million pins", &["bench", "-p", "tests", "--bench", "scale"]),
         ("datapath: per packet (BPF_PROG_TEST_RUN), table scale, veth", &["bench", "-p", "tests", "--bench", "datapath"]),
         ("end to end: wrk through lb, HAProxy, nginx", &["bench", "-p", "tests", "--bench", "e2e"]),
         ("scale-out: failover convergence of two nodes behind ECMP (BIRD)", &["bench", "-p", "tests", "--bench", "cluster"]),
@@ -256,8 +257,16 @@ fn bench(quick: bool) -> Result<()> {
         if p.extension().is_some_and(|e| e == "json") && p.file_name().is_some_and(|n| n != "report.json") {
             let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?)
                 .with_context(|| format!("parsing {}", p.display()))?;
+            // Sections merge: two benchmarks may both add figures to one (e.g. `control`).
             if let serde_json::Value::Object(m) = v {
-                report.extend(m);
+                for (section, figures) in m {
+                    match (report.get_mut(&section), figures) {
+                        (Some(serde_json::Value::Object(have)), serde_json::Value::Object(more)) => have.extend(more),
+                        (_, figures) => {
+                            report.insert(section, figures);
+                        }
+                    }
+                }
             }
         }
     }
