@@ -105,3 +105,47 @@ pub fn with_query(path: &str, params: &[(&str, Option<String>)]) -> String {
 pub fn socket_path(flag: Option<PathBuf>, config_socket: Option<PathBuf>) -> PathBuf {
     flag.or(config_socket).unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_SOCKET))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::{Json, Router, http::StatusCode, routing::get};
+
+    /// The client against a real axum server on a Unix socket: a streamed (chunked) body, a JSON
+    /// error with its status code, and a socket nobody serves.
+    #[tokio::test]
+    async fn round_trips_answers_and_refusals() {
+        let dir = std::env::temp_dir().join(format!("lb-client-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let app = Router::new()
+            .route(
+                "/big",
+                get(|| async {
+                    // Streamed: hyper sends it chunked.
+                    let parts = (0..64).map(|i| Ok::<_, std::io::Error>(format!("\"{i:04}\",")));
+                    let stream = futures_util::stream::iter(parts.chain(std::iter::once(Ok("\"end\"".to_string()))));
+                    axum::body::Body::from_stream(futures_util::StreamExt::map(stream, |r| r.map(|s| format!("[{s}]").into_bytes())))
+                }),
+            )
+            .route("/json", get(|| async { Json(vec!["ä".to_string(); 3]) }))
+            .route("/missing", get(|| async { (StatusCode::NOT_FOUND, Json(ApiError { error: "no service named \"x\"".into() })) }));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let (code, body) = request(&sock, "GET", "/big", None).await.unwrap();
+        assert_eq!(code, 200);
+        assert!(body.starts_with("[\"0000\",]") && body.ends_with("[\"end\"]"), "{body}");
+        let v: Vec<String> = get_json(&sock, "/json").await.unwrap();
+        assert_eq!(v, ["ä", "ä", "ä"]);
+        let e = get_json::<serde_json::Value>(&sock, "/missing").await.unwrap_err();
+        let r = e.downcast_ref::<Refusal>().expect("a refusal");
+        assert_eq!((r.code, r.message.as_str()), (404, "no service named \"x\""));
+        assert_eq!(e.to_string(), "the daemon answered 404: no service named \"x\"");
+        server.abort();
+        let _ = std::fs::remove_file(&sock);
+        let e = request(&sock, "GET", "/json", None).await.unwrap_err();
+        assert!(format!("{e:#}").contains("cannot reach the lb daemon"), "{e:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
