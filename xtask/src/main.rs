@@ -2,7 +2,8 @@
 //!
 //! Every step installs what it is missing first, so a bare machine needs nothing by hand:
 //! nightly `rust-src` (for `-Z build-std=core`), `llvm-22-dev` and `bpf-linker` (to link the eBPF
-//! object with BTF), and the Debian tools the lab uses (`iproute2`, `ethtool`).
+//! object with BTF), and the Debian tools the lab and the tests use (`iproute2`, `ethtool`, BIRD,
+//! `systemd-analyze`, ...).
 
 use std::{
     env,
@@ -24,6 +25,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The scale-out tests: BIRD on the router and the balancer nodes, nft to cut health checks.
     ("bird2", "/usr/sbin/bird"),
     ("nftables", "/usr/sbin/nft"),
+    // tests/packaging.rs: `systemd-analyze verify` of packaging/lb.service (works without systemd running).
+    ("systemd", "/usr/bin/systemd-analyze"),
 ];
 
 #[derive(Parser)]
