@@ -1,8 +1,8 @@
 //! The container image end to end: built by `xtask::image` (its base made here, no registry),
 //! run privileged on the host's network, serving a namespace lab's balancer namespace
 //! (`--netns`), with the lab's clients getting sticky answers through it and the host's `lb`
-//! CLI talking to it over the control socket. Skipped, with the reason printed, where no Docker
-//! engine runs. Run as root by `cargo xtask test`.
+//! CLI talking to it over the control socket. Skipped (`xtask::skips`, counted as skipped by
+//! `cargo xtask test`) where no Docker engine runs. Run as root by `cargo xtask test`.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use lb::api::StatusReport;
 use tests::lb_bin;
 use xtask::lab::{Lab, LabSpec, VIP_HTTP_PORT, output_timeout};
+use xtask::skips::skip;
 
 /// Removes the container and the test's image tag when the test ends, also on panic.
 struct Container {
@@ -39,7 +40,7 @@ fn logs(name: &str) -> String {
 #[test]
 fn the_balancer_runs_from_its_image_against_a_lab() {
     if let Some(why) = xtask::image::engine_missing() {
-        eprintln!("container test skipped: no Docker engine here ({why})");
+        skip("the_balancer_runs_from_its_image_against_a_lab", &format!("no Docker engine ({why})"));
         return;
     }
     let bin = lb_bin();

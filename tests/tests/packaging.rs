@@ -1,10 +1,13 @@
-//! The shipped service files: the systemd unit (checked by `systemd-analyze verify` where
-//! systemd is installed) and the Containerfile agree with each other, with the restart behaviour
-//! (SIGTERM leaves the datapath running, SIGHUP reloads) and with the README's instructions; the
-//! BIRD configs parse.
+//! The shipped service files: the systemd unit (checked by `systemd-analyze verify`) and the
+//! Containerfile agree with each other, with the restart behaviour (SIGTERM leaves the datapath
+//! running, SIGHUP reloads) and with the README's instructions; the BIRD configs parse. Where
+//! `systemd-analyze` or `bird` is missing, its check is skipped (`xtask::skips`) and
+//! `cargo xtask test` counts it as skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use xtask::skips::skip;
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").join(path)
@@ -51,12 +54,16 @@ fn the_systemd_unit_runs_reloads_and_restarts_lb_as_documented() {
     assert_eq!(one(&s, "KillSignal"), "SIGTERM", "stop leaves the datapath running");
     assert_eq!(one(&s, "Restart"), "on-failure");
     assert!(settings(&unit, "Install").iter().any(|(k, v)| k == "WantedBy" && v == "multi-user.target"));
+}
 
-    // systemd's own check, with the binary where the test can point at it.
+/// systemd's own check of the unit, with the binary where the test can point at it.
+#[test]
+fn systemd_analyze_verifies_the_unit() {
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
-        eprintln!("systemd-analyze verify skipped: systemd-analyze is not installed");
+        skip("systemd_analyze_verifies_the_unit", "systemd-analyze not installed");
         return;
     }
+    let unit = read("packaging/lb.service");
     let bin = tests::lb_bin();
     let dir = std::env::temp_dir().join(format!("lb-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -68,15 +75,20 @@ fn the_systemd_unit_runs_reloads_and_restarts_lb_as_documented() {
     assert!(out.status.success() && !err.contains("lb.service"), "systemd-analyze verify lb.service:\n{err}");
 }
 
-/// The shipped BIRD configs parse (`bird -p`), and carry what the README promises: the node's
-/// kernel protocol learns lb's table, the router merges equal paths.
+/// The shipped BIRD configs carry what the README promises: the node's kernel protocol learns
+/// lb's table, the router merges equal paths.
 #[test]
-fn the_bird_configs_parse() {
+fn the_bird_configs_learn_and_merge() {
     let node = read("packaging/bird/node.conf");
     assert!(node.contains("kernel table 4242;") && node.contains("learn;"), "node.conf learns lb's table");
     assert!(read("packaging/bird/router.conf").contains("merge paths yes;"), "router.conf installs ECMP routes");
+}
+
+/// The shipped BIRD configs parse (`bird -p`).
+#[test]
+fn the_bird_configs_parse() {
     if Command::new("bird").arg("--version").output().is_err() {
-        eprintln!("bird -p skipped: bird is not installed");
+        skip("the_bird_configs_parse", "bird not installed");
         return;
     }
     for conf in ["packaging/bird/node.conf", "packaging/bird/router.conf"] {

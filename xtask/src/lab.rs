@@ -2253,6 +2253,7 @@ fn sweep_stale() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::skips::skip;
 
     const T: Duration = Duration::from_secs(3);
 
@@ -2502,7 +2503,7 @@ mod tests {
     #[test]
     fn lab_routes_directly() {
         if !is_root() {
-            eprintln!("skipping lab_routes_directly: needs root");
+            skip("lab_routes_directly", "needs root");
             return;
         }
         let lab = Lab::create(LabSpec {
@@ -2567,7 +2568,7 @@ mod tests {
     #[test]
     fn topology_variants_route_directly() {
         if !is_root() {
-            eprintln!("skipping topology_variants_route_directly: needs root");
+            skip("topology_variants_route_directly", "needs root");
             return;
         }
         let spec = LabSpec {
@@ -2645,7 +2646,7 @@ mod tests {
     #[test]
     fn backends_stop_start_and_add() {
         if !is_root() {
-            eprintln!("skipping backends_stop_start_and_add: needs root");
+            skip("backends_stop_start_and_add", "needs root");
             return;
         }
         let mut lab = Lab::create(LabSpec {
@@ -2748,7 +2749,7 @@ mod tests {
     #[test]
     fn keepalive_and_traffic() {
         if !is_root() {
-            eprintln!("skipping keepalive_and_traffic: needs root");
+            skip("keepalive_and_traffic", "needs root");
             return;
         }
         let mut lab = Lab::create(LabSpec {
@@ -2838,7 +2839,7 @@ mod tests {
     #[test]
     fn drop_unmounts_bpffs_under_the_lab_dir() {
         if !is_root() {
-            eprintln!("skipping drop_unmounts_bpffs_under_the_lab_dir: needs root");
+            skip("drop_unmounts_bpffs_under_the_lab_dir", "needs root");
             return;
         }
         let lab = Lab::create(LabSpec {
@@ -2866,7 +2867,7 @@ mod tests {
     #[test]
     fn sweep_unmounts_stale_labs() {
         if !is_root() {
-            eprintln!("skipping sweep_unmounts_stale_labs: needs root");
+            skip("sweep_unmounts_stale_labs", "needs root");
             return;
         }
         // A pid that just exited stands for a killed test process.
@@ -2887,7 +2888,7 @@ mod tests {
     #[test]
     fn lab_is_removed_on_drop_and_on_panic() {
         if !is_root() {
-            eprintln!("skipping lab_is_removed_on_drop_and_on_panic: needs root");
+            skip("lab_is_removed_on_drop_and_on_panic", "needs root");
             return;
         }
         let lab = Lab::create(LabSpec {
@@ -2927,13 +2928,18 @@ mod tests {
     }
 
     #[test]
-    fn in_netns_turns_errors_and_panics_into_errors() {
+    fn in_netns_names_a_missing_namespace() {
         let err = in_netns("lb-no-such-namespace", || ()).unwrap_err();
         assert!(
             format!("{err:#}").contains("lb-no-such-namespace"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn in_netns_turns_panics_into_errors() {
         if !is_root() {
+            skip("in_netns_turns_panics_into_errors", "needs root");
             return;
         }
         let lab = Lab::create(LabSpec {

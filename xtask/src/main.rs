@@ -2,12 +2,14 @@
 //!
 //! Every step installs what it is missing first, so a bare machine needs nothing by hand:
 //! nightly `rust-src` (for `-Z build-std=core`), `llvm-22-dev` and `bpf-linker` (to link the eBPF
-//! object with BTF), and the Debian tools the lab uses (`iproute2`, `ethtool`).
+//! object with BTF), and the Debian tools the lab and the tests use (`iproute2`, `ethtool`, BIRD,
+//! `systemd-analyze`, ...). Then, run as root, only the container test can still be skipped: setup
+//! does not install a Docker engine.
 
 use std::{
     env,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -24,6 +26,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The scale-out tests: BIRD on the router and the balancer nodes, nft to cut health checks.
     ("bird2", "/usr/sbin/bird"),
     ("nftables", "/usr/sbin/nft"),
+    // tests/packaging.rs: `systemd-analyze verify` of packaging/lb.service (works without systemd running).
+    ("systemd", "/usr/bin/systemd-analyze"),
 ];
 
 #[derive(Parser)]
@@ -70,7 +74,11 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::Build => setup().and_then(|_| build_release()).map(|lb| println!("built {}", lb.display())),
         Cmd::Run { args } => run(args),
-        Cmd::Test { filter } => test(filter.as_deref()),
+        // The summary line stays the last one printed: a failed layer only sets the exit code.
+        Cmd::Test { filter } => match test(filter.as_deref()) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Cmd::Bench { quick } => bench(quick),
         Cmd::Image => image(),
     };
@@ -286,48 +294,94 @@ fn bench(quick: bool) -> Result<()> {
     Ok(())
 }
 
-fn test(filter: Option<&str>) -> Result<()> {
+/// Runs every test layer, also after one failed, and ends with the summary line
+/// `xtask: N passed, N failed, N skipped (test: reason; ...)`: tests that recorded a skip
+/// (`xtask::skips`) count as skipped, not as the passes libtest saw. A failed layer makes the exit
+/// code non-zero and is named before the summary, which stays the last line.
+fn test(filter: Option<&str>) -> Result<ExitCode> {
     setup()?;
     if !xtask::lab::is_root() {
         bail!("the datapath and end-to-end tests load XDP programs and create namespaces: run as root");
     }
     let lb = build_release()?;
-    let with_filter = |c: &mut Command| {
+    let skips_dir = workspace_root().join("target/test-skips");
+    std::fs::create_dir_all(&skips_dir).with_context(|| format!("creating {}", skips_dir.display()))?;
+    // (short name, what it runs, `cargo test` arguments).
+    let layers: [(&str, &str, &[&str]); 5] = [
+        ("unit", "unit and property tests", &["-p", "lb-common", "-p", "lb-userspace", "-p", "xtask", "--", "--test-threads=2"]),
+        (
+            "datapath",
+            "datapath tests (BPF_PROG_TEST_RUN)",
+            &["-p", "tests", "--test", "datapath", "--test", "breadth", "--test", "corpus", "--test", "flows", "--test", "packaging", "--"],
+        ),
+        (
+            "e2e",
+            "end-to-end tests (network namespaces, real servers)",
+            &["-p", "tests", "--test", "e2e", "--test", "control", "--test", "breadth_e2e", "--test", "operator", "--test", "safe_e2e", "--test", "hardening", "--", "--test-threads=1"],
+        ),
+        ("cluster", "scale-out (two nodes with BIRD behind an ECMP router; figures printed)", &["-p", "tests", "--test", "cluster", "--", "--test-threads=1", "--nocapture"]),
+        ("container", "container image (the balancer run from it against a namespace lab)", &["-p", "tests", "--test", "container", "--"]),
+    ];
+    let mut tally = xtask::skips::Tally::default();
+    let mut failed = Vec::new();
+    for (name, what, args) in layers {
+        println!("\n== {what}");
+        let skips = skips_dir.join(format!("{name}.tsv"));
+        let mut c = cargo();
+        // --no-fail-fast: a failing test binary does not keep the layer's others from being counted.
+        c.args(["test", "--no-fail-fast"]).args(args).env("LB_BIN", &lb);
         if let Some(f) = filter {
             c.arg(f);
         }
-    };
-    println!("\n== unit and property tests");
-    let mut c = cargo();
-    c.args(["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "xtask", "--", "--test-threads=2"]);
-    with_filter(&mut c);
-    sh(&mut c)?;
-    println!("\n== datapath tests (BPF_PROG_TEST_RUN)");
-    let mut c = cargo();
-    c.args(["test", "-p", "tests", "--test", "datapath", "--test", "breadth", "--test", "corpus", "--test", "flows", "--test", "packaging", "--"]);
-    with_filter(&mut c);
-    sh(&mut c)?;
-    println!("\n== end-to-end tests (network namespaces, real servers)");
-    let mut c = cargo();
-    c.args(["test", "-p", "tests", "--test", "e2e", "--test", "control", "--test", "breadth_e2e", "--test", "operator", "--test", "safe_e2e", "--test", "hardening", "--", "--test-threads=1"])
-        .env("LB_BIN", &lb);
-    with_filter(&mut c);
-    sh(&mut c)?;
-    println!("\n== scale-out (two nodes with BIRD behind an ECMP router; figures printed)");
-    let mut c = cargo();
-    c.args(["test", "-p", "tests", "--test", "cluster", "--", "--test-threads=1", "--nocapture"]).env("LB_BIN", &lb);
-    with_filter(&mut c);
-    sh(&mut c)?;
-    println!("\n== container image (the balancer run from it against a namespace lab)");
-    match xtask::image::engine_missing() {
-        Some(why) => println!("xtask: container test skipped: no Docker engine here ({why})"),
-        None => {
-            let mut c = cargo();
-            c.args(["test", "-p", "tests", "--test", "container", "--"]).env("LB_BIN", &lb);
-            with_filter(&mut c);
-            sh(&mut c)?;
+        if let Err(e) = cargo_test(&mut c, &skips, &mut tally) {
+            eprintln!("xtask: {e:#}");
+            failed.push(name);
         }
     }
-    println!("\nxtask: all test layers passed");
+    if !failed.is_empty() {
+        println!("\nxtask: failed layers: {}", failed.join(", "));
+    }
+    println!("\n{}", tally.summary());
+    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Runs one `cargo test` with a fresh skips file, its stdout passed through as it comes and added,
+/// with the skips it recorded, to `tally`; fails when the run does.
+fn cargo_test(cmd: &mut Command, skips: &Path, tally: &mut xtask::skips::Tally) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    match std::fs::remove_file(skips) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", skips.display()));
+        }
+        _ => {}
+    }
+    cmd.env(xtask::skips::SKIPS_ENV, skips).stdout(Stdio::piped());
+    let shown = format!("{cmd:?}");
+    let mut child = cmd.spawn().with_context(|| format!("starting {shown}"))?;
+    let mut pipe = child.stdout.take().expect("stdout is piped");
+    let mut stdout = Vec::new();
+    let mut buf = [0u8; 8192];
+    // Chunks, not lines: libtest prints `test name ... ` before the test ends.
+    loop {
+        let n = match pipe.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading the output of {shown}")),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&buf[..n]).and_then(|()| out.flush());
+        stdout.extend_from_slice(&buf[..n]);
+    }
+    let status = child.wait().with_context(|| format!("waiting for {shown}"))?;
+    let recorded = match std::fs::read_to_string(skips) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", skips.display())),
+    };
+    tally.add_run(&String::from_utf8_lossy(&stdout), &recorded);
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
     Ok(())
 }
