@@ -569,7 +569,9 @@ fn kill_one_backend() -> Killed {
             .iter()
             .filter(|r| r.client == c && r.result.is_err())
         {
-            if f.at < t_call || f.at > deadline {
+            // A request still in flight when the stop began may fail too (its backend died under
+            // it); one that had ended before, or began after the window, may not.
+            if f.at + f.took < t_call || f.at > deadline {
                 problems.push(format!(
                     "{c}: request at {}ms (relative to the stop) failed outside the detection window [0, {}ms]: {:?}",
                     ms(t_stopped, f.at),
