@@ -161,7 +161,13 @@ pub struct Changes {
     pub services_changed: Vec<String>,
     pub backends_added: Vec<String>,
     pub backends_removed: Vec<String>,
+    /// Pins deleted because their service or backend was removed.
     pub pins_flushed: usize,
+    /// The daemon deletes those pins in the background, outside its lock (they number in the
+    /// millions on a big table): `pins_flushed` is then 0 and the log says how many went. Their
+    /// clients are placed afresh meanwhile (their backend is gone from the datapath already).
+    #[serde(default)]
+    pub pins_flushing: bool,
 }
 
 impl Changes {

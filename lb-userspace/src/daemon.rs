@@ -105,6 +105,8 @@ pub struct Daemon {
     pub neighbours: Option<crate::neighbours::Keeper>,
     /// Pin counts, kept by a thread of their own.
     pub pins: PinCounter,
+    /// This daemon, for the threads it starts (set once it is shared).
+    pub me: std::sync::Weak<Mutex<Daemon>>,
 }
 
 fn time_string(t: SystemTime) -> String {
@@ -323,10 +325,21 @@ impl Daemon {
                 return Err(ReloadError::Failed(msg));
             }
         };
-        // Committed from here on: pins and ids of what was removed go now.
-        match self.rt.commit(&mut self.dp, retired) {
-            Ok(n) => changes.pins_flushed += n,
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "deleting the pins of removed services and backends"),
+        // Committed from here on: the pins of what was removed go, outside the lock, then their ids.
+        if !retired.is_empty() {
+            match self.dp.pin_table() {
+                Ok(table) => {
+                    self.retire_in_background(table, retired);
+                    changes.pins_flushing = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "a second handle on AFFINITY: deleting the removed pins under the lock");
+                    match self.rt.commit(&mut self.dp, retired) {
+                        Ok(n) => changes.pins_flushed += n,
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "deleting the pins of removed services and backends"),
+                    }
+                }
+            }
         }
         for iface in &removed {
             if let Err(e) = self.dp.detach(iface) {
@@ -343,6 +356,43 @@ impl Daemon {
         }
         self.pins.wake();
         Ok(changes)
+    }
+
+    /// Deletes the pins that name what a reload removed, scanning the table on a thread of its
+    /// own without the lock, then (under the lock, briefly) frees their ids: until then no new
+    /// backend can take one, so no pin can come to name a backend it was not made for.
+    fn retire_in_background(&self, table: crate::datapath::PinTable, retired: crate::state::Retired) {
+        let me = self.me.clone();
+        let pins = self.pins.clone();
+        let spawned = std::thread::Builder::new().name("lb-retire".into()).spawn(move || {
+            let t = Instant::now();
+            let mut doomed = Vec::new();
+            let r = table.scan(|k, v| {
+                if retired.doomed(k, v) {
+                    doomed.push(*k);
+                }
+            });
+            let r = r.and_then(|_| table.delete(&doomed));
+            match r {
+                Ok(n) => tracing::info!(
+                    deleted = n,
+                    took_ms = t.elapsed().as_secs_f64() * 1e3,
+                    "deleted the pins of removed services and backends; their ids are free again"
+                ),
+                // Their ids stay taken: better an id lost until restart than a pin misdirected.
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "deleting the pins of removed services and backends: their ids stay taken");
+                    return;
+                }
+            }
+            if let Some(d) = me.upgrade() {
+                d.lock().unwrap_or_else(|p| p.into_inner()).rt.release(retired);
+            }
+            pins.wake();
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "starting the thread that deletes removed pins: their ids stay taken");
+        }
     }
 
     /// `lb drain` / `lb undrain`. The pin count reported is the counter's latest.

@@ -198,7 +198,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
     let mut checker = HealthChecker::new(health_tx);
     checker.set_targets(rt.health_targets());
     let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
-    let daemon = Arc::new(Mutex::new(Daemon {
+    let daemon = Arc::new_cyclic(|me| Mutex::new(Daemon {
         config_path: config_path.into(),
         config: cfg,
         rt,
@@ -211,6 +211,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         announcer: None,
         neighbours: None,
         pins: PinCounter::default(),
+        me: me.clone(),
     }));
     {
         let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());

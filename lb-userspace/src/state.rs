@@ -254,6 +254,12 @@ impl Retired {
     pub fn is_empty(&self) -> bool {
         self.services.is_empty() && self.backends.is_empty()
     }
+
+    /// Whether a pin names what was removed (and so must go before the ids are freed).
+    pub fn doomed(&self, k: &lb_common::AffinityKey, v: &lb_common::AffinityValue) -> bool {
+        self.services.iter().any(|(id, _)| *id == k.service_id)
+            || self.backends.iter().any(|(s, ids)| *s == k.service_id && ids.contains(&v.backend_id))
+    }
 }
 
 /// The whole runtime state.
@@ -486,14 +492,19 @@ impl Runtime {
 
     /// Finishes a staged reconcile: deletes the pins that name removed services and backends,
     /// then frees their ids (only then may a new backend take one). Returns the pins deleted.
+    /// (The daemon deletes them outside its lock instead: [`Retired::doomed`], then
+    /// [`Runtime::release`].)
     pub fn commit(&mut self, dp: &mut Datapath, retired: Retired) -> Result<usize> {
         if retired.is_empty() {
             return Ok(0);
         }
-        let services: BTreeSet<u32> = retired.services.iter().map(|(id, _)| *id).collect();
-        let backends: BTreeSet<(u32, u32)> =
-            retired.backends.iter().flat_map(|(s, ids)| ids.iter().map(move |b| (*s, *b))).collect();
-        let n = dp.flush_affinity(|k, v| services.contains(&k.service_id) || backends.contains(&(k.service_id, v.backend_id)))?;
+        let n = dp.flush_affinity(|k, v| retired.doomed(k, v))?;
+        self.release(retired);
+        Ok(n)
+    }
+
+    /// Frees the ids of what a committed reconcile removed, once no pin names them any more.
+    pub fn release(&mut self, retired: Retired) {
         for (id, backend_ids) in retired.services {
             for b in backend_ids {
                 self.backend_ids.release(b);
@@ -505,7 +516,6 @@ impl Runtime {
                 self.backend_ids.release(b);
             }
         }
-        Ok(n)
     }
 
     /// Undoes a staged reconcile that failed or was not committed: the model becomes `before`
