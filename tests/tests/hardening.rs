@@ -394,3 +394,35 @@ fn pin_counts_come_from_the_background_counter() {
     let metrics = String::from_utf8_lossy(&scrape.stdout).into_owned();
     assert!(metrics.contains("lb_pin_count_age_seconds ") && metrics.contains("lb_pin_count_duration_seconds "), "{metrics}");
 }
+
+/// A reload that removes a backend deletes its pins on a thread of its own (outside the daemon
+/// lock): the answer says so at once, and soon no pin names the removed backend.
+#[test]
+fn a_reload_removing_a_backend_deletes_its_pins_outside_the_lock() {
+    let bin = lb_bin();
+    let mut lab = Lab::create(LabSpec { clients: 24, backends: 3 }).unwrap_or_else(|e| panic!("{e:#}"));
+    lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    let vip = std::net::SocketAddrV4::new(lab.vip(), xtask::lab::VIP_HTTP_PORT);
+    for c in lab.client_addrs() {
+        lab.http_get(c, vip, Duration::from_secs(3)).unwrap_or_else(|e| fail(&lab, &format!("{e:#}")));
+    }
+    let b3 = lab.backend_addr(3).to_string();
+    let listed = |lab: &Lab| -> lb::api::AffinityList {
+        let out = cli(lab, &bin, &["affinity", "list", "--service", "web", "--output", "json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("affinity list JSON: {e}"))
+    };
+    let before = listed(&lab);
+    let on_b3 = before.pins.iter().filter(|p| p.backend.starts_with(&format!("{b3}:"))).count();
+    assert!(on_b3 > 0, "no client pinned to backend 3: the test proves nothing ({before:?})");
+    // Backend 3 leaves both services.
+    let text = lab.render_config(&lab.interfaces());
+    let cut = text.replace(&format!("[[services.backends]]\naddress = \"{b3}\""), "[[services.backends]]\naddress = \"10.255.255.9\"");
+    lab.write_config(&cut).unwrap();
+    let out = cli(&lab, &bin, &["reload", "--output", "json"]);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    let ch: lb::api::Changes = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(ch.pins_flushing && ch.pins_flushed == 0, "{ch:?}");
+    wait_for("the removed backend's pins to go", || listed(&lab).pins.iter().all(|p| p.backend_state != "removed"));
+    assert!(lab.lb_log().contains("deleted the pins of removed services and backends"), "not logged");
+    assert_eq!(listed(&lab).matched, before.matched - on_b3, "{on_b3} pins on backend 3 should have gone, only they");
+}
