@@ -774,16 +774,16 @@ impl Datapath {
         }
     }
 
-    /// Deletes every affinity entry `pred` selects; returns how many.
+    /// Deletes every affinity entry `pred` selects (one scan, a batch at a time); returns how many.
     pub fn flush_affinity(&mut self, pred: impl Fn(&AffinityKey, &AffinityValue) -> bool) -> Result<usize> {
-        let doomed: Vec<AffinityKey> =
-            self.affinity_entries()?.into_iter().filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
-        self.delete_affinity(&doomed)
-    }
-
-    /// Deletes these affinity entries (those still there); returns how many were.
-    pub fn delete_affinity(&mut self, keys: &[AffinityKey]) -> Result<usize> {
-        self.delete_entries::<AffinityKey, AffinityValue>(maps::AFFINITY, keys)
+        let table = self.pin_table()?;
+        let mut doomed = Vec::new();
+        table.scan(|k, v| {
+            if pred(k, v) {
+                doomed.push(*k);
+            }
+        })?;
+        table.delete(&doomed)
     }
 
     /// Deletes every connection entry `pred` selects; returns how many. Those connections fall
@@ -821,13 +821,7 @@ impl Datapath {
 
     /// Writes many affinity entries (BPF_MAP_UPDATE_BATCH, a chunk at a time); returns how many.
     pub fn write_affinity_batch(&mut self, entries: &[(AffinityKey, AffinityValue)]) -> Result<usize> {
-        let fd = self.map_fd(maps::AFFINITY)?;
-        let mut n = 0;
-        for chunk in entries.chunks(65536) {
-            let (keys, values): (Vec<AffinityKey>, Vec<AffinityValue>) = chunk.iter().copied().unzip();
-            n += batch::update(fd, &keys, &values).context("writing AFFINITY (BPF_MAP_UPDATE_BATCH)")?;
-        }
-        Ok(n)
+        self.pin_table()?.write(entries)
     }
 
     pub fn write_affinity(&mut self, k: AffinityKey, v: AffinityValue) -> Result<()> {
