@@ -3,10 +3,11 @@
 //!
 //! The thread copies what judging needs out of the model under the lock (a [`View`], without the
 //! Maglev tables: microseconds), then scans the table through its own map handle without it, a
-//! batch at a time. Counts are reported with their age. A count runs at most every
-//! [`PERIOD`], or every [`DUTY`] times its own duration when that is longer (a table of ten
-//! million pins takes about a second to scan: the thread then uses a tenth of one core), and
-//! sooner when asked ([`PinCounter::wake`]: a state change, a fresh status).
+//! batch at a time. Counts are reported with their age. Counts start at most every [`PERIOD`],
+//! or pause [`DUTY`] times their own duration when that is longer (a table of ten million pins
+//! takes several seconds to scan: the thread then uses a tenth of one core), and start sooner
+//! when asked ([`PinCounter::wake`]: a state change, a fresh status), though not before
+//! `min(DUTY x duration, PERIOD)` after the last one ended.
 
 use std::{
     sync::{Arc, Condvar, Mutex, Weak},
