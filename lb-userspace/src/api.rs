@@ -82,6 +82,9 @@ pub struct StatusReport {
     /// Whether it adopted the pinned state of a previous daemon.
     pub adopted: bool,
     pub layout_version: u32,
+    /// `datapath.mode`: `nat` or `dsr`.
+    #[serde(default)]
+    pub mode: String,
     pub maglev_table_size: u32,
     /// Entries in the affinity table (live or stale, every service) and its capacity, as of the
     /// latest pin count.

@@ -190,6 +190,7 @@ impl Daemon {
             started: time_string(self.started),
             adopted: self.adopted,
             layout_version: lb_common::LAYOUT_VERSION,
+            mode: self.config.datapath.mode.to_string(),
             maglev_table_size: self.config.datapath.maglev_table_size,
             affinity_entries: counts.map_or(0, |c| c.entries),
             affinity_capacity: self.config.datapath.affinity_entries,

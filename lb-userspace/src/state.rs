@@ -301,8 +301,9 @@ fn service_entry(s: &ServiceConfig, id: u32) -> Service {
     }
 }
 
+/// `service/address:port`, IPv6 addresses in brackets.
 fn backend_label(service: &str, b: &BackendConfig) -> String {
-    format!("{service}/{}:{}", b.address, b.port)
+    format!("{service}/{}", std::net::SocketAddr::new(b.address, b.port))
 }
 
 fn admin_from_config(state: BackendState) -> Admin {

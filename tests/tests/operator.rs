@@ -247,6 +247,8 @@ fn status_shows_pinned_clients_rates_and_the_table() {
     let text = cli(&lab, &bin, &["status"]);
     assert!(text.contains("pinned") && text.contains("new/s") && text.contains("affinity table:"), "{text}");
     assert!(text.contains(&format!("pinned {}", web.pinned)), "{text}");
+    assert_eq!(st.mode, "nat", "{st:?}");
+    assert!(text.contains("forwarding mode: nat;"), "{text}");
 }
 
 /// Scrapes `GET /metrics` inside the balancer's namespace (where it listens on loopback).

@@ -18,7 +18,7 @@ pub fn render_status(r: &StatusReport) -> String {
         if r.adopted { " (adopted the pinned datapath state)" } else { "" }
     );
     let ifs: Vec<String> = r.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
-    let _ = writeln!(o, "interfaces: {}", ifs.join(", "));
+    let _ = writeln!(o, "forwarding mode: {}; interfaces: {}", r.mode, ifs.join(", "));
     let counted = match (&r.pin_count.age_secs, &r.pin_count.took_ms) {
         (Some(age), Some(took)) => format!("counted {} ago in {took:.0} ms", human_secs(*age)),
         _ => "not counted yet".to_string(),
@@ -136,13 +136,29 @@ pub fn render_list(l: &AffinityList) -> String {
     o
 }
 
-/// `lb reload` as a line.
+/// `lb reload` for people: what changed, a line per kind.
 pub fn render_changes(c: &Changes) -> String {
     if c.is_empty() {
-        "reloaded: nothing changed\n".to_string()
-    } else {
-        format!("reloaded: {}\n", serde_json::to_string(c).unwrap_or_default())
+        return "reloaded: nothing changed\n".to_string();
     }
+    let mut o = String::from("reloaded:\n");
+    for (what, list) in [
+        ("services added", &c.services_added),
+        ("services removed", &c.services_removed),
+        ("services changed", &c.services_changed),
+        ("backends added", &c.backends_added),
+        ("backends removed", &c.backends_removed),
+    ] {
+        if !list.is_empty() {
+            let _ = writeln!(o, "  {what}: {}", list.join(", "));
+        }
+    }
+    if c.pins_flushing {
+        let _ = writeln!(o, "  pins of removed services and backends: being deleted in the background (the log says how many)");
+    } else if c.pins_flushed > 0 {
+        let _ = writeln!(o, "  pins deleted (their service or backend was removed): {}", c.pins_flushed);
+    }
+    o
 }
 
 /// `lb drain` / `lb undrain` as a line.
@@ -153,4 +169,29 @@ pub fn render_backend_change(service: &str, b: &BackendReport) -> String {
 /// `lb affinity flush` as a line.
 pub fn render_flushed(n: usize) -> String {
     format!("flushed {n} pin(s); those clients are placed afresh at their next packet\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reload_changes_read_as_text_not_json() {
+        assert_eq!(render_changes(&Changes::default()), "reloaded: nothing changed\n");
+        let c = Changes {
+            services_added: vec!["api".into()],
+            backends_added: vec!["web/[2001:db8::11]:8080".into(), "web/10.1.0.12:8080".into()],
+            backends_removed: vec!["web/10.1.0.13:8080".into()],
+            pins_flushing: true,
+            ..Default::default()
+        };
+        let text = render_changes(&c);
+        assert_eq!(
+            text,
+            "reloaded:\n  services added: api\n  backends added: web/[2001:db8::11]:8080, web/10.1.0.12:8080\n  backends removed: web/10.1.0.13:8080\n  pins of removed services and backends: being deleted in the background (the log says how many)\n"
+        );
+        assert!(!text.contains('{') && !text.contains('"'), "{text}");
+        let flushed = Changes { services_removed: vec!["old".into()], pins_flushed: 3, ..Default::default() };
+        assert_eq!(render_changes(&flushed), "reloaded:\n  services removed: old\n  pins deleted (their service or backend was removed): 3\n");
+    }
 }
