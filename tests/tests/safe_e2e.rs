@@ -845,22 +845,47 @@ fn long_lived_connections_survive_pin_loss_under_lru_pressure() {
 
     // 8 x 1024 distinct UDP clients to the dns service, three datagrams each in a row: a
     // client seen again is as recently used as a pinned TCP client, so the LRU's active list
-    // turns over too, not only its inactive one.
+    // turns over too, not only its inactive one. How many held pins a round evicts depends on
+    // where the LRU's per-CPU lists stand: on this 2-CPU machine either all 40 go, or the table
+    // settles at 809 entries with about 20 of them kept however many rounds follow. So: up to
+    // three rounds, then whatever held pins the LRU kept are flushed (`lb affinity flush`), so
+    // that every held connection has lost its pin either way (the output says which way).
     let raw = t.raw_client(false);
     let vip = t.lab.vip();
     let (distinct, repeat) = (8 * dp.affinity_entries as usize, 3);
-    let (sent, took) = raw.flood(repeat * distinct, Duration::from_secs(20), |k| {
-        let src = Ipv4Addr::from(SPOOF_BASE + 1 + (k / repeat) as u32);
-        Pkt::udp(src, 40000, vip, VIP_UDP_PORT)
-    });
-    let pins = t.pins("web");
-    let left: Vec<&Ipv4Addr> = clients
-        .iter()
-        .filter(|c| pins.contains_key(&c.to_string()))
-        .collect();
+    let (mut sent, mut took, mut rounds) = (0, Duration::ZERO, 0u32);
+    let left: Vec<&Ipv4Addr> = loop {
+        let base = SPOOF_BASE + 1 + rounds * distinct as u32;
+        let (n, d) = raw.flood(repeat * distinct, Duration::from_secs(20), |k| {
+            let src = Ipv4Addr::from(base + (k / repeat) as u32);
+            Pkt::udp(src, 40000, vip, VIP_UDP_PORT)
+        });
+        (sent, took, rounds) = (sent + n, took + d, rounds + 1);
+        let pins = t.pins("web");
+        let left: Vec<&Ipv4Addr> = clients
+            .iter()
+            .filter(|c| pins.contains_key(&c.to_string()))
+            .collect();
+        if left.len() <= HELD / 2 || rounds == 3 {
+            break left;
+        }
+    };
+    let kept_by_lru = left.len();
+    if kept_by_lru > HELD / 2 {
+        for c in &left {
+            t.cli_ok(&["affinity", "flush", &c.to_string(), "--service", "web"]);
+        }
+        let pins = t.pins("web");
+        let still: Vec<&&Ipv4Addr> = left.iter().filter(|c| pins.contains_key(&c.to_string())).collect();
+        if !still.is_empty() {
+            t.fail(&format!("held clients' pins still there after a flush: {still:?}"));
+        }
+        eprintln!("the LRU kept {kept_by_lru} of {HELD} held clients' pins after {rounds} rounds: flushed those");
+    }
+    let left: Vec<&Ipv4Addr> = if kept_by_lru > HELD / 2 { Vec::new() } else { left };
     let mid = t.status();
     eprintln!(
-        "pressure: {sent} datagrams in {took:?}; held clients' pins {pinned_before} -> {}, table {} -> {} entries",
+        "pressure: {sent} datagrams in {took:?} ({rounds} round(s)); held clients' pins {pinned_before} -> {}, table {} -> {} entries",
         left.len(),
         before.affinity_entries,
         mid.affinity_entries
