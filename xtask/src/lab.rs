@@ -2673,8 +2673,10 @@ mod tests {
             let started = Instant::now();
             let err = result.expect_err(what);
             let text = format!("{err:#}");
+            // A connection the stopping server had already queued is reset rather than
+            // refused (seen once in a full run); either way nothing answered.
             assert!(
-                text.contains("refused") || text.contains("no reply"),
+                text.contains("refused") || text.contains("reset") || text.contains("no reply"),
                 "{what}: {text}"
             );
             assert!(started.elapsed() < T, "{what} took {:?}", started.elapsed());
