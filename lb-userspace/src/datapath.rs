@@ -790,25 +790,7 @@ impl Datapath {
     /// back to their client's pin (or Maglev) at their next packet.
     pub fn flush_flows(&mut self, pred: impl Fn(&FlowKey, &FlowValue) -> bool) -> Result<usize> {
         let doomed: Vec<FlowKey> = self.flow_entries()?.into_iter().filter(|(k, v)| pred(k, v)).map(|(k, _)| k).collect();
-        self.delete_entries::<FlowKey, FlowValue>(maps::FLOWS, &doomed)
-    }
-
-    /// Deletes these entries of a hash map (those still there); returns how many were.
-    fn delete_entries<K: aya::Pod, V: aya::Pod>(&mut self, name: &str, keys: &[K]) -> Result<usize> {
-        let fd = self.map_fd(name)?;
-        let mut n = 0;
-        for chunk in keys.chunks(4096) {
-            match batch::delete(fd, chunk) {
-                Ok(d) => n += d,
-                // Old kernels have no batch delete: one by one then.
-                Err(e) if batch::unsupported(&e) => {
-                    let mut m: HashMap<&mut MapData, K, V> = HashMap::try_from(self.map_mut(name)?)?;
-                    n += chunk.iter().filter(|k| m.remove(k).is_ok()).count();
-                }
-                Err(e) => return Err(e).with_context(|| format!("deleting {name} entries (BPF_MAP_DELETE_BATCH)")),
-            }
-        }
-        Ok(n)
+        delete_keys(self.map_fd(maps::FLOWS)?, maps::FLOWS, &doomed)
     }
 
     fn map_fd(&self, name: &str) -> Result<std::os::fd::RawFd> {
@@ -921,22 +903,22 @@ impl PinTable {
 
     /// Deletes these entries (those still there); returns how many were.
     pub fn delete(&self, keys: &[AffinityKey]) -> Result<usize> {
-        let mut n = 0;
-        for chunk in keys.chunks(4096) {
-            match batch::delete(self.fd(), chunk) {
-                Ok(d) => n += d,
-                Err(e) if batch::unsupported(&e) => {
-                    for k in chunk {
-                        if delete_elem(self.fd(), k) {
-                            n += 1;
-                        }
-                    }
-                }
-                Err(e) => return Err(e).context("deleting AFFINITY entries (BPF_MAP_DELETE_BATCH)"),
-            }
-        }
-        Ok(n)
+        delete_keys(self.fd(), maps::AFFINITY, keys)
     }
+}
+
+/// Deletes these keys of hash map `name` (those still there), 4096 per BPF_MAP_DELETE_BATCH, or
+/// one by one on kernels without batch operations; returns how many were there.
+fn delete_keys<K: aya::Pod>(fd: RawFd, name: &str, keys: &[K]) -> Result<usize> {
+    let mut n = 0;
+    for chunk in keys.chunks(4096) {
+        match batch::delete(fd, chunk) {
+            Ok(d) => n += d,
+            Err(e) if batch::unsupported(&e) => n += chunk.iter().filter(|k| delete_elem(fd, *k)).count(),
+            Err(e) => return Err(e).with_context(|| format!("deleting {name} entries (BPF_MAP_DELETE_BATCH)")),
+        }
+    }
+    Ok(n)
 }
 
 /// BPF_MAP_DELETE_ELEM of one key; whether it was there.
