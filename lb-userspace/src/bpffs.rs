@@ -45,36 +45,23 @@ impl PinDir {
         Self { path: path.into() }
     }
 
-    /// Makes `path` a directory on a bpffs:
-    /// - already on bpffs: use it (creating it inside its bpffs parent if needed);
-    /// - its nearest existing ancestor is an empty directory that is not bpffs (as `/sys/fs/bpf`
-    ///   is inside `ip netns exec` or a container): mount bpffs there, then create `path`;
-    /// - otherwise create `path` and mount a bpffs on it.
+    /// Makes `path` a directory on a bpffs, as [`plan`] says.
     pub fn prepare(path: &Path) -> Result<Self> {
-        if !path.is_absolute() {
-            bail!("datapath.pin_path {}: must be an absolute path", path.display());
+        let create = || std::fs::create_dir_all(path).with_context(|| format!("creating pin directory {}", path.display()));
+        match plan(path)? {
+            Plan::Ready => {}
+            Plan::Create => create()?,
+            Plan::Mount(at) => {
+                if at != path {
+                    mount_bpffs(&at)?;
+                    create()?;
+                } else {
+                    create()?;
+                    mount_bpffs(path)?;
+                }
+                tracing::info!(at = %at.display(), "mounted bpffs");
+            }
         }
-        if path.is_dir() && is_bpffs(path) {
-            return Ok(Self { path: path.into() });
-        }
-        let ancestor = path.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
-        if !ancestor.is_dir() {
-            bail!("datapath.pin_path {}: {} is not a directory", path.display(), ancestor.display());
-        }
-        if is_bpffs(ancestor) {
-            std::fs::create_dir_all(path).with_context(|| format!("creating pin directory {}", path.display()))?;
-            return Ok(Self { path: path.into() });
-        }
-        let empty = std::fs::read_dir(ancestor).map(|mut d| d.next().is_none()).unwrap_or(false);
-        if ancestor != path && empty && ancestor != Path::new("/") {
-            mount_bpffs(ancestor)?;
-            tracing::info!(at = %ancestor.display(), "mounted bpffs");
-            std::fs::create_dir_all(path).with_context(|| format!("creating pin directory {}", path.display()))?;
-            return Ok(Self { path: path.into() });
-        }
-        std::fs::create_dir_all(path).with_context(|| format!("creating pin directory {}", path.display()))?;
-        mount_bpffs(path)?;
-        tracing::info!(at = %path.display(), "mounted bpffs");
         Ok(Self { path: path.into() })
     }
 
@@ -100,6 +87,90 @@ impl PinDir {
             tracing::warn!(at = %self.path.display(), error = %e, "unmounting bpffs");
         }
     }
+}
+
+/// Why a mount made now would be gone once this process exits, if it would: mounts live as long
+/// as their mount namespace, and a namespace that holds nobody but this process and its
+/// ancestors (who wait for it) ends with it. `ip netns exec` runs its command in such a
+/// namespace, made for it alone; so does a container whose first process is lb.
+fn mount_would_die_with_us() -> Option<&'static str> {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let ours = ns("self")?;
+    let me = std::process::id();
+    let mut keep = vec![me];
+    // The parent chain, from /proc/PID/stat's fourth field (after the parenthesised name).
+    let mut pid = me;
+    while let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok()))
+        .filter(|p| *p != 0 && !keep.contains(p))
+    {
+        keep.push(parent);
+        pid = parent;
+    }
+    let others = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| !keep.contains(p))
+        .any(|p| ns(&p.to_string()).as_ref() == Some(&ours));
+    if others {
+        None
+    } else if me == 1 {
+        Some("this container's mount namespace holds lb alone")
+    } else {
+        Some("this process has a mount namespace of its own, as `ip netns exec` gives it")
+    }
+}
+
+/// What [`PinDir::prepare`] does for a pin path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// A directory on a bpffs already.
+    Ready,
+    /// Created inside the bpffs it is under.
+    Create,
+    /// A bpffs is mounted here (then the path is created in it, if it is not the path itself).
+    Mount(PathBuf),
+}
+
+/// How `path` becomes a pin directory, or why it cannot be one that outlives lb:
+/// - already on bpffs: use it (creating it inside its bpffs parent if needed);
+/// - its nearest existing ancestor is an empty directory that is not bpffs (as `/sys/fs/bpf`
+///   is inside a container or on a host without one): mount bpffs there, then create `path`;
+/// - otherwise create `path` and mount a bpffs on it;
+///
+/// and refused when that mount would end with this process (see [`mount_would_die_with_us`]):
+/// the pinned datapath would go with it, though lb says a stopped daemon leaves it running.
+pub fn plan(path: &Path) -> Result<Plan> {
+    if !path.is_absolute() {
+        bail!("datapath.pin_path {}: must be an absolute path", path.display());
+    }
+    if path.is_dir() && is_bpffs(path) {
+        return Ok(Plan::Ready);
+    }
+    let ancestor = path.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+    if !ancestor.is_dir() {
+        bail!("datapath.pin_path {}: {} is not a directory", path.display(), ancestor.display());
+    }
+    if is_bpffs(ancestor) {
+        return Ok(Plan::Create);
+    }
+    let empty = std::fs::read_dir(ancestor).map(|mut d| d.next().is_none()).unwrap_or(false);
+    let at = if ancestor != path && empty && ancestor != Path::new("/") { ancestor } else { path };
+    if let Some(why) = mount_would_die_with_us() {
+        bail!(
+            "datapath.pin_path {}: no bpffs there, and one mounted at {} would end when lb stops ({why}), \
+             taking the datapath with it; {}",
+            path.display(),
+            at.display(),
+            if std::process::id() == 1 {
+                "mount bpffs on the host (mount -t bpf bpf /sys/fs/bpf) and pass it in (-v /sys/fs/bpf:/sys/fs/bpf)"
+            } else {
+                "start lb with `lb --netns NAME run ...` (or `nsenter --net=/run/netns/NAME lb run ...`) instead of `ip netns exec`"
+            }
+        );
+    }
+    Ok(Plan::Mount(at.into()))
 }
 
 fn mount_bpffs(at: &Path) -> Result<()> {

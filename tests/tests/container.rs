@@ -50,6 +50,12 @@ fn the_balancer_runs_from_its_image_against_a_lab() {
     let c = Container { name: format!("lb-e2e-{pid}"), tag: format!("lb:e2e-{pid}") };
     xtask::image::build(workspace, &bin, &c.tag).unwrap_or_else(|e| panic!("building the image: {e:#}"));
 
+    // The pins on the host's bpffs, as the README's `-v /sys/fs/bpf:/sys/fs/bpf` gives them: a
+    // bpffs lb mounted inside the container would end with it (and lb refuses to do that).
+    std::fs::create_dir_all(lab.pin_path()).expect("pin dir");
+    let m = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(lab.pin_path()).status().expect("mount");
+    assert!(m.success(), "mounting bpffs at {}", lab.pin_path().display());
+
     // As the README says to run it, plus the lab's namespace and directory.
     let dir = lab.dir().to_string_lossy().into_owned();
     let socket = lab.socket_path().to_string_lossy().into_owned();
@@ -114,4 +120,9 @@ fn the_balancer_runs_from_its_image_against_a_lab() {
     let log = logs(&c.name);
     assert_eq!(String::from_utf8_lossy(&code.stdout).trim(), "0", "exit code after docker stop:\n{log}");
     assert!(log.contains("SIGTERM: stopping") && log.contains("the datapath keeps running"), "{log}");
+    // And it does: the container is gone, its pins on the host's bpffs keep the VIP answering.
+    for client in lab.client_addrs() {
+        let body = lab.http_get(client, vip, Duration::from_secs(3)).unwrap_or_else(|e| panic!("after docker stop, {client}: {e:#}\n{log}"));
+        assert_eq!(seen[&client], body, "client {client} moved after docker stop");
+    }
 }
