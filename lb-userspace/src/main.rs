@@ -53,10 +53,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config file and print every error.
+    /// Validate a config file and print every error; then check that it can run here
+    /// (interfaces, bpffs, control socket, capabilities).
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Check the file alone, not this machine (for CI and config repositories).
+        #[arg(long)]
+        offline: bool,
     },
     /// Services, backends and counters of the running daemon. Pin counts are counted in the
     /// background and shown with their age.
@@ -188,7 +192,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     }
     let out = |o: Output| if o == Output::Json { cli::Output::Json } else { cli::Output::Text };
     match cli.command {
-        Command::Check { config } => cli::check(&config),
+        Command::Check { config, offline } => cli::check(&config, offline),
         Command::Run { config } => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(lb::run::run(&config, cli.socket))?;

@@ -65,6 +65,17 @@ fn parse(addr: IpAddr, m: &RouteMessage) -> Option<Egress> {
 /// Sends one request and returns the kernel's answer: the route, or None for an error answer
 /// that means "no route" (ENETUNREACH, EHOSTUNREACH, EACCES, EINVAL...).
 fn request(payload: RouteNetlinkMessage) -> Result<Option<RouteMessage>> {
+    match ask(payload)? {
+        Ok(Some(RouteNetlinkMessage::NewRoute(r))) => Ok(Some(r)),
+        Ok(_) => Ok(None),
+        Err(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL | libc::ESRCH) => Ok(None),
+        Err(errno) => bail!("the kernel answered {}", std::io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// One rtnetlink request on a blocking socket of this thread's network namespace: the first
+/// message of the answer (`None` if it had none), or the errno the kernel answered with.
+pub(crate) fn ask(payload: RouteNetlinkMessage) -> Result<std::result::Result<Option<RouteNetlinkMessage>, i32>> {
     let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
     socket.bind_auto().context("binding a netlink socket")?;
     socket.connect(&SocketAddr::new(0, 0)).context("connecting a netlink socket")?;
@@ -85,15 +96,9 @@ fn request(payload: RouteNetlinkMessage) -> Result<Option<RouteMessage>> {
             let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..]).context("decoding a netlink answer")?;
             let len = msg.header.length as usize;
             match msg.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => return Ok(Some(r)),
-                NetlinkPayload::Error(e) if e.code.is_some() => {
-                    let errno = -e.code.map_or(0, |c| c.get());
-                    return match errno {
-                        libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL | libc::ESRCH => Ok(None),
-                        _ => bail!("the kernel answered {}", std::io::Error::from_raw_os_error(errno)),
-                    };
-                }
-                NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => return Ok(None),
+                NetlinkPayload::InnerMessage(m) => return Ok(Ok(Some(m))),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Ok(Err(-e.code.map_or(0, |c| c.get()))),
+                NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => return Ok(Ok(None)),
                 _ => {}
             }
             if len == 0 {

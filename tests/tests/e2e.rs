@@ -205,10 +205,10 @@ fn udp_affinity_through_vip() {
     stop_lb(&mut lab);
 }
 
-/// Runs `lb check --config <file>` and returns (exit code, stdout + stderr).
+/// Runs `lb check --offline --config <file>` (the file alone: its interfaces are in a lab namespace) and returns (exit code, stdout + stderr).
 fn lb_check(bin: &Path, config: &Path) -> (Option<i32>, String) {
     let out = output_timeout(
-        Command::new(bin).arg("check").arg("--config").arg(config),
+        Command::new(bin).arg("check").arg("--offline").arg("--config").arg(config),
         Duration::from_secs(30),
     )
     .unwrap_or_else(|e| panic!("{e:#}"));

@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    api::{AffinityList, BackendReport, Changes, DownReport, DrainRequest, Explanation, FlushReport, FlushRequest, StatusReport},
+    api::{AdminReport, AffinityList, Changes, DownReport, DrainRequest, Explanation, FlushReport, FlushRequest, StatusReport},
     client,
     config::Config,
 };
@@ -58,26 +58,50 @@ fn post<T: DeserializeOwned>(socket: &Path, path: &str, body: &impl Serialize) -
     block_on(client::call_json(socket, "POST", path, Some(&serde_json::to_string(body)?)))
 }
 
-/// `lb check`.
-pub fn check(config: &Path) -> Result<ExitCode> {
-    match Config::load(config) {
-        Ok(c) => {
-            println!(
-                "{}: ok ({} service(s), {} backend(s))",
-                config.display(),
-                c.services.len(),
-                c.services.iter().map(|s| s.backends.len()).sum::<usize>()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+/// `lb check [--offline]`: every error of the file, then (unless `offline`) whether this
+/// machine can run it: the interfaces exist in this network namespace, the pin path is (or can
+/// become) a bpffs that outlives lb, the control socket's path is free, and the capabilities.
+pub fn check(config: &Path, offline: bool) -> Result<ExitCode> {
+    let c = match Config::load(config) {
+        Ok(c) => c,
         Err(errors) => {
             eprintln!("{}: {} error(s)", config.display(), errors.0.len());
             for e in &errors.0 {
                 eprintln!("  {e}");
             }
-            Ok(ExitCode::FAILURE)
+            return Ok(ExitCode::FAILURE);
         }
+    };
+    let summary = format!(
+        "{}: ok ({} service(s), {} backend(s))",
+        config.display(),
+        c.services.len(),
+        c.services.iter().map(|s| s.backends.len()).sum::<usize>()
+    );
+    if offline {
+        println!("{summary}; the environment was not checked (--offline)");
+        return Ok(ExitCode::SUCCESS);
     }
+    let env = crate::environment::check(&c);
+    if env.problems.is_empty() {
+        println!("{summary}");
+        for line in &env.ok {
+            println!("  {line}");
+        }
+        for w in &env.warnings {
+            println!("  warning: {w}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("{}: the file is valid, but not runnable here: {} error(s)", config.display(), env.problems.len());
+    for p in &env.problems {
+        eprintln!("  {p}");
+    }
+    for w in &env.warnings {
+        eprintln!("  warning: {w}");
+    }
+    eprintln!("  (`lb check --offline` checks the file alone)");
+    Ok(ExitCode::FAILURE)
 }
 
 /// `lb status [--fresh]`.
@@ -102,8 +126,8 @@ pub fn reload(socket: &Path, output: Output) -> Result<ExitCode> {
 /// `lb drain` (`force`: `--force`) and `lb undrain` (`undrain`).
 pub fn admin(socket: &Path, service: String, backend: String, force: bool, undrain: bool, output: Output) -> Result<ExitCode> {
     let req = DrainRequest { service, backend, force };
-    let b: BackendReport = post(socket, if undrain { "/undrain" } else { "/drain" }, &req)?;
-    answer(output, &b, |b| render::render_backend_change(&req.service, b))
+    let r: AdminReport = post(socket, if undrain { "/undrain" } else { "/drain" }, &req)?;
+    answer(output, &r, |r| render::render_backend_change(&req.service, r, undrain))
 }
 
 /// `lb explain`.
@@ -173,8 +197,16 @@ pub fn down(socket_flag: Option<PathBuf>, config: &Path) -> Result<ExitCode> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        println!("stopped the running lb; it detached XDP and removed its pinned state");
+        println!("stopped the running lb: it detached XDP and removed its pinned state");
+        // Whatever it could not remove (another pin path's leftovers are not ours to judge).
+        if let Some(done) = crate::run::down_offline(&cfg).context("lb down")? {
+            println!("{done}");
+        }
+        return Ok(ExitCode::SUCCESS);
     }
-    println!("{}", crate::run::down_offline(&cfg).context("lb down")?);
+    match crate::run::down_offline(&cfg).context("lb down")? {
+        Some(done) => println!("{done}"),
+        None => println!("no lb is running on {} and nothing is pinned under {}: nothing to do", socket.display(), cfg.datapath.pin_path.display()),
+    }
     Ok(ExitCode::SUCCESS)
 }
