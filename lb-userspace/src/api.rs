@@ -43,6 +43,13 @@ pub struct BackendReport {
     /// Pins made per second, over the last minute (or since the daemon started).
     pub new_pins_per_sec: f64,
     pub counters: CountersReport,
+    /// The backend's `state` in the config file (`active` or `draining`).
+    #[serde(default)]
+    pub config_state: String,
+    /// Set when `lb drain`/`lb undrain` left the backend in another state than the config says
+    /// (kept across reloads until the file's state for it changes, and across restarts).
+    #[serde(default)]
+    pub differs_from_config: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -102,6 +109,10 @@ pub struct StatusReport {
     pub hash_seed: u32,
     /// VIP announcement (`[announce]`), when configured.
     pub announce: Option<AnnounceReport>,
+    /// Setups that run but lose traffic (a veth peer that drops redirected frames, a NAT backend
+    /// whose replies do not come back through the balancer), each with its fix.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -177,6 +188,52 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         *self == Changes::default()
     }
+
+    /// One line for logs: `2 services added (a, b); 1 backend removed (web/10.0.0.1:80); 6 pins
+    /// deleted (their service or backend was removed)`, or `nothing changed`.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        for (list, one, many) in [
+            (&self.services_added, "service added", "services added"),
+            (&self.services_removed, "service removed", "services removed"),
+            (&self.services_changed, "service changed", "services changed"),
+            (&self.backends_added, "backend added", "backends added"),
+            (&self.backends_removed, "backend removed", "backends removed"),
+        ] {
+            if !list.is_empty() {
+                parts.push(format!("{} {} ({})", list.len(), if list.len() == 1 { one } else { many }, list.join(", ")));
+            }
+        }
+        if self.pins_flushing {
+            parts.push("the pins of what was removed are being deleted in the background".into());
+        } else if self.pins_flushed > 0 {
+            parts.push(format!(
+                "{} pin{} deleted (their service or backend was removed)",
+                self.pins_flushed,
+                if self.pins_flushed == 1 { "" } else { "s" }
+            ));
+        }
+        if parts.is_empty() { "nothing changed".into() } else { parts.join("; ") }
+    }
+
+    /// Whether every pin survived: nothing that held pins was removed.
+    pub fn keeps_every_pin(&self) -> bool {
+        self.pins_flushed == 0 && !self.pins_flushing && self.services_removed.is_empty() && self.backends_removed.is_empty()
+    }
+}
+
+/// Answer of `POST /drain` and `POST /undrain`: the backend as it is now, and whether the
+/// request changed it (an undrain of a backend that is not drained changes nothing).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdminReport {
+    #[serde(flatten)]
+    pub backend: BackendReport,
+    #[serde(default = "yes")]
+    pub changed: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Body of `POST /drain` and `POST /undrain`.

@@ -28,7 +28,12 @@ pub struct Refusal {
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the daemon answered {}: {}", self.code, self.message)
+        // The daemon's messages say what is wrong and what to do; the HTTP status is for scripts
+        // (`code`), not for people.
+        match self.message.trim() {
+            "" => write!(f, "the daemon refused the request without saying why"),
+            m => f.write_str(m),
+        }
     }
 }
 
@@ -141,7 +146,7 @@ mod tests {
         let e = get_json::<serde_json::Value>(&sock, "/missing").await.unwrap_err();
         let r = e.downcast_ref::<Refusal>().expect("a refusal");
         assert_eq!((r.code, r.message.as_str()), (404, "no service named \"x\""));
-        assert_eq!(e.to_string(), "the daemon answered 404: no service named \"x\"");
+        assert_eq!(e.to_string(), "no service named \"x\"");
         server.abort();
         let _ = std::fs::remove_file(&sock);
         let e = request(&sock, "GET", "/json", None).await.unwrap_err();

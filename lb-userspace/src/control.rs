@@ -30,7 +30,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::{
     affinity,
     api::{
-        Admin, AffinityList, ApiError, BackendReport, BadRequest, Changes, DownReport, DrainRequest, Explanation, ExplainQuery,
+        Admin, AdminReport, AffinityList, ApiError, BadRequest, Changes, DownReport, DrainRequest, Explanation, ExplainQuery,
         FlushReport, FlushRequest, ListQuery, NotFound, StatusQuery, StatusReport, parse_backend,
     },
     daemon::{ReloadError, Shared, Stop},
@@ -104,7 +104,7 @@ async fn reload(State(d): State<Shared>) -> Answer<Changes> {
     tracing::info!("reload requested through the control socket");
     match d.reload() {
         Ok(ch) => {
-            tracing::info!(?ch, "reload applied");
+            tracing::info!(changes = %ch.summary(), "reload applied");
             Ok(Json(ch))
         }
         Err(e) => {
@@ -119,18 +119,19 @@ async fn reload(State(d): State<Shared>) -> Answer<Changes> {
     }
 }
 
-fn set_admin(d: &Shared, req: DrainRequest, admin: Admin) -> Answer<BackendReport> {
+fn set_admin(d: &Shared, req: DrainRequest, admin: Admin) -> Answer<AdminReport> {
     let addr = parse_backend(&req.backend).map_err(bad_request)?;
-    Ok(Json(lock(d).set_admin(&req.service, addr.ip(), addr.port(), admin)?))
+    let (backend, changed) = lock(d).set_admin(&req.service, addr.ip(), addr.port(), admin)?;
+    Ok(Json(AdminReport { backend, changed }))
 }
 
-async fn drain(State(d): State<Shared>, req: Result<Json<DrainRequest>, JsonRejection>) -> Answer<BackendReport> {
+async fn drain(State(d): State<Shared>, req: Result<Json<DrainRequest>, JsonRejection>) -> Answer<AdminReport> {
     let req = body(req)?;
     let admin = if req.force { Admin::Forced } else { Admin::Draining };
     set_admin(&d, req, admin)
 }
 
-async fn undrain(State(d): State<Shared>, req: Result<Json<DrainRequest>, JsonRejection>) -> Answer<BackendReport> {
+async fn undrain(State(d): State<Shared>, req: Result<Json<DrainRequest>, JsonRejection>) -> Answer<AdminReport> {
     set_admin(&d, body(req)?, Admin::Active)
 }
 

@@ -107,6 +107,83 @@ pub struct Daemon {
     pub pins: PinCounter,
     /// This daemon, for the threads it starts (set once it is shared).
     pub me: std::sync::Weak<Mutex<Daemon>>,
+    /// Attached veths whose peer drops what lb sends into them ([`crate::environment`]),
+    /// refreshed at start, after reloads and every half minute.
+    pub veth_warnings: Vec<String>,
+    /// NAT backends that take packets but send no replies back through the balancer.
+    pub replies: ReplyWatch,
+}
+
+/// How long a NAT backend may take packets without one reply coming back through the balancer
+/// before lb warns (its route back to the clients bypasses the balancer).
+pub const NO_REPLY_AFTER: Duration = Duration::from_secs(10);
+/// A warning about missing replies ends once the backend took no packets for this long.
+const NO_REPLY_FORGET: Duration = Duration::from_secs(60);
+
+/// Per NAT backend (service id, backend id): its packet and reply counters at the last sample,
+/// since when packets grew while replies did not, and when packets last grew.
+#[derive(Default)]
+pub struct ReplyWatch {
+    seen: BTreeMap<(u32, u32), Silence>,
+}
+
+#[derive(Clone, Copy)]
+struct Silence {
+    packets: u64,
+    replies: u64,
+    at: Instant,
+    silent_since: Option<Instant>,
+    packets_grew: Instant,
+    warned: bool,
+}
+
+impl ReplyWatch {
+    /// Takes one sample of a backend's counters; true when it has just become silent for
+    /// [`NO_REPLY_AFTER`] (the caller logs it once).
+    fn sample(&mut self, key: (u32, u32), packets: u64, replies: u64, now: Instant) -> bool {
+        let fresh = Silence { packets, replies, at: now, silent_since: None, packets_grew: now, warned: false };
+        let w = self.seen.entry(key).or_insert(fresh);
+        if packets < w.packets || replies < w.replies {
+            // The id was reused: a new backend.
+            *w = fresh;
+            return false;
+        }
+        if replies > w.replies {
+            w.silent_since = None;
+            w.warned = false;
+        } else if packets > w.packets {
+            w.silent_since.get_or_insert(w.at);
+            w.packets_grew = now;
+        }
+        (w.packets, w.replies, w.at) = (packets, replies, now);
+        let silent = self.silent(key, now).is_some();
+        let w = self.seen.get_mut(&key).expect("inserted above");
+        let first = silent && !w.warned;
+        w.warned |= silent;
+        first
+    }
+
+    /// How long the backend has taken packets without a reply, once that is past
+    /// [`NO_REPLY_AFTER`] and it still takes packets.
+    fn silent(&self, key: (u32, u32), now: Instant) -> Option<Duration> {
+        let w = self.seen.get(&key)?;
+        let since = now.duration_since(w.silent_since?);
+        (since >= NO_REPLY_AFTER && now.duration_since(w.packets_grew) < NO_REPLY_FORGET).then_some(since)
+    }
+
+    fn retain(&mut self, live: &std::collections::BTreeSet<(u32, u32)>) {
+        self.seen.retain(|k, _| live.contains(k));
+    }
+}
+
+fn no_reply_warning(service: &str, b: &BackendRt, silent: Duration, packets: u64) -> String {
+    format!(
+        "service {service}, backend {}: {packets} packets sent to it and no reply came back through the balancer for \
+         {}: in NAT mode its replies must return through lb; point the backend's route to the clients (usually its \
+         default route) at the balancer, or use mode = \"dsr\" (if the service never answers by design, ignore this)",
+        std::net::SocketAddr::new(b.config.address, b.config.port),
+        humantime::format_duration(Duration::from_secs(silent.as_secs()))
+    )
 }
 
 fn time_string(t: SystemTime) -> String {
@@ -137,7 +214,31 @@ fn backend_report(b: &BackendRt, slots: u32, counters: api::CountersReport, pinn
         pinned,
         new_pins_per_sec,
         counters,
+        config_state: b.config.state.to_string(),
+        differs_from_config: differs_from_config(b),
     }
+}
+
+/// A note when `lb drain`/`lb undrain` left a backend in another admin state than its config
+/// says.
+fn differs_from_config(b: &BackendRt) -> Option<String> {
+    let configured = match b.config.state {
+        crate::config::BackendState::Active => Admin::Active,
+        crate::config::BackendState::Draining => Admin::Draining,
+    };
+    if b.admin == configured {
+        return None;
+    }
+    let now = match b.admin {
+        Admin::Active => "undrained (lb undrain)",
+        Admin::Draining => "draining (lb drain)",
+        Admin::Forced => "drained (lb drain --force)",
+    };
+    Some(format!(
+        "{now} at run time, but the config says state = \"{}\": kept across restarts and reloads until the file's \
+         state for it changes; set it in the file to make it last",
+        b.config.state
+    ))
 }
 
 impl Daemon {
@@ -215,6 +316,7 @@ impl Daemon {
                 announced: a.announced().iter().map(IpAddr::to_string).collect(),
                 grace_secs: a.grace.as_secs_f64(),
             }),
+            warnings: self.warnings(),
         })
     }
 
@@ -236,9 +338,13 @@ impl Daemon {
         }
     }
 
-    /// Takes a sample of the new-pin counters, for the rates `status` reports.
+    /// Takes a sample of the new-pin counters, for the rates `status` reports, and of the NAT
+    /// backends' packet and reply counters (logging a backend that just went silent).
     pub fn sample_rates(&mut self) {
         let mut counts = BTreeMap::new();
+        let now = Instant::now();
+        let nat = self.config.datapath.mode == crate::config::Mode::Nat;
+        let mut live = std::collections::BTreeSet::new();
         for s in &self.rt.services {
             if let Ok(c) = self.dp.service_counters(s.entry.id) {
                 counts.insert((s.entry.id, None), c.new_pins);
@@ -246,10 +352,43 @@ impl Daemon {
             for b in &s.backends {
                 if let Ok(c) = self.dp.backend_counters(b.id) {
                     counts.insert((s.entry.id, Some(b.id)), c.new_pins);
+                    let key = (s.entry.id, b.id);
+                    live.insert(key);
+                    if nat && self.replies.sample(key, c.packets, c.reply_packets, now) {
+                        let silent = self.replies.silent(key, now).unwrap_or(NO_REPLY_AFTER);
+                        tracing::warn!("{}", no_reply_warning(&s.config.name, b, silent, c.packets));
+                    }
                 }
             }
         }
-        self.rates.add(Instant::now(), counts);
+        self.replies.retain(&live);
+        self.rates.add(now, counts);
+    }
+
+    /// Every warning that holds now, each with its fix.
+    pub fn warnings(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut out = self.veth_warnings.clone();
+        for s in &self.rt.services {
+            for b in &s.backends {
+                if let Some(silent) = self.replies.silent((s.entry.id, b.id), now) {
+                    let packets = self.dp.backend_counters(b.id).map_or(0, |c| c.packets);
+                    out.push(no_reply_warning(&s.config.name, b, silent, packets));
+                }
+            }
+        }
+        out
+    }
+
+    /// Replaces the veth warnings, logging those that are new and those that went away.
+    pub fn set_veth_warnings(&mut self, now: Vec<String>) {
+        for w in now.iter().filter(|w| !self.veth_warnings.contains(w)) {
+            tracing::warn!("{w}");
+        }
+        for w in self.veth_warnings.iter().filter(|w| !now.contains(w)) {
+            tracing::info!(was = %w, "a veth warning no longer holds");
+        }
+        self.veth_warnings = now;
     }
 
     /// `lb explain` (point lookups only).
@@ -356,6 +495,10 @@ impl Daemon {
             k.set(self.rt.backend_addrs());
         }
         self.pins.wake();
+        if !added.is_empty() {
+            let w = crate::environment::veth_warnings(&self.config.datapath.interfaces);
+            self.set_veth_warnings(w);
+        }
         Ok(changes)
     }
 
@@ -397,11 +540,14 @@ impl Daemon {
     }
 
     /// `lb drain` / `lb undrain`. The pin count reported is the counter's latest.
-    pub fn set_admin(&mut self, service: &str, addr: IpAddr, port: u16, admin: Admin) -> Result<BackendReport> {
+    /// `lb drain`/`lb undrain`: the backend as it is now, and whether this changed it.
+    pub fn set_admin(&mut self, service: &str, addr: IpAddr, port: u16, admin: Admin) -> Result<(BackendReport, bool)> {
+        let mut changed = false;
         let b = self.rt.update_backend(&mut self.dp, service, addr, port, |b| {
             if b.admin == admin {
                 return false;
             }
+            changed = true;
             b.admin = admin;
             b.changed_at = SystemTime::now();
             b.reason = match admin {
@@ -411,13 +557,19 @@ impl Daemon {
             };
             true
         })?;
+        if !changed {
+            let s = self.rt.service(service).expect("found just now");
+            let slots = s.table.iter().filter(|id| **id == b.id).count() as u32;
+            let pinned = self.pins.snapshot().latest.and_then(|c| c.counts.by_backend.get(&(s.entry.id, b.id)).copied()).unwrap_or(0);
+            return Ok((backend_report(&b, slots, self.dp.backend_counters(b.id)?, pinned, 0.0), false));
+        }
         tracing::info!(service, backend = %std::net::SocketAddr::new(addr, port), state = b.state_name(), reason = %b.reason, "backend state changed");
         self.update_announcements();
         self.pins.wake();
         let s = self.rt.service(service).expect("updated just now");
         let slots = s.table.iter().filter(|id| **id == b.id).count() as u32;
         let pinned = self.pins.snapshot().latest.and_then(|c| c.counts.by_backend.get(&(s.entry.id, b.id)).copied()).unwrap_or(0);
-        Ok(backend_report(&b, slots, self.dp.backend_counters(b.id)?, pinned, 0.0))
+        Ok((backend_report(&b, slots, self.dp.backend_counters(b.id)?, pinned, 0.0), true))
     }
 
     /// Applies a health checker's verdict. Logs how long after the verdict the maps held it

@@ -320,7 +320,7 @@ fn jittered_interval(interval: Duration, seed: u64, n: u64) -> Duration {
 /// `kind = none` succeeds without touching the network.
 pub async fn probe(addr: SocketAddr, check: &HealthConfig) -> Result<String, String> {
     let deadline = Instant::now() + check.timeout;
-    let timed_out = |stage: &str| format!("timeout after {:?} {stage}", check.timeout);
+    let timed_out = |stage: &str| format!("timeout after {} {stage}", humantime::format_duration(check.timeout));
     match check.kind {
         HealthKind::None => Ok("not checked (kind none)".to_owned()),
         HealthKind::Tcp => {

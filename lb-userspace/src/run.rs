@@ -32,6 +32,8 @@ use crate::{
 
 /// How often the balancer's own addresses are re-read into LOCAL_ADDRS.
 const LOCAL_ADDR_REFRESH: Duration = Duration::from_secs(5);
+/// How often the attached veths' peers are checked again (GRO or XDP, see `environment`).
+const VETH_RECHECK: Duration = Duration::from_secs(30);
 
 /// Checks that need no kernel state: root, and every configured interface exists here.
 fn preflight(cfg: &Config) -> Result<()> {
@@ -95,9 +97,21 @@ fn start(cfg: &Config, pins: &PinDir) -> Result<(Datapath, Runtime, bool)> {
     let mut dp = Datapath::load(Capacity::from_config(&cfg.datapath), Some(&pins.path))?;
     let adopted = dp.check_adoptable()?;
     let mut rt = if adopted { Runtime::adopt(cfg, &dp)? } else { Runtime::new(cfg) };
+    // The previous daemon's story of each backend, where its state is still the same.
+    let history = if adopted { crate::history::restore(&pins.path, &mut rt) } else { 0 };
     let changes = rt.reconcile(cfg, &mut dp).context("writing services and backends")?;
     if adopted {
-        tracing::info!(?changes, "adopted the pinned datapath state: every pin is kept");
+        let backends: usize = rt.services.iter().map(|s| s.backends.len()).sum();
+        let history = format!("the health history of {history} of {backends} backend(s) is kept");
+        if changes.keeps_every_pin() {
+            tracing::info!(changes = %changes.summary(), "adopted the pinned datapath state: every pin is kept; {history}");
+        } else {
+            tracing::info!(
+                changes = %changes.summary(),
+                "adopted the pinned datapath state: the pins of services and backends the config no longer lists \
+                 were deleted, every other pin is kept; {history}"
+            );
+        }
     }
     dp.set_local_addrs(&local_addrs())?;
     for iface in &cfg.datapath.interfaces {
@@ -138,6 +152,7 @@ fn spawn_ebpf_logger(dp: &mut Datapath) {
 
 /// Removes everything a datapath left under `pins` (links first, which detaches the program).
 pub fn remove_pinned_state(pins: &PinDir) -> Vec<String> {
+    crate::history::forget(&pins.path);
     let links = Datapath::pinned_link_interfaces(&pins.path);
     for iface in &links {
         let _ = std::fs::remove_file(Datapath::link_pin(&pins.path, iface));
@@ -212,6 +227,8 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         neighbours: None,
         pins: PinCounter::default(),
         me: me.clone(),
+        veth_warnings: Vec::new(),
+        replies: Default::default(),
     }));
     {
         let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());
@@ -241,6 +258,21 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         });
         d.neighbours = Some(keeper);
     }
+    // What would run but lose traffic: said now, and again when it changes.
+    let veth = crate::environment::veth_warnings(&daemon.lock().unwrap_or_else(|p| p.into_inner()).config.datapath.interfaces);
+    daemon.lock().unwrap_or_else(|p| p.into_inner()).set_veth_warnings(veth);
+    let weak = Arc::downgrade(&daemon);
+    let veth_watch = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(VETH_RECHECK).await;
+            let Some(d) = weak.upgrade() else { break };
+            let ifaces = d.lock().unwrap_or_else(|p| p.into_inner()).config.datapath.interfaces.clone();
+            drop(d);
+            let Ok(w) = tokio::task::spawn_blocking(move || crate::environment::veth_warnings(&ifaces)).await else { break };
+            let Some(d) = weak.upgrade() else { break };
+            d.lock().unwrap_or_else(|p| p.into_inner()).set_veth_warnings(w);
+        }
+    });
     let mut server = tokio::spawn(control::serve(listener, daemon.clone()));
     let metrics_server = metrics_listener.map(|l| {
         let d = daemon.clone();
@@ -270,7 +302,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", config_path.display());
                 match lock().reload() {
-                    Ok(ch) => tracing::info!(?ch, "reload applied"),
+                    Ok(ch) => tracing::info!(changes = %ch.summary(), "reload applied"),
                     Err(e) => tracing::error!("reload refused, the running config stays in force:\n{e}"),
                 }
             }
@@ -300,6 +332,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         }
     };
     server.abort();
+    veth_watch.abort();
     if let Some(m) = metrics_server {
         m.abort();
     }
@@ -326,7 +359,12 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         d.health.shutdown();
         d.pins.stop();
         match how {
-            Stop::Leave => d.dp.release_attachments(),
+            Stop::Leave => {
+                d.dp.release_attachments();
+                if let Err(e) = crate::history::save(&pins.path, &d.rt) {
+                    tracing::warn!(error = %format!("{e:#}"), "saving the backends' health history: the next lb starts it afresh");
+                }
+            }
             Stop::Down => d.dp.detach_all(),
         }
     }
@@ -355,8 +393,9 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
     result.map(|_| ())
 }
 
-/// `lb down` without a running daemon: detach and remove what a daemon left pinned.
-pub fn down_offline(cfg: &Config) -> Result<String> {
+/// `lb down` without a running daemon: detach and remove what a daemon left pinned. `None`
+/// when nothing was pinned.
+pub fn down_offline(cfg: &Config) -> Result<Option<String>> {
     require_root("lb down")?;
     // A daemon that still runs on this pin path (reached through another socket than this
     // config's) keeps it: its state is not pulled from under it.
@@ -381,13 +420,14 @@ pub fn down_offline(cfg: &Config) -> Result<String> {
     }
     let dir = &cfg.datapath.pin_path;
     if !dir.join(lb_common::maps::CONFIG).exists() && Datapath::pinned_link_interfaces(dir).is_empty() {
-        return Ok(format!("nothing pinned under {}", dir.display()));
+        crate::history::forget(dir);
+        return Ok(None);
     }
     let pins = PinDir::existing(dir);
     let links = remove_pinned_state(&pins);
-    Ok(format!(
+    Ok(Some(format!(
         "detached XDP from {} and removed the pinned state under {}",
         if links.is_empty() { "no interface".to_string() } else { links.join(", ") },
         dir.display()
-    ))
+    )))
 }

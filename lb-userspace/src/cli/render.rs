@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::api::{AffinityList, BackendReport, Changes, Explanation, StatusReport, endpoint, human_secs};
+use crate::api::{AdminReport, AffinityList, Changes, Explanation, StatusReport, endpoint, human_secs};
 
 /// Renders `lb status` as a readable table.
 pub fn render_status(r: &StatusReport) -> String {
@@ -59,7 +59,7 @@ pub fn render_status(r: &StatusReport) -> String {
                 "  {:<22} {:>6} {:>8} {:>7} {:>8} {:>7.1} {:>10} {:>12} {:>8} {:>10}  {} {}",
                 endpoint(&b.address, b.port),
                 b.weight,
-                b.state,
+                if b.differs_from_config.is_some() { format!("{}*", b.state) } else { b.state.clone() },
                 b.slots,
                 b.pinned,
                 b.new_pins_per_sec,
@@ -70,6 +70,21 @@ pub fn render_status(r: &StatusReport) -> String {
                 b.since,
                 b.reason
             );
+        }
+    }
+    let notes: Vec<String> = r
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(move |b| (s, b)))
+        .filter_map(|(s, b)| b.differs_from_config.as_ref().map(|n| format!("  {}/{}: {n}", s.name, endpoint(&b.address, b.port))))
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(o, "\n* state set at run time, differing from the config:\n{}", notes.join("\n"));
+    }
+    if !r.warnings.is_empty() {
+        let _ = writeln!(o, "\nwarnings:");
+        for w in &r.warnings {
+            let _ = writeln!(o, "  !! {w}");
         }
     }
     let stats: Vec<String> = r.stats.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
@@ -161,9 +176,23 @@ pub fn render_changes(c: &Changes) -> String {
     o
 }
 
-/// `lb drain` / `lb undrain` as a line.
-pub fn render_backend_change(service: &str, b: &BackendReport) -> String {
-    format!("{service}/{} is now {} ({})\n", endpoint(&b.address, b.port), b.state, b.reason)
+/// `lb drain` / `lb undrain` as a line (two when the result differs from the config).
+pub fn render_backend_change(service: &str, r: &AdminReport, undrain: bool) -> String {
+    let b = &r.backend;
+    let who = format!("{service}/{}", endpoint(&b.address, b.port));
+    let mut o = match (r.changed, undrain, b.state.as_str()) {
+        (false, true, _) => format!("{who} is not drained: nothing to undrain (it is {}: {})\n", b.state, b.reason),
+        (false, false, _) => format!("{who} was already {}: nothing changed ({})\n", b.state, b.reason),
+        (true, true, "down") => format!(
+            "{who} is no longer drained, but it is down ({}); it takes new clients once its health checks pass\n",
+            b.reason
+        ),
+        (true, _, _) => format!("{who} is now {} ({})\n", b.state, b.reason),
+    };
+    if let Some(note) = &b.differs_from_config {
+        let _ = writeln!(o, "note: {note}");
+    }
+    o
 }
 
 /// `lb affinity flush` as a line.
@@ -193,5 +222,53 @@ mod tests {
         assert!(!text.contains('{') && !text.contains('"'), "{text}");
         let flushed = Changes { services_removed: vec!["old".into()], pins_flushed: 3, ..Default::default() };
         assert_eq!(render_changes(&flushed), "reloaded:\n  services removed: old\n  pins deleted (their service or backend was removed): 3\n");
+    }
+
+    fn backend(state: &str, reason: &str) -> crate::api::BackendReport {
+        crate::api::BackendReport {
+            id: 1,
+            address: "2001:db8::11".into(),
+            port: 8080,
+            weight: 1,
+            state: state.into(),
+            healthy: state != "down",
+            admin: crate::api::Admin::Active,
+            since: "2026-12-04T00:00:00Z".into(),
+            reason: reason.into(),
+            slots: 0,
+            pinned: 0,
+            new_pins_per_sec: 0.0,
+            counters: Default::default(),
+            config_state: "active".into(),
+            differs_from_config: None,
+        }
+    }
+
+    #[test]
+    fn drain_and_undrain_say_what_happened() {
+        let up = AdminReport { backend: backend("up", "health check: ok"), changed: false };
+        assert_eq!(
+            render_backend_change("web", &up, true),
+            "web/[2001:db8::11]:8080 is not drained: nothing to undrain (it is up: health check: ok)\n"
+        );
+        let again = AdminReport { backend: backend("draining", "drained by lb drain"), changed: false };
+        assert!(render_backend_change("web", &again, false).contains("was already draining: nothing changed"));
+        let mut b = backend("draining", "drained by lb drain");
+        b.differs_from_config = Some("draining (lb drain) at run time, but the config says state = \"active\"".into());
+        let text = render_backend_change("web", &AdminReport { backend: b, changed: true }, false);
+        assert!(text.starts_with("web/[2001:db8::11]:8080 is now draining (drained by lb drain)\nnote: draining"), "{text}");
+        let down = AdminReport { backend: backend("down", "health check: refused"), changed: true };
+        assert!(render_backend_change("web", &down, true).contains("no longer drained, but it is down"));
+    }
+
+    #[test]
+    fn changes_summarise_on_one_line() {
+        assert_eq!(Changes::default().summary(), "nothing changed");
+        let c = Changes { backends_removed: vec!["web/10.1.0.13:8080".into()], pins_flushed: 6, ..Default::default() };
+        assert_eq!(c.summary(), "1 backend removed (web/10.1.0.13:8080); 6 pins deleted (their service or backend was removed)");
+        assert!(!c.keeps_every_pin());
+        let added = Changes { services_added: vec!["a".into(), "b".into()], ..Default::default() };
+        assert_eq!(added.summary(), "2 services added (a, b)");
+        assert!(added.keeps_every_pin());
     }
 }
