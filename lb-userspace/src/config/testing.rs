@@ -64,6 +64,49 @@ address = "10.1.0.11"
 port = 8080
 "#;
 
+/// Independent mistakes spread over three services, each of which also has a mistake of its own
+/// that once kept it out of the checks across services.
+pub(super) const INDEPENDENT_MISTAKES: &str = r#"
+[datapath]
+interfaces = ["eth0"]
+mode = "dsr"
+
+[[services]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+
+[[services.backends]]
+address = "fd00::11"
+port = 8080
+
+[[services.backends]]
+address = "10.1.0.12"
+port = 8080
+
+[[services]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+
+[[services.backends]]
+address = "10.0.0.100"
+port = 0
+
+[[services.backends]]
+address = "10.1.0.12"
+port = 8080
+
+[[services]]
+name = "dns"
+vip = "10.0.0.53"
+port = 0
+
+[[services.backends]]
+address = "10.1.0.31"
+port = 53
+"#;
+
 /// MINIMAL with a second service (`dns`, UDP, two backends) appended.
 pub(super) fn two_services(extra: &str) -> String {
     format!(

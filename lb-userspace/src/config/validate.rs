@@ -1,7 +1,8 @@
 //! Validation: the raw model judged into the typed one, every problem reported with its field
-//! path and the fix. Each check returns `None` after recording an error; later cross-checks only
-//! look at values that passed, so one mistake is reported once rather than echoed by every rule
-//! after it.
+//! path and the fix. Each check returns `None` after recording an error; the checks across
+//! fields and services then run on every value that passed, whatever else failed around it, so
+//! that independent problems all appear at once while one mistake is reported once rather than
+//! echoed by every rule after it.
 
 use std::{
     collections::HashMap,
@@ -176,12 +177,15 @@ impl Errors {
 
 pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let mut e = Errors::default();
-    let datapath = validate_datapath(&mut e, raw.datapath);
+    let (datapath, limits) = validate_datapath(&mut e, raw.datapath);
     let control = validate_control(&mut e, raw.control);
-    let announce = raw.announce.map(|a| validate_announce(&mut e, a));
-    let counts = Counts { services: raw.services.len(), backends: raw.services.iter().map(|s| s.backends.len()).sum() };
-    let services: Vec<_> = raw.services.into_iter().enumerate().map(|(i, s)| validate_service(&mut e, i, s)).collect();
-    cross_check(&mut e, datapath.as_ref(), &services, counts);
+    let announce = match raw.announce {
+        None => Some(None),
+        Some(r) => validate_announce(&mut e, r).map(Some),
+    };
+    let services: Vec<ServiceParts> =
+        raw.services.into_iter().enumerate().map(|(i, s)| validate_service(&mut e, i, s)).collect();
+    cross_check(&mut e, &limits, &services);
 
     if !e.0.is_empty() {
         return Err(ConfigErrors(e.0));
@@ -191,17 +195,23 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         Some(Config {
             datapath: datapath?,
             control: control?,
-            services: services.into_iter().collect::<Option<_>>()?,
-            announce: match announce {
-                None => None,
-                Some(a) => Some(a?),
-            },
+            services: services.into_iter().map(ServiceParts::build).collect::<Option<_>>()?,
+            announce: announce?,
         })
     })();
     Ok(parts.expect("a part failed validation without recording an error"))
 }
 
-fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
+/// The datapath values the checks across services use, each if it validated.
+#[derive(Default)]
+struct Limits {
+    mode: Option<Mode>,
+    max_services: Option<u32>,
+    max_backends: Option<u32>,
+    maglev_table_size: Option<u32>,
+}
+
+fn validate_datapath(e: &mut Errors, r: RawDatapath) -> (Option<DatapathConfig>, Limits) {
     let interfaces = match r.interfaces {
         None => e.missing("datapath.interfaces", r#"interfaces = ["eth0"]"#),
         Some(list) if list.is_empty() => {
@@ -278,19 +288,23 @@ fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
         }
     }
 
-    Some(DatapathConfig {
-        interfaces: interfaces?,
-        mode: mode?,
-        xdp_mode: xdp_mode?,
-        affinity_entries: affinity_entries?,
-        flow_entries: flow_entries?,
-        max_new_pins_per_cpu: max_new_pins_per_cpu?,
-        pin_path: pin_path?,
-        max_services: max_services?,
-        max_backends: max_backends?,
-        maglev_table_size: maglev_table_size?,
-        hash_seed: hash_seed?,
-    })
+    let limits = Limits { mode, max_services, max_backends, maglev_table_size };
+    let config = (|| {
+        Some(DatapathConfig {
+            interfaces: interfaces?,
+            mode: mode?,
+            xdp_mode: xdp_mode?,
+            affinity_entries: affinity_entries?,
+            flow_entries: flow_entries?,
+            max_new_pins_per_cpu: max_new_pins_per_cpu?,
+            pin_path: pin_path?,
+            max_services: max_services?,
+            max_backends: max_backends?,
+            maglev_table_size: maglev_table_size?,
+            hash_seed: hash_seed?,
+        })
+    })();
+    (config, limits)
 }
 
 /// Why Linux would refuse `name` as an interface name (`dev_valid_name` in net/core/dev.c).
@@ -355,8 +369,65 @@ fn validate_control(e: &mut Errors, r: RawControl) -> Option<ControlConfig> {
     Some(ControlConfig { socket: socket?, metrics: metrics? })
 }
 
-/// Checks one service on its own; `None` if anything in it is invalid.
-fn validate_service(e: &mut Errors, i: usize, r: RawService) -> Option<ServiceConfig> {
+/// What validated of one service: each field that passed its own checks (`None`: it failed and
+/// was reported), for the checks across fields and services.
+#[derive(Default)]
+struct ServiceParts {
+    name: Option<String>,
+    vip: Option<IpAddr>,
+    port: Option<u16>,
+    protocol: Option<Protocol>,
+    affinity: Option<AffinityConfig>,
+    health: Option<HealthConfig>,
+    /// Every backend listed, valid or not.
+    backends: Vec<BackendParts>,
+}
+
+impl ServiceParts {
+    /// The service, if every part of it validated.
+    fn build(self) -> Option<ServiceConfig> {
+        let backends: Vec<_> = self.backends.into_iter().map(BackendParts::build).collect::<Option<_>>()?;
+        Some(ServiceConfig {
+            name: self.name?,
+            vip: self.vip?,
+            port: self.port?,
+            protocol: self.protocol?,
+            affinity: self.affinity?,
+            health: self.health?,
+            backends: Some(backends).filter(|b| !b.is_empty())?,
+        })
+    }
+
+    /// The backends that take part in checks across services: a duplicate within the service is
+    /// reported as such, not again as whatever its first listing is.
+    fn distinct_backends(&self) -> impl Iterator<Item = (usize, &BackendParts)> {
+        self.backends.iter().enumerate().filter(|(_, b)| !b.duplicate)
+    }
+}
+
+/// What validated of one backend, as `ServiceParts`.
+#[derive(Default)]
+struct BackendParts {
+    address: Option<IpAddr>,
+    port: Option<u16>,
+    weight: Option<u32>,
+    state: Option<BackendState>,
+    /// An earlier backend of the service has the same address and port.
+    duplicate: bool,
+}
+
+impl BackendParts {
+    fn endpoint(&self) -> Option<(IpAddr, u16)> {
+        Some((self.address?, self.port?))
+    }
+
+    fn build(self) -> Option<BackendConfig> {
+        Some(BackendConfig { address: self.address?, port: self.port?, weight: self.weight?, state: self.state? })
+    }
+}
+
+/// Checks one service on its own: its fields, and its backends against each other and its VIP.
+fn validate_service(e: &mut Errors, i: usize, r: RawService) -> ServiceParts {
     let p = format!("services[{i}]");
     let name = match r.name {
         None => e.missing(&format!("{p}.name"), r#"name = "web""#),
@@ -388,58 +459,43 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> Option<ServiceCo
             "a service needs at least one [[services.backends]] with an address and a port",
         );
     }
-    let backends: Vec<_> = r
-        .backends
-        .into_iter()
-        .enumerate()
-        .map(|(j, b)| validate_backend(e, &format!("{p}.backends[{j}]"), b))
-        .collect();
-    // Duplicates within the service, among the backends that parsed.
-    let mut unique = true;
-    for (j, b) in backends.iter().enumerate() {
-        let Some(b) = b else { continue };
-        let same = |o: &Option<BackendConfig>| o.as_ref().is_some_and(|o| (o.address, o.port) == (b.address, b.port));
-        if let Some(first) = backends[..j].iter().position(same) {
+    let mut backends: Vec<BackendParts> =
+        r.backends.into_iter().enumerate().map(|(j, b)| validate_backend(e, &format!("{p}.backends[{j}]"), b)).collect();
+    // Duplicates within the service, among the backends whose address and port parsed.
+    for j in 0..backends.len() {
+        let Some((address, port)) = backends[j].endpoint() else { continue };
+        if let Some(first) = backends[..j].iter().position(|o| o.endpoint() == Some((address, port))) {
             e.push(
                 &format!("{p}.backends[{j}]"),
-                format!("{}:{} is already listed as backends[{first}]; list each backend once", b.address, b.port),
+                format!("{address}:{port} is already listed as backends[{first}]; list each backend once"),
             );
-            unique = false;
+            backends[j].duplicate = true;
         }
     }
 
-    // NAT keeps the address family: a service's backends are of its VIP's family.
+    // NAT keeps the address family: a service's backends are of its VIP's family. A backend of
+    // the other family still takes part in the checks across services.
     if let Some(vip) = vip {
-        for (j, b) in backends.iter().enumerate() {
-            if let Some(b) = b
-                && b.address.is_ipv6() != vip.is_ipv6()
+        let fam = |a: &IpAddr| if a.is_ipv6() { "IPv6" } else { "IPv4" };
+        for (j, b) in backends.iter().enumerate().filter(|(_, b)| !b.duplicate) {
+            if let Some(address) = b.address
+                && address.is_ipv6() != vip.is_ipv6()
             {
-                let fam = |a: &IpAddr| if a.is_ipv6() { "IPv6" } else { "IPv4" };
                 e.push(
                     &format!("{p}.backends[{j}].address"),
                     format!(
-                        "{} is {} but the service's vip {vip} is {}: the balancer does not translate between \
+                        "{address} is {} but the service's vip {vip} is {}: the balancer does not translate between \
                          families; use an {} backend",
-                        b.address,
-                        fam(&b.address),
+                        fam(&address),
                         fam(&vip),
                         fam(&vip)
                     ),
                 );
-                unique = false;
             }
         }
     }
 
-    Some(ServiceConfig {
-        name: name?,
-        vip: vip?,
-        port: port?,
-        protocol: protocol?,
-        affinity: affinity?,
-        health: health?,
-        backends: backends.into_iter().collect::<Option<Vec<_>>>().filter(|b| unique && !b.is_empty())?,
-    })
+    ServiceParts { name, vip, port, protocol, affinity, health, backends }
 }
 
 fn validate_affinity(e: &mut Errors, p: &str, r: RawAffinity) -> Option<AffinityConfig> {
@@ -545,7 +601,7 @@ fn validate_health(e: &mut Errors, p: &str, r: RawHealth) -> Option<HealthConfig
     })
 }
 
-fn validate_backend(e: &mut Errors, p: &str, r: RawBackend) -> Option<BackendConfig> {
+fn validate_backend(e: &mut Errors, p: &str, r: RawBackend) -> BackendParts {
     let address = e.unicast(&format!("{p}.address"), r.address.as_deref(), r#"address = "10.1.0.11""#);
     let port = e.required_int(&format!("{p}.port"), r.port, 1, 65535, "port = 8080");
     let weight = e.int(&format!("{p}.weight"), r.weight, DEFAULT_WEIGHT, 1, 65535);
@@ -555,34 +611,33 @@ fn validate_backend(e: &mut Errors, p: &str, r: RawBackend) -> Option<BackendCon
         BackendState::Active,
         &[(BackendState::Active, "active"), (BackendState::Draining, "draining")],
     );
-    Some(BackendConfig { address: address?, port: port?, weight: weight?, state: state? })
+    BackendParts { address, port, weight, state, duplicate: false }
 }
 
-/// How many services and backends the file lists, valid or not (capacity checks count them all).
-struct Counts {
-    services: usize,
-    backends: usize,
-}
-
-/// Rules that span services. Only services that passed their own checks take part, so a broken
-/// service does not also trigger "duplicate" noise.
-fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Option<ServiceConfig>], counts: Counts) {
-    let valid = || services.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
-    let label = |i: usize| format!("services[{i}] (\"{}\")", services[i].as_ref().map_or("?", |s| s.name.as_str()));
+/// Rules that span services. Every value that passed its own checks takes part, whatever else
+/// failed in its service, so independent problems are all reported; a value that failed takes
+/// part in none, so it is reported once.
+fn cross_check(e: &mut Errors, limits: &Limits, services: &[ServiceParts]) {
+    let label = |i: usize| match &services[i].name {
+        Some(name) => format!("services[{i}] (\"{name}\")"),
+        None => format!("services[{i}]"),
+    };
 
     // DSR rewrites no port: a backend answers on the service port itself.
-    if datapath.is_some_and(|d| d.mode == Mode::Dsr) {
-        for (i, s) in valid() {
-
-            for (j, b) in s.backends.iter().enumerate() {
-                if b.port != s.port {
+    if limits.mode == Some(Mode::Dsr) {
+        for (i, s) in services.iter().enumerate() {
+            let Some(service_port) = s.port else { continue };
+            let vip = s.vip.map_or_else(|| "the VIP".to_owned(), |v| format!("the VIP {v}"));
+            for (j, b) in s.distinct_backends() {
+                if let Some(port) = b.port
+                    && port != service_port
+                {
                     e.push(
                         &format!("services[{i}].backends[{j}].port"),
                         format!(
-                            "is {} but the service port is {}: in DSR mode only the MAC address is rewritten, \
-                             so a backend must listen on the service port (and hold the VIP {} on a loopback \
-                             interface, with arp_ignore=1 and arp_announce=2, on the balancer's L2 segment)",
-                            b.port, s.port, s.vip
+                            "is {port} but the service port is {service_port}: in DSR mode only the MAC address is \
+                             rewritten, so a backend must listen on the service port (and hold {vip} on a loopback \
+                             interface, with arp_ignore=1 and arp_announce=2, on the balancer's L2 segment)"
                         ),
                     );
                 }
@@ -592,99 +647,105 @@ fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Op
 
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut vips: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
-    for (i, s) in valid() {
-        if let Some(&first) = names.get(s.name.as_str()) {
-            e.push(
-                &format!("services[{i}].name"),
-                format!("\"{}\" is already the name of services[{first}]; names must be unique", s.name),
-            );
-        } else {
-            names.insert(&s.name, i);
+    for (i, s) in services.iter().enumerate() {
+        if let Some(name) = &s.name {
+            if let Some(&first) = names.get(name.as_str()) {
+                e.push(
+                    &format!("services[{i}].name"),
+                    format!("\"{name}\" is already the name of services[{first}]; names must be unique"),
+                );
+            } else {
+                names.insert(name, i);
+            }
         }
-        let key = (s.vip, s.port, s.protocol);
-        if let Some(&first) = vips.get(&key) {
+        let (Some(vip), Some(port), Some(protocol)) = (s.vip, s.port, s.protocol) else { continue };
+        if let Some(&first) = vips.get(&(vip, port, protocol)) {
             e.push(
                 &format!("services[{i}].vip"),
                 format!(
-                    "{}:{}/{} is already the address of {}; each (vip, port, protocol) must be unique",
-                    s.vip,
-                    s.port,
-                    s.protocol,
+                    "{vip}:{port}/{protocol} is already the address of {}; each (vip, port, protocol) must be unique",
                     label(first)
                 ),
             );
         } else {
-            vips.insert(key, i);
+            vips.insert((vip, port, protocol), i);
         }
     }
 
     // A backend must not be a VIP (any port): traffic to it would be balanced again.
     let mut vip_owner: HashMap<IpAddr, usize> = HashMap::new();
-    for (i, s) in valid() {
-        vip_owner.entry(s.vip).or_insert(i);
+    for (i, s) in services.iter().enumerate() {
+        if let Some(vip) = s.vip {
+            vip_owner.entry(vip).or_insert(i);
+        }
     }
     // A backend endpoint in two services would make reply translation ambiguous: REVERSE maps
     // (address, port, protocol) to exactly one VIP.
     let mut endpoints: HashMap<(IpAddr, u16, Protocol), (usize, usize)> = HashMap::new();
-    for (i, s) in valid() {
-        for (j, b) in s.backends.iter().enumerate() {
+    for (i, s) in services.iter().enumerate() {
+        for (j, b) in s.distinct_backends() {
             let field = format!("services[{i}].backends[{j}]");
-            if let Some(&owner) = vip_owner.get(&b.address) {
+            if let Some(address) = b.address
+                && let Some(&owner) = vip_owner.get(&address)
+            {
                 e.push(
                     &format!("{field}.address"),
-                    format!("{} is the VIP of {}; a backend must not be a VIP", b.address, label(owner)),
+                    format!("{address} is the VIP of {}; a backend must not be a VIP", label(owner)),
                 );
             }
-            let key = (b.address, b.port, s.protocol);
-            match endpoints.get(&key) {
+            let (Some((address, port)), Some(protocol)) = (b.endpoint(), s.protocol) else { continue };
+            match endpoints.get(&(address, port, protocol)) {
                 Some(&(oi, oj)) if oi != i => e.push(
                     &field,
                     format!(
-                        "{}:{}/{} is also services[{oi}].backends[{oj}] of {}; NAT reply translation would be \
-                         ambiguous (a reply from it could belong to either service). Give each service its own backend port",
-                        b.address,
-                        b.port,
-                        s.protocol,
+                        "{address}:{port}/{protocol} is also services[{oi}].backends[{oj}] of {}; NAT reply \
+                         translation would be ambiguous (a reply from it could belong to either service). Give \
+                         each service its own backend port",
                         label(oi)
                     ),
                 ),
                 Some(_) => {}
                 None => {
-                    endpoints.insert(key, (i, j));
+                    endpoints.insert((address, port, protocol), (i, j));
                 }
             }
         }
     }
 
-    let Some(d) = datapath else { return };
-    if counts.services > d.max_services as usize {
+    // Capacities count every service and backend listed, valid or not.
+    if let Some(max) = limits.max_services
+        && services.len() > max as usize
+    {
         e.push(
             "services",
             format!(
-                "{} services exceed datapath.max_services = {}; raise it (at most 4096) or remove services",
-                counts.services, d.max_services
+                "{} services exceed datapath.max_services = {max}; raise it (at most 4096) or remove services",
+                services.len()
             ),
         );
     }
-    if counts.backends > d.max_backends as usize {
+    let backends: usize = services.iter().map(|s| s.backends.len()).sum();
+    if let Some(max) = limits.max_backends
+        && backends > max as usize
+    {
         e.push(
             "services",
             format!(
-                "{} backends in total exceed datapath.max_backends = {}; raise it (at most 65536) or remove backends",
-                counts.backends, d.max_backends
+                "{backends} backends in total exceed datapath.max_backends = {max}; raise it (at most 65536) or \
+                 remove backends"
             ),
         );
     }
     // Maglev can give every backend a slot only if there are no more backends than slots.
-    for (i, s) in valid() {
-        if s.backends.len() > d.maglev_table_size as usize {
+    let Some(m) = limits.maglev_table_size else { return };
+    for (i, s) in services.iter().enumerate() {
+        let n = s.distinct_backends().count();
+        if n > m as usize {
             e.push(
                 &format!("services[{i}].backends"),
                 format!(
-                    "{} backends do not fit a Maglev table of datapath.maglev_table_size = {}; raise it (to a prime \
-                     at least 100 times the backend count for even balance)",
-                    s.backends.len(),
-                    d.maglev_table_size
+                    "{n} backends do not fit a Maglev table of datapath.maglev_table_size = {m}; raise it (to a prime \
+                     at least 100 times the backend count for even balance)"
                 ),
             );
         }
@@ -1164,6 +1225,64 @@ port = 80
         let shown = errs.to_string();
         assert_eq!(shown.lines().count(), fields.len());
         assert!(shown.lines().next().unwrap().starts_with("datapath.interfaces[1]: "));
+    }
+
+    #[test]
+    fn independent_problems_all_appear_in_one_pass() {
+        let errs = Config::parse(INDEPENDENT_MISTAKES).unwrap_err();
+        let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                // Each service on its own.
+                "services[0].backends[0].address",
+                "services[1].backends[0].port",
+                "services[2].port",
+                // Across services, among the values that passed, wherever the other mistakes are.
+                "services[0].backends[0].port",
+                "services[0].backends[1].port",
+                "services[1].backends[1].port",
+                "services[1].name",
+                "services[1].vip",
+                "services[1].backends[0].address",
+                "services[1].backends[1]",
+            ],
+            "\n{errs}"
+        );
+        let shown = errs.to_string();
+        for needle in [
+            "services[0].backends[0].address: fd00::11 is IPv6 but the service's vip 10.0.0.100 is IPv4",
+            "services[1].backends[0].port: must be 1..=65535, got 0",
+            "services[2].port: must be 1..=65535, got 0",
+            "services[0].backends[0].port: is 8080 but the service port is 80: in DSR mode",
+            "services[1].name: \"web\" is already the name of services[0]",
+            "services[1].vip: 10.0.0.100:80/tcp is already the address of services[0] (\"web\")",
+            "services[1].backends[0].address: 10.0.0.100 is the VIP of services[0] (\"web\")",
+            "services[1].backends[1]: 10.1.0.12:8080/tcp is also services[0].backends[1]",
+        ] {
+            assert!(shown.contains(needle), "missing `{needle}` in:\n{shown}");
+        }
+    }
+
+    #[test]
+    fn a_failed_value_takes_part_in_no_other_check() {
+        // The duplicate backend is reported as a duplicate, not again as a shared endpoint or a VIP.
+        let text = edit(
+            &two_services(""),
+            &[
+                ("\"udp\"", "\"tcp\""),
+                ("10.1.0.21\"\nport = 5353", "10.1.0.11\"\nport = 8080"),
+                ("10.1.0.22", "10.1.0.11"),
+            ],
+        );
+        let text = text.replacen("port = 5353", "port = 8080", 1);
+        let errs = errors(&text);
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["services[1].backends[1]", "services[1].backends[0]"], "{}", ConfigErrors(errs.clone()));
+        // A name or VIP that failed is not compared with the others.
+        let text = edit(&two_services(""), &[("name = \"dns\"", "name = \"web \""), ("10.0.0.53", "10.0.0.100.1")]);
+        let fields: Vec<String> = errors(&text).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["services[1].name", "services[1].vip"]);
     }
 
     #[test]
