@@ -27,8 +27,6 @@ pub use model::{
 };
 pub use validate::{ConfigErrors, FieldError};
 
-use raw::RawConfig;
-
 impl Config {
     /// Parses and validates a config; reports every problem found, not just the first.
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
@@ -49,10 +47,10 @@ impl Config {
 
 /// `origin` names the source in a TOML syntax error, which has no field path of its own.
 fn parse_from(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         ConfigErrors(vec![FieldError { field: origin.to_owned(), message: e.to_string().trim_end().to_owned() }])
     })?;
-    validate::validate(raw)
+    validate::validate(&doc)
 }
 
 #[cfg(test)]
@@ -77,15 +75,18 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    // ---- TOML-level errors: one error, toml's own message.
+    // ---- TOML syntax errors: one error, toml's own message.
 
     #[test]
-    fn toml_syntax_and_type_errors_keep_tomls_message() {
+    fn toml_syntax_errors_keep_tomls_message_and_type_errors_do_not_stop() {
         let errs = errors("[datapath\n");
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].field, "config");
         assert!(errs[0].message.contains("TOML parse error at line 1"), "{}", errs[0]);
-        let errs = errors(&datapath("max_services = \"many\""));
-        assert!(errs[0].message.contains("invalid type"), "{}", errs[0]);
+        // A wrong type is judged with the values, not as a TOML error.
+        let errs = errors(&datapath("max_services = \"many\"\nmode = \"tunnel\""));
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["datapath.max_services", "datapath.mode"], "{}", ConfigErrors(errs.clone()));
+        assert_eq!(errs[0].message, "must be an integer, got a string \"many\"");
     }
 }

@@ -65,7 +65,8 @@ port = 8080
 "#;
 
 /// Independent mistakes spread over three services, each of which also has a mistake of its own
-/// that once kept it out of the checks across services.
+/// that once kept it out of the checks across services (and a file-shape mistake that once
+/// stopped the read).
 pub(super) const INDEPENDENT_MISTAKES: &str = r#"
 [datapath]
 interfaces = ["eth0"]
@@ -99,8 +100,8 @@ port = 8080
 
 [[services]]
 name = "dns"
-vip = "10.0.0.53"
-port = 0
+vipp = "10.0.0.53"
+port = "53"
 
 [[services.backends]]
 address = "10.1.0.31"

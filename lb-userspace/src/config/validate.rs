@@ -1,8 +1,8 @@
 //! Validation: the raw model judged into the typed one, every problem reported with its field
-//! path and the fix. Each check returns `None` after recording an error; the checks across
-//! fields and services then run on every value that passed, whatever else failed around it, so
-//! that independent problems all appear at once while one mistake is reported once rather than
-//! echoed by every rule after it.
+//! path and the fix. Each check returns `None` after recording an error (or for a value `read`
+//! already found of the wrong type); the checks across fields and services then run on every
+//! value that passed, whatever else failed around it, so that independent problems all appear
+//! at once while one mistake is reported once rather than echoed by every rule after it.
 
 use std::{
     collections::HashMap,
@@ -20,7 +20,7 @@ use super::{
         DEFAULT_METRICS, DEFAULT_PIN_PATH, DEFAULT_SOCKET, DEFAULT_WEIGHT, DatapathConfig, HealthConfig, HealthKind,
         Mode, Protocol, ServiceConfig, XdpMode,
     },
-    raw::{RawAffinity, RawAnnounce, RawBackend, RawConfig, RawControl, RawDatapath, RawHealth, RawService},
+    raw::{self, Field, RawAffinity, RawAnnounce, RawBackend, RawControl, RawDatapath, RawHealth, RawService},
 };
 use crate::maglev::is_prime;
 
@@ -78,10 +78,11 @@ impl Errors {
     }
 
     /// `value` (or `default` when absent) if it lies in `lo..=hi`.
-    fn int<T: TryFrom<i64>>(&mut self, field: &str, value: Option<i64>, default: T, lo: i64, hi: i64) -> Option<T> {
+    fn int<T: TryFrom<i64>>(&mut self, field: &str, value: Field<i64>, default: T, lo: i64, hi: i64) -> Option<T> {
         match value {
-            None => Some(default),
-            Some(v) => self.range(field, v, lo, hi),
+            Field::Absent => Some(default),
+            Field::Wrong => None,
+            Field::Given(v) => self.range(field, v, lo, hi),
         }
     }
 
@@ -89,14 +90,15 @@ impl Errors {
     fn required_int<T: TryFrom<i64>>(
         &mut self,
         field: &str,
-        value: Option<i64>,
+        value: Field<i64>,
         lo: i64,
         hi: i64,
         example: &str,
     ) -> Option<T> {
         match value {
-            None => self.missing(field, example),
-            Some(v) => self.range(field, v, lo, hi),
+            Field::Absent => self.missing(field, example),
+            Field::Wrong => None,
+            Field::Given(v) => self.range(field, v, lo, hi),
         }
     }
 
@@ -115,8 +117,12 @@ impl Errors {
     }
 
     /// One of `choices` (variant, name as written in the file), or `default` when absent.
-    fn choice<T: Copy>(&mut self, field: &str, value: Option<&str>, default: T, choices: &[(T, &str)]) -> Option<T> {
-        let Some(v) = value else { return Some(default) };
+    fn choice<T: Copy>(&mut self, field: &str, value: Field<&str>, default: T, choices: &[(T, &str)]) -> Option<T> {
+        let v = match value {
+            Field::Absent => return Some(default),
+            Field::Wrong => return None,
+            Field::Given(v) => v,
+        };
         if let Some((t, _)) = choices.iter().find(|(_, name)| *name == v) {
             return Some(*t);
         }
@@ -125,8 +131,12 @@ impl Errors {
         None
     }
 
-    fn duration(&mut self, field: &str, value: Option<&str>, default: Duration) -> Option<Duration> {
-        let Some(v) = value else { return Some(default) };
+    fn duration(&mut self, field: &str, value: Field<&str>, default: Duration) -> Option<Duration> {
+        let v = match value {
+            Field::Absent => return Some(default),
+            Field::Wrong => return None,
+            Field::Given(v) => v,
+        };
         match humantime::parse_duration(v) {
             Ok(d) => Some(d),
             Err(e) => {
@@ -136,8 +146,12 @@ impl Errors {
         }
     }
 
-    fn absolute_path(&mut self, field: &str, value: Option<&str>, default: &str) -> Option<PathBuf> {
-        let v = value.unwrap_or(default);
+    fn absolute_path(&mut self, field: &str, value: Field<&str>, default: &str) -> Option<PathBuf> {
+        let v = match value {
+            Field::Absent => default,
+            Field::Wrong => return None,
+            Field::Given(v) => v,
+        };
         if Path::new(v).is_absolute() {
             Some(PathBuf::from(v))
         } else {
@@ -147,8 +161,12 @@ impl Errors {
     }
 
     /// An IPv4 or IPv6 address a packet can be sent to (VIPs and backends).
-    fn unicast(&mut self, field: &str, value: Option<&str>, example: &str) -> Option<IpAddr> {
-        let Some(v) = value else { return self.missing(field, example) };
+    fn unicast(&mut self, field: &str, value: Field<&str>, example: &str) -> Option<IpAddr> {
+        let v = match value {
+            Field::Absent => return self.missing(field, example),
+            Field::Wrong => return None,
+            Field::Given(v) => v,
+        };
         let a = match v.parse::<IpAddr>() {
             Ok(a) => a,
             Err(_) => {
@@ -175,16 +193,28 @@ impl Errors {
     }
 }
 
-pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+pub(super) fn validate(doc: &toml::Table) -> Result<Config, ConfigErrors> {
     let mut e = Errors::default();
-    let (datapath, limits) = validate_datapath(&mut e, raw.datapath);
-    let control = validate_control(&mut e, raw.control);
-    let announce = match raw.announce {
-        None => Some(None),
-        Some(r) => validate_announce(&mut e, r).map(Some),
+    let raw = raw::read(doc, &mut e.0);
+    let (datapath, limits) = match raw.datapath.or_default() {
+        Some(r) => validate_datapath(&mut e, r),
+        None => (None, Limits::default()),
     };
-    let services: Vec<ServiceParts> =
-        raw.services.into_iter().enumerate().map(|(i, s)| validate_service(&mut e, i, s)).collect();
+    let control = raw.control.or_default().and_then(|r| validate_control(&mut e, r));
+    let announce = match raw.announce {
+        Field::Absent => Some(None),
+        Field::Wrong => None,
+        Field::Given(r) => validate_announce(&mut e, r).map(Some),
+    };
+    let services: Vec<ServiceParts> = listed(raw.services)
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| match s {
+            Field::Given(s) => validate_service(&mut e, i, s),
+            // Not a table: reported by `read`.
+            Field::Absent | Field::Wrong => ServiceParts::default(),
+        })
+        .collect();
     cross_check(&mut e, &limits, &services);
 
     if !e.0.is_empty() {
@@ -202,6 +232,14 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     Ok(parts.expect("a part failed validation without recording an error"))
 }
 
+/// The entries of a list, none when the list is absent or of the wrong type (reported).
+fn listed<T>(list: Field<Vec<T>>) -> Vec<T> {
+    match list {
+        Field::Given(items) => items,
+        Field::Absent | Field::Wrong => Vec::new(),
+    }
+}
+
 /// The datapath values the checks across services use, each if it validated.
 #[derive(Default)]
 struct Limits {
@@ -213,19 +251,24 @@ struct Limits {
 
 fn validate_datapath(e: &mut Errors, r: RawDatapath) -> (Option<DatapathConfig>, Limits) {
     let interfaces = match r.interfaces {
-        None => e.missing("datapath.interfaces", r#"interfaces = ["eth0"]"#),
-        Some(list) if list.is_empty() => {
+        Field::Absent => e.missing("datapath.interfaces", r#"interfaces = ["eth0"]"#),
+        Field::Wrong => None,
+        Field::Given(list) if list.is_empty() => {
             e.push("datapath.interfaces", r#"must name at least one interface, e.g. `interfaces = ["eth0"]`"#);
             None
         }
-        Some(list) => {
+        Field::Given(list) => {
             let mut ok = true;
             for (i, name) in list.iter().enumerate() {
                 let field = format!("datapath.interfaces[{i}]");
+                let Field::Given(name) = name else {
+                    ok = false;
+                    continue;
+                };
                 if let Some(why) = ifname_problem(name) {
                     e.push(&field, format!("\"{}\" is not a valid interface name: {why}", name.escape_debug()));
                     ok = false;
-                } else if let Some(first) = list[..i].iter().position(|n| n == name) {
+                } else if let Some(first) = list[..i].iter().position(|n| *n == Field::Given(name.clone())) {
                     e.push(
                         &field,
                         format!("\"{name}\" is already listed as interfaces[{first}]; list each interface once"),
@@ -233,7 +276,7 @@ fn validate_datapath(e: &mut Errors, r: RawDatapath) -> (Option<DatapathConfig>,
                     ok = false;
                 }
             }
-            ok.then_some(list)
+            ok.then(|| list.into_iter().filter_map(|n| n.or_default()).collect())
         }
     };
 
@@ -353,9 +396,10 @@ fn validate_announce(e: &mut Errors, r: RawAnnounce) -> Option<AnnounceConfig> {
 fn validate_control(e: &mut Errors, r: RawControl) -> Option<ControlConfig> {
     let socket = e.absolute_path("control.socket", r.socket.as_deref(), DEFAULT_SOCKET);
     let metrics = match r.metrics.as_deref() {
-        None => Some(Some(DEFAULT_METRICS.parse().expect("a valid default"))),
-        Some("off") => Some(None),
-        Some(v) => match v.parse::<SocketAddr>() {
+        Field::Absent => Some(Some(DEFAULT_METRICS.parse().expect("a valid default"))),
+        Field::Wrong => None,
+        Field::Given("off") => Some(None),
+        Field::Given(v) => match v.parse::<SocketAddr>() {
             Ok(a) => Some(Some(a)),
             Err(_) => {
                 e.push(
@@ -430,8 +474,9 @@ impl BackendParts {
 fn validate_service(e: &mut Errors, i: usize, r: RawService) -> ServiceParts {
     let p = format!("services[{i}]");
     let name = match r.name {
-        None => e.missing(&format!("{p}.name"), r#"name = "web""#),
-        Some(n)
+        Field::Absent => e.missing(&format!("{p}.name"), r#"name = "web""#),
+        Field::Wrong => None,
+        Field::Given(n)
             if n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) =>
         {
             e.push(
@@ -440,7 +485,7 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> ServiceParts {
             );
             None
         }
-        Some(n) => Some(n),
+        Field::Given(n) => Some(n),
     };
     let vip = e.unicast(&format!("{p}.vip"), r.vip.as_deref(), r#"vip = "10.0.0.100""#);
     let port = e.required_int(&format!("{p}.port"), r.port, 1, 65535, "port = 80");
@@ -450,17 +495,24 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> ServiceParts {
         Protocol::Tcp,
         &[(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")],
     );
-    let affinity = validate_affinity(e, &p, r.affinity);
-    let health = validate_health(e, &p, r.health);
+    let affinity = r.affinity.or_default().and_then(|a| validate_affinity(e, &p, a));
+    let health = r.health.or_default().and_then(|h| validate_health(e, &p, h));
 
-    if r.backends.is_empty() {
+    if matches!(&r.backends, Field::Absent) || matches!(&r.backends, Field::Given(list) if list.is_empty()) {
         e.push(
             &format!("{p}.backends"),
             "a service needs at least one [[services.backends]] with an address and a port",
         );
     }
-    let mut backends: Vec<BackendParts> =
-        r.backends.into_iter().enumerate().map(|(j, b)| validate_backend(e, &format!("{p}.backends[{j}]"), b)).collect();
+    let mut backends: Vec<BackendParts> = listed(r.backends)
+        .into_iter()
+        .enumerate()
+        .map(|(j, b)| match b {
+            Field::Given(b) => validate_backend(e, &format!("{p}.backends[{j}]"), b),
+            // Not a table: reported by `read`.
+            Field::Absent | Field::Wrong => BackendParts::default(),
+        })
+        .collect();
     // Duplicates within the service, among the backends whose address and port parsed.
     for j in 0..backends.len() {
         let Some((address, port)) = backends[j].endpoint() else { continue };
@@ -513,8 +565,9 @@ fn validate_affinity(e: &mut Errors, p: &str, r: RawAffinity) -> Option<Affinity
     let ipv6_prefix = e.int(&format!("{p}.affinity.ipv6_prefix"), r.ipv6_prefix, d.ipv6_prefix, 0, 128);
     let field = format!("{p}.affinity.max_age");
     let max_age = match r.max_age.as_deref() {
-        None => Some(None),
-        Some(v) => e.duration(&field, Some(v), Duration::ZERO).and_then(|t| {
+        Field::Absent => Some(None),
+        Field::Wrong => None,
+        Field::Given(v) => e.duration(&field, Field::Given(v), Duration::ZERO).and_then(|t| {
             if t.is_zero() || t > MAX_PIN_AGE {
                 e.push(&field, format!("must be more than 0 and at most 365 days, got {}", humantime::format_duration(t)));
                 None
@@ -537,18 +590,21 @@ fn validate_health(e: &mut Errors, p: &str, r: RawHealth) -> Option<HealthConfig
     // Path and host go into an HTTP request line and header: no whitespace or control bytes.
     let bad_char = |s: &str| s.chars().any(|c| c.is_whitespace() || c.is_control());
     let path = match r.path {
-        None => Some(d.path),
-        Some(v) if !v.starts_with('/') || bad_char(&v) => {
+        Field::Absent => Some(d.path),
+        Field::Wrong => None,
+        Field::Given(v) if !v.starts_with('/') || bad_char(&v) => {
             e.push(
                 &format!("{p}.health.path"),
                 format!("\"{}\" must start with '/' and contain no whitespace, e.g. \"/healthz\"", v.escape_debug()),
             );
             None
         }
-        Some(v) => Some(v),
+        Field::Given(v) => Some(v),
     };
     let host = match r.host {
-        Some(v) if v.is_empty() || bad_char(&v) => {
+        Field::Absent => Some(None),
+        Field::Wrong => None,
+        Field::Given(v) if v.is_empty() || bad_char(&v) => {
             e.push(
                 &format!("{p}.health.host"),
                 format!(
@@ -558,7 +614,7 @@ fn validate_health(e: &mut Errors, p: &str, r: RawHealth) -> Option<HealthConfig
             );
             None
         }
-        v => Some(v),
+        Field::Given(v) => Some(Some(v)),
     };
     let field = format!("{p}.health.interval");
     let interval = e.duration(&field, r.interval.as_deref(), d.interval).and_then(|i| {
@@ -1234,10 +1290,13 @@ port = 80
         assert_eq!(
             fields,
             [
-                // Each service on its own.
+                // The shape of the file.
+                "services[2].vipp",
+                "services[2].port",
+                // Each service on its own: a required field of the wrong type is not also missing.
                 "services[0].backends[0].address",
                 "services[1].backends[0].port",
-                "services[2].port",
+                "services[2].vip",
                 // Across services, among the values that passed, wherever the other mistakes are.
                 "services[0].backends[0].port",
                 "services[0].backends[1].port",
@@ -1251,9 +1310,11 @@ port = 80
         );
         let shown = errs.to_string();
         for needle in [
+            "services[2].vipp: unknown field; expected one of name, vip, port, protocol, affinity, health, backends",
+            "services[2].port: must be an integer, got a string \"53\"",
             "services[0].backends[0].address: fd00::11 is IPv6 but the service's vip 10.0.0.100 is IPv4",
             "services[1].backends[0].port: must be 1..=65535, got 0",
-            "services[2].port: must be 1..=65535, got 0",
+            "services[2].vip: is required",
             "services[0].backends[0].port: is 8080 but the service port is 80: in DSR mode",
             "services[1].name: \"web\" is already the name of services[0]",
             "services[1].vip: 10.0.0.100:80/tcp is already the address of services[0] (\"web\")",
