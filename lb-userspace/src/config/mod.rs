@@ -16,6 +16,7 @@ use std::path::Path;
 
 mod model;
 mod raw;
+mod syntax;
 #[cfg(test)]
 mod testing;
 mod validate;
@@ -45,11 +46,9 @@ impl Config {
     }
 }
 
-/// `origin` names the source in a TOML syntax error, which has no field path of its own.
+/// `origin` names the source in a TOML syntax error before any table header.
 fn parse_from(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
-    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        ConfigErrors(vec![FieldError { field: origin.to_owned(), message: e.to_string().trim_end().to_owned() }])
-    })?;
+    let doc: toml::Table = text.parse().map_err(|e| ConfigErrors(vec![syntax::syntax_error(text, origin, &e)]))?;
     validate::validate(&doc)
 }
 
@@ -75,15 +74,14 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    // ---- TOML syntax errors: one error, toml's own message.
+    // ---- A syntax error is the one error; a wrong type is judged with the values.
 
     #[test]
-    fn toml_syntax_errors_keep_tomls_message_and_type_errors_do_not_stop() {
+    fn toml_syntax_errors_stop_and_type_errors_do_not() {
         let errs = errors("[datapath\n");
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].field, "config");
-        assert!(errs[0].message.contains("TOML parse error at line 1"), "{}", errs[0]);
-        // A wrong type is judged with the values, not as a TOML error.
+        assert!(errs[0].message.starts_with("TOML syntax error at line 1, column 10: "), "{}", errs[0]);
         let errs = errors(&datapath("max_services = \"many\"\nmode = \"tunnel\""));
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["datapath.max_services", "datapath.mode"], "{}", ConfigErrors(errs.clone()));
