@@ -1,16 +1,21 @@
-//! The TOML configuration: a raw serde model, validated once into typed runtime values before
-//! anything touches the kernel.
+//! The TOML configuration: the file read into a raw model, validated once into typed runtime
+//! values before anything touches the kernel.
 //!
-//! The raw model is deliberately loose (optional fields, integers as `i64`, enums, addresses and
-//! durations as strings) so that validation, not deserialization, judges values: that way every
+//! The raw model is deliberately loose (every field may be absent or of the wrong type, integers
+//! are `i64`, enums, addresses and durations strings) so that validation judges values: every
 //! problem in a file is reported at once, each naming its field path
-//! (`services[1].backends[0].port`), what is wrong and how to fix it. Only TOML syntax errors,
-//! wrong value types and unknown fields stop early, as one error carrying toml's own message.
+//! (`services[1].backends[0].port`), what is wrong and how to fix it. That includes values of
+//! the wrong type and unknown fields, which the walk over the document reports alongside the
+//! rest; the checks across fields and services run on whatever validated, so one bad field does
+//! not hide an independent problem elsewhere, and a value that failed is not reported again by
+//! the rules after it. Only a TOML syntax error stops early, as the one error: it names the table
+//! it is in (or the file, before any header), the line and column, and toml's message.
 //!
 //! Field names are a contract with operators' files: extend, never rename.
 //!
-//! Three rooms: `raw` (the serde structs, as read from TOML), `model` (the typed values the
-//! daemon uses) and `validate` (raw into model, and the errors it reports).
+//! Four rooms: `raw` (the document as read, and the walk that reads it), `syntax` (where a
+//! syntax error is), `model` (the typed values the daemon uses) and `validate` (raw into model,
+//! and the errors it reports).
 
 use std::path::Path;
 
