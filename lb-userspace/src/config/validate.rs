@@ -525,11 +525,12 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> ServiceParts {
         }
     }
 
-    // NAT keeps the address family: a service's backends are of its VIP's family. A backend of
-    // the other family still takes part in the checks across services.
+    // NAT keeps the address family: a service's backends are of its VIP's family. An address of
+    // the other family fails like any other bad value (no "is a VIP" or "shared endpoint" echo
+    // of it); the rest of the backend still takes part in the checks across services.
     if let Some(vip) = vip {
         let fam = |a: &IpAddr| if a.is_ipv6() { "IPv6" } else { "IPv4" };
-        for (j, b) in backends.iter().enumerate().filter(|(_, b)| !b.duplicate) {
+        for (j, b) in backends.iter_mut().enumerate().filter(|(_, b)| !b.duplicate) {
             if let Some(address) = b.address
                 && address.is_ipv6() != vip.is_ipv6()
             {
@@ -543,6 +544,7 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> ServiceParts {
                         fam(&vip)
                     ),
                 );
+                b.address = None;
             }
         }
     }
@@ -1344,6 +1346,15 @@ port = 80
         let text = edit(&two_services(""), &[("name = \"dns\"", "name = \"web \""), ("10.0.0.53", "10.0.0.100.1")]);
         let fields: Vec<String> = errors(&text).into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["services[1].name", "services[1].vip"]);
+        // An address of the wrong family is not also "the VIP of" an IPv6 service.
+        let text = edit(
+            &two_services(""),
+            &[("10.0.0.53", "fd00::53"), ("10.1.0.21", "fd00::21"), ("10.1.0.22", "fd00::22"), ("10.1.0.11", "fd00::53")],
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+        assert_eq!(errs[0].field, "services[0].backends[0].address");
+        assert!(errs[0].message.contains("is IPv6 but the service's vip"), "{}", errs[0]);
     }
 
     #[test]
