@@ -233,8 +233,16 @@ fn render(c: &Config) -> String {
 // What every outcome of `Config::parse` must look like.
 
 /// Every table of the config, indices written as `[]` (the document is "").
-const TABLE_PATHS: &[&str] =
-    &["", "datapath", "control", "announce", "services[]", "services[].affinity", "services[].health", "services[].backends[]"];
+const TABLE_PATHS: &[&str] = &[
+    "",
+    "datapath",
+    "control",
+    "announce",
+    "services[]",
+    "services[].affinity",
+    "services[].health",
+    "services[].backends[]",
+];
 
 /// The types a value of the wrong type is told to be (`must be an integer, got a string "80"`).
 const TYPES: &[&str] = &["a string", "an integer", "a table", "an array of strings", "an array of tables"];

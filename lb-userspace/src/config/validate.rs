@@ -1349,7 +1349,12 @@ port = 80
         // An address of the wrong family is not also "the VIP of" an IPv6 service.
         let text = edit(
             &two_services(""),
-            &[("10.0.0.53", "fd00::53"), ("10.1.0.21", "fd00::21"), ("10.1.0.22", "fd00::22"), ("10.1.0.11", "fd00::53")],
+            &[
+                ("10.0.0.53", "fd00::53"),
+                ("10.1.0.21", "fd00::21"),
+                ("10.1.0.22", "fd00::22"),
+                ("10.1.0.11", "fd00::53"),
+            ],
         );
         let errs = errors(&text);
         assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
