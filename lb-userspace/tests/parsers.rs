@@ -232,9 +232,30 @@ fn render(c: &Config) -> String {
 // ================================================================================================
 // What every outcome of `Config::parse` must look like.
 
-/// Every field path an error may name, indices written as `[]`.
+/// Every table of the config, indices written as `[]` (the document is "").
+const TABLE_PATHS: &[&str] = &[
+    "",
+    "datapath",
+    "control",
+    "announce",
+    "services[]",
+    "services[].affinity",
+    "services[].health",
+    "services[].backends[]",
+];
+
+/// The types a value of the wrong type is told to be (`must be an integer, got a string "80"`).
+const TYPES: &[&str] = &["a string", "an integer", "a table", "an array of strings", "an array of tables"];
+
+/// Every field path an error may name, indices written as `[]`, besides unknown fields and the
+/// table of a syntax error.
 const FIELD_PATHS: &[&str] = &[
     "config",
+    "datapath",
+    "control",
+    "services[]",
+    "services[].affinity",
+    "services[].health",
     "datapath.interfaces",
     "datapath.interfaces[]",
     "datapath.mode",
@@ -298,7 +319,9 @@ fn field_template(field: &str) -> String {
 }
 
 /// Parses `text` and checks the outcome is well formed: a config that survives a render/parse
-/// round trip, or a non-empty list of errors each naming a known field path with a message.
+/// round trip, or a non-empty list of errors each naming a known field path (or an unknown field
+/// of a known table) with a message; a syntax error comes alone, and a value of the wrong type
+/// is the only error on its field.
 fn check_parse(text: &str) -> Result<Result<Config, ConfigErrors>, TestCaseError> {
     let r = Config::parse(text);
     match &r {
@@ -318,18 +341,29 @@ fn check_parse(text: &str) -> Result<Result<Config, ConfigErrors>, TestCaseError
                 prop_assert!(!e.field.is_empty(), "error without a field: {:?}\n--- config:\n{}", e, text);
                 prop_assert!(!e.message.trim().is_empty(), "error without a message: {:?}\n--- config:\n{}", e, text);
                 let t = field_template(&e.field);
+                let table = t.rsplit_once('.').map_or("", |(table, _)| table);
                 prop_assert!(
-                    FIELD_PATHS.contains(&t.as_str()),
+                    FIELD_PATHS.contains(&t.as_str())
+                        || e.message.starts_with("unknown field; expected one of ") && TABLE_PATHS.contains(&table)
+                        || e.message.starts_with("TOML syntax error at line "),
                     "error names no known field: {}\n--- config:\n{}",
                     e,
                     text
                 );
+                if TYPES.iter().any(|ty| e.message.starts_with(&format!("must be {ty}, got "))) {
+                    prop_assert!(
+                        errs.iter().filter(|o| o.field == e.field).count() == 1,
+                        "a wrong type is the only error on its field:\n{}\n--- config:\n{}",
+                        ConfigErrors(errs.clone()),
+                        text
+                    );
+                }
             }
-            if errs.iter().any(|e| e.field == "config") {
+            if errs.iter().any(|e| e.message.starts_with("TOML syntax error")) {
                 prop_assert_eq!(
                     errs.len(),
                     1,
-                    "a TOML error comes alone:\n{}\n--- config:\n{}",
+                    "a TOML syntax error comes alone:\n{}\n--- config:\n{}",
                     ConfigErrors(errs.clone()),
                     text
                 );
@@ -1381,6 +1415,9 @@ fn invalid_fields(c: &Config) -> Vec<BoxedStrategy<Mutation>> {
     );
 
     let vips: Vec<IpAddr> = c.services.iter().map(|s| s.vip).collect();
+    // Every address the config uses: a VIP moved onto one would be a second problem.
+    let used: Vec<IpAddr> =
+        c.services.iter().flat_map(|s| std::iter::once(s.vip).chain(s.backends.iter().map(|b| b.address))).collect();
     for (i, s) in c.services.iter().enumerate() {
         let p = format!("services[{i}]");
         set(&p, "name", format!("{p}.name"), bad_name());
@@ -1391,11 +1428,13 @@ fn invalid_fields(c: &Config) -> Vec<BoxedStrategy<Mutation>> {
         addresses.push(said(&p, "vip", vec![format!("{p}.vip")], bad_ip()));
         // Valid on its own, but of the other family than the backends: each of them is wrong.
         let bfam = family(s.backends[0].address);
+        let used = used.clone();
         addresses.push(said(
             &p,
             "vip",
             (0..s.backends.len()).map(|j| format!("{p}.backends[{j}].address")).collect(),
             unicast(s.vip.is_ipv4())
+                .prop_filter("an address the config uses", move |a| !used.contains(a))
                 .prop_map(move |a| {
                     (q(&a.to_string()), format!(" is {bfam} but the service's vip {a} is {}", family(a)))
                 })

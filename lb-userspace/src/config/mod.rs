@@ -1,21 +1,27 @@
-//! The TOML configuration: a raw serde model, validated once into typed runtime values before
-//! anything touches the kernel.
+//! The TOML configuration: the file read into a raw model, validated once into typed runtime
+//! values before anything touches the kernel.
 //!
-//! The raw model is deliberately loose (optional fields, integers as `i64`, enums, addresses and
-//! durations as strings) so that validation, not deserialization, judges values: that way every
+//! The raw model is deliberately loose (every field may be absent or of the wrong type, integers
+//! are `i64`, enums, addresses and durations strings) so that validation judges values: every
 //! problem in a file is reported at once, each naming its field path
-//! (`services[1].backends[0].port`), what is wrong and how to fix it. Only TOML syntax errors,
-//! wrong value types and unknown fields stop early, as one error carrying toml's own message.
+//! (`services[1].backends[0].port`), what is wrong and how to fix it. That includes values of
+//! the wrong type and unknown fields, which the walk over the document reports alongside the
+//! rest; the checks across fields and services run on whatever validated, so one bad field does
+//! not hide an independent problem elsewhere, and a value that failed is not reported again by
+//! the rules after it. Only a TOML syntax error stops early, as the one error: it names the table
+//! it is in (or the file, before any header), the line and column, and toml's message.
 //!
 //! Field names are a contract with operators' files: extend, never rename.
 //!
-//! Three rooms: `raw` (the serde structs, as read from TOML), `model` (the typed values the
-//! daemon uses) and `validate` (raw into model, and the errors it reports).
+//! Four rooms: `raw` (the document as read, and the walk that reads it), `syntax` (where a
+//! syntax error is), `model` (the typed values the daemon uses) and `validate` (raw into model,
+//! and the errors it reports).
 
 use std::path::Path;
 
 mod model;
 mod raw;
+mod syntax;
 #[cfg(test)]
 mod testing;
 mod validate;
@@ -26,8 +32,6 @@ pub use model::{
     ServiceConfig, XdpMode,
 };
 pub use validate::{ConfigErrors, FieldError};
-
-use raw::RawConfig;
 
 impl Config {
     /// Parses and validates a config; reports every problem found, not just the first.
@@ -47,12 +51,10 @@ impl Config {
     }
 }
 
-/// `origin` names the source in a TOML syntax error, which has no field path of its own.
+/// `origin` names the source in a TOML syntax error before any table header.
 fn parse_from(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        ConfigErrors(vec![FieldError { field: origin.to_owned(), message: e.to_string().trim_end().to_owned() }])
-    })?;
-    validate::validate(raw)
+    let doc: toml::Table = text.parse().map_err(|e| ConfigErrors(vec![syntax::syntax_error(text, origin, &e)]))?;
+    validate::validate(&doc)
 }
 
 #[cfg(test)]
@@ -77,15 +79,17 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    // ---- TOML-level errors: one error, toml's own message.
+    // ---- A syntax error is the one error; a wrong type is judged with the values.
 
     #[test]
-    fn toml_syntax_and_type_errors_keep_tomls_message() {
+    fn toml_syntax_errors_stop_and_type_errors_do_not() {
         let errs = errors("[datapath\n");
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].field, "config");
-        assert!(errs[0].message.contains("TOML parse error at line 1"), "{}", errs[0]);
-        let errs = errors(&datapath("max_services = \"many\""));
-        assert!(errs[0].message.contains("invalid type"), "{}", errs[0]);
+        assert!(errs[0].message.starts_with("TOML syntax error at line 1, column 10: "), "{}", errs[0]);
+        let errs = errors(&datapath("max_services = \"many\"\nmode = \"tunnel\""));
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["datapath.max_services", "datapath.mode"], "{}", ConfigErrors(errs.clone()));
+        assert_eq!(errs[0].message, "must be an integer, got a string \"many\"");
     }
 }

@@ -64,6 +64,50 @@ address = "10.1.0.11"
 port = 8080
 "#;
 
+/// Independent mistakes spread over three services, each of which also has a mistake of its own
+/// that once kept it out of the checks across services (and a file-shape mistake that once
+/// stopped the read).
+pub(super) const INDEPENDENT_MISTAKES: &str = r#"
+[datapath]
+interfaces = ["eth0"]
+mode = "dsr"
+
+[[services]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+
+[[services.backends]]
+address = "fd00::11"
+port = 8080
+
+[[services.backends]]
+address = "10.1.0.12"
+port = 8080
+
+[[services]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+
+[[services.backends]]
+address = "10.0.0.100"
+port = 0
+
+[[services.backends]]
+address = "10.1.0.12"
+port = 8080
+
+[[services]]
+name = "dns"
+vipp = "10.0.0.53"
+port = "53"
+
+[[services.backends]]
+address = "10.1.0.31"
+port = 53
+"#;
+
 /// MINIMAL with a second service (`dns`, UDP, two backends) appended.
 pub(super) fn two_services(extra: &str) -> String {
     format!(

@@ -1,7 +1,8 @@
 //! Validation: the raw model judged into the typed one, every problem reported with its field
-//! path and the fix. Each check returns `None` after recording an error; later cross-checks only
-//! look at values that passed, so one mistake is reported once rather than echoed by every rule
-//! after it.
+//! path and the fix. Each check returns `None` after recording an error (or for a value `read`
+//! already found of the wrong type); the checks across fields and services then run on every
+//! value that passed, whatever else failed around it, so that independent problems all appear
+//! at once while one mistake is reported once rather than echoed by every rule after it.
 
 use std::{
     collections::HashMap,
@@ -19,7 +20,7 @@ use super::{
         DEFAULT_METRICS, DEFAULT_PIN_PATH, DEFAULT_SOCKET, DEFAULT_WEIGHT, DatapathConfig, HealthConfig, HealthKind,
         Mode, Protocol, ServiceConfig, XdpMode,
     },
-    raw::{RawAffinity, RawAnnounce, RawBackend, RawConfig, RawControl, RawDatapath, RawHealth, RawService},
+    raw::{self, Field, RawAffinity, RawAnnounce, RawBackend, RawControl, RawDatapath, RawHealth, RawService},
 };
 use crate::maglev::is_prime;
 
@@ -77,10 +78,11 @@ impl Errors {
     }
 
     /// `value` (or `default` when absent) if it lies in `lo..=hi`.
-    fn int<T: TryFrom<i64>>(&mut self, field: &str, value: Option<i64>, default: T, lo: i64, hi: i64) -> Option<T> {
+    fn int<T: TryFrom<i64>>(&mut self, field: &str, value: Field<i64>, default: T, lo: i64, hi: i64) -> Option<T> {
         match value {
-            None => Some(default),
-            Some(v) => self.range(field, v, lo, hi),
+            Field::Absent => Some(default),
+            Field::Wrong => None,
+            Field::Given(v) => self.range(field, v, lo, hi),
         }
     }
 
@@ -88,14 +90,15 @@ impl Errors {
     fn required_int<T: TryFrom<i64>>(
         &mut self,
         field: &str,
-        value: Option<i64>,
+        value: Field<i64>,
         lo: i64,
         hi: i64,
         example: &str,
     ) -> Option<T> {
         match value {
-            None => self.missing(field, example),
-            Some(v) => self.range(field, v, lo, hi),
+            Field::Absent => self.missing(field, example),
+            Field::Wrong => None,
+            Field::Given(v) => self.range(field, v, lo, hi),
         }
     }
 
@@ -114,8 +117,12 @@ impl Errors {
     }
 
     /// One of `choices` (variant, name as written in the file), or `default` when absent.
-    fn choice<T: Copy>(&mut self, field: &str, value: Option<&str>, default: T, choices: &[(T, &str)]) -> Option<T> {
-        let Some(v) = value else { return Some(default) };
+    fn choice<T: Copy>(&mut self, field: &str, value: Field<&str>, default: T, choices: &[(T, &str)]) -> Option<T> {
+        let v = match value {
+            Field::Absent => return Some(default),
+            Field::Wrong => return None,
+            Field::Given(v) => v,
+        };
         if let Some((t, _)) = choices.iter().find(|(_, name)| *name == v) {
             return Some(*t);
         }
@@ -124,8 +131,12 @@ impl Errors {
         None
     }
 
-    fn duration(&mut self, field: &str, value: Option<&str>, default: Duration) -> Option<Duration> {
-        let Some(v) = value else { return Some(default) };
+    fn duration(&mut self, field: &str, value: Field<&str>, default: Duration) -> Option<Duration> {
+        let v = match value {
+            Field::Absent => return Some(default),
+            Field::Wrong => return None,
+            Field::Given(v) => v,
+        };
         match humantime::parse_duration(v) {
             Ok(d) => Some(d),
             Err(e) => {
@@ -135,8 +146,12 @@ impl Errors {
         }
     }
 
-    fn absolute_path(&mut self, field: &str, value: Option<&str>, default: &str) -> Option<PathBuf> {
-        let v = value.unwrap_or(default);
+    fn absolute_path(&mut self, field: &str, value: Field<&str>, default: &str) -> Option<PathBuf> {
+        let v = match value {
+            Field::Absent => default,
+            Field::Wrong => return None,
+            Field::Given(v) => v,
+        };
         if Path::new(v).is_absolute() {
             Some(PathBuf::from(v))
         } else {
@@ -146,8 +161,12 @@ impl Errors {
     }
 
     /// An IPv4 or IPv6 address a packet can be sent to (VIPs and backends).
-    fn unicast(&mut self, field: &str, value: Option<&str>, example: &str) -> Option<IpAddr> {
-        let Some(v) = value else { return self.missing(field, example) };
+    fn unicast(&mut self, field: &str, value: Field<&str>, example: &str) -> Option<IpAddr> {
+        let v = match value {
+            Field::Absent => return self.missing(field, example),
+            Field::Wrong => return None,
+            Field::Given(v) => v,
+        };
         let a = match v.parse::<IpAddr>() {
             Ok(a) => a,
             Err(_) => {
@@ -174,14 +193,29 @@ impl Errors {
     }
 }
 
-pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+pub(super) fn validate(doc: &toml::Table) -> Result<Config, ConfigErrors> {
     let mut e = Errors::default();
-    let datapath = validate_datapath(&mut e, raw.datapath);
-    let control = validate_control(&mut e, raw.control);
-    let announce = raw.announce.map(|a| validate_announce(&mut e, a));
-    let counts = Counts { services: raw.services.len(), backends: raw.services.iter().map(|s| s.backends.len()).sum() };
-    let services: Vec<_> = raw.services.into_iter().enumerate().map(|(i, s)| validate_service(&mut e, i, s)).collect();
-    cross_check(&mut e, datapath.as_ref(), &services, counts);
+    let raw = raw::read(doc, &mut e.0);
+    let (datapath, limits) = match raw.datapath.or_default() {
+        Some(r) => validate_datapath(&mut e, r),
+        None => (None, Limits::default()),
+    };
+    let control = raw.control.or_default().and_then(|r| validate_control(&mut e, r));
+    let announce = match raw.announce {
+        Field::Absent => Some(None),
+        Field::Wrong => None,
+        Field::Given(r) => validate_announce(&mut e, r).map(Some),
+    };
+    let services: Vec<ServiceParts> = listed(raw.services)
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| match s {
+            Field::Given(s) => validate_service(&mut e, i, s),
+            // Not a table: reported by `read`.
+            Field::Absent | Field::Wrong => ServiceParts::default(),
+        })
+        .collect();
+    cross_check(&mut e, &limits, &services);
 
     if !e.0.is_empty() {
         return Err(ConfigErrors(e.0));
@@ -191,31 +225,50 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         Some(Config {
             datapath: datapath?,
             control: control?,
-            services: services.into_iter().collect::<Option<_>>()?,
-            announce: match announce {
-                None => None,
-                Some(a) => Some(a?),
-            },
+            services: services.into_iter().map(ServiceParts::build).collect::<Option<_>>()?,
+            announce: announce?,
         })
     })();
     Ok(parts.expect("a part failed validation without recording an error"))
 }
 
-fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
+/// The entries of a list, none when the list is absent or of the wrong type (reported).
+fn listed<T>(list: Field<Vec<T>>) -> Vec<T> {
+    match list {
+        Field::Given(items) => items,
+        Field::Absent | Field::Wrong => Vec::new(),
+    }
+}
+
+/// The datapath values the checks across services use, each if it validated.
+#[derive(Default)]
+struct Limits {
+    mode: Option<Mode>,
+    max_services: Option<u32>,
+    max_backends: Option<u32>,
+    maglev_table_size: Option<u32>,
+}
+
+fn validate_datapath(e: &mut Errors, r: RawDatapath) -> (Option<DatapathConfig>, Limits) {
     let interfaces = match r.interfaces {
-        None => e.missing("datapath.interfaces", r#"interfaces = ["eth0"]"#),
-        Some(list) if list.is_empty() => {
+        Field::Absent => e.missing("datapath.interfaces", r#"interfaces = ["eth0"]"#),
+        Field::Wrong => None,
+        Field::Given(list) if list.is_empty() => {
             e.push("datapath.interfaces", r#"must name at least one interface, e.g. `interfaces = ["eth0"]`"#);
             None
         }
-        Some(list) => {
+        Field::Given(list) => {
             let mut ok = true;
             for (i, name) in list.iter().enumerate() {
                 let field = format!("datapath.interfaces[{i}]");
+                let Field::Given(name) = name else {
+                    ok = false;
+                    continue;
+                };
                 if let Some(why) = ifname_problem(name) {
                     e.push(&field, format!("\"{}\" is not a valid interface name: {why}", name.escape_debug()));
                     ok = false;
-                } else if let Some(first) = list[..i].iter().position(|n| n == name) {
+                } else if let Some(first) = list[..i].iter().position(|n| *n == Field::Given(name.clone())) {
                     e.push(
                         &field,
                         format!("\"{name}\" is already listed as interfaces[{first}]; list each interface once"),
@@ -223,7 +276,7 @@ fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
                     ok = false;
                 }
             }
-            ok.then_some(list)
+            ok.then(|| list.into_iter().filter_map(|n| n.or_default()).collect())
         }
     };
 
@@ -278,19 +331,23 @@ fn validate_datapath(e: &mut Errors, r: RawDatapath) -> Option<DatapathConfig> {
         }
     }
 
-    Some(DatapathConfig {
-        interfaces: interfaces?,
-        mode: mode?,
-        xdp_mode: xdp_mode?,
-        affinity_entries: affinity_entries?,
-        flow_entries: flow_entries?,
-        max_new_pins_per_cpu: max_new_pins_per_cpu?,
-        pin_path: pin_path?,
-        max_services: max_services?,
-        max_backends: max_backends?,
-        maglev_table_size: maglev_table_size?,
-        hash_seed: hash_seed?,
-    })
+    let limits = Limits { mode, max_services, max_backends, maglev_table_size };
+    let config = (|| {
+        Some(DatapathConfig {
+            interfaces: interfaces?,
+            mode: mode?,
+            xdp_mode: xdp_mode?,
+            affinity_entries: affinity_entries?,
+            flow_entries: flow_entries?,
+            max_new_pins_per_cpu: max_new_pins_per_cpu?,
+            pin_path: pin_path?,
+            max_services: max_services?,
+            max_backends: max_backends?,
+            maglev_table_size: maglev_table_size?,
+            hash_seed: hash_seed?,
+        })
+    })();
+    (config, limits)
 }
 
 /// Why Linux would refuse `name` as an interface name (`dev_valid_name` in net/core/dev.c).
@@ -339,9 +396,10 @@ fn validate_announce(e: &mut Errors, r: RawAnnounce) -> Option<AnnounceConfig> {
 fn validate_control(e: &mut Errors, r: RawControl) -> Option<ControlConfig> {
     let socket = e.absolute_path("control.socket", r.socket.as_deref(), DEFAULT_SOCKET);
     let metrics = match r.metrics.as_deref() {
-        None => Some(Some(DEFAULT_METRICS.parse().expect("a valid default"))),
-        Some("off") => Some(None),
-        Some(v) => match v.parse::<SocketAddr>() {
+        Field::Absent => Some(Some(DEFAULT_METRICS.parse().expect("a valid default"))),
+        Field::Wrong => None,
+        Field::Given("off") => Some(None),
+        Field::Given(v) => match v.parse::<SocketAddr>() {
             Ok(a) => Some(Some(a)),
             Err(_) => {
                 e.push(
@@ -355,12 +413,70 @@ fn validate_control(e: &mut Errors, r: RawControl) -> Option<ControlConfig> {
     Some(ControlConfig { socket: socket?, metrics: metrics? })
 }
 
-/// Checks one service on its own; `None` if anything in it is invalid.
-fn validate_service(e: &mut Errors, i: usize, r: RawService) -> Option<ServiceConfig> {
+/// What validated of one service: each field that passed its own checks (`None`: it failed and
+/// was reported), for the checks across fields and services.
+#[derive(Default)]
+struct ServiceParts {
+    name: Option<String>,
+    vip: Option<IpAddr>,
+    port: Option<u16>,
+    protocol: Option<Protocol>,
+    affinity: Option<AffinityConfig>,
+    health: Option<HealthConfig>,
+    /// Every backend listed, valid or not.
+    backends: Vec<BackendParts>,
+}
+
+impl ServiceParts {
+    /// The service, if every part of it validated.
+    fn build(self) -> Option<ServiceConfig> {
+        let backends: Vec<_> = self.backends.into_iter().map(BackendParts::build).collect::<Option<_>>()?;
+        Some(ServiceConfig {
+            name: self.name?,
+            vip: self.vip?,
+            port: self.port?,
+            protocol: self.protocol?,
+            affinity: self.affinity?,
+            health: self.health?,
+            backends: Some(backends).filter(|b| !b.is_empty())?,
+        })
+    }
+
+    /// The backends that take part in checks across services: a duplicate within the service is
+    /// reported as such, not again as whatever its first listing is.
+    fn distinct_backends(&self) -> impl Iterator<Item = (usize, &BackendParts)> {
+        self.backends.iter().enumerate().filter(|(_, b)| !b.duplicate)
+    }
+}
+
+/// What validated of one backend, as `ServiceParts`.
+#[derive(Default)]
+struct BackendParts {
+    address: Option<IpAddr>,
+    port: Option<u16>,
+    weight: Option<u32>,
+    state: Option<BackendState>,
+    /// An earlier backend of the service has the same address and port.
+    duplicate: bool,
+}
+
+impl BackendParts {
+    fn endpoint(&self) -> Option<(IpAddr, u16)> {
+        Some((self.address?, self.port?))
+    }
+
+    fn build(self) -> Option<BackendConfig> {
+        Some(BackendConfig { address: self.address?, port: self.port?, weight: self.weight?, state: self.state? })
+    }
+}
+
+/// Checks one service on its own: its fields, and its backends against each other and its VIP.
+fn validate_service(e: &mut Errors, i: usize, r: RawService) -> ServiceParts {
     let p = format!("services[{i}]");
     let name = match r.name {
-        None => e.missing(&format!("{p}.name"), r#"name = "web""#),
-        Some(n)
+        Field::Absent => e.missing(&format!("{p}.name"), r#"name = "web""#),
+        Field::Wrong => None,
+        Field::Given(n)
             if n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) =>
         {
             e.push(
@@ -369,7 +485,7 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> Option<ServiceCo
             );
             None
         }
-        Some(n) => Some(n),
+        Field::Given(n) => Some(n),
     };
     let vip = e.unicast(&format!("{p}.vip"), r.vip.as_deref(), r#"vip = "10.0.0.100""#);
     let port = e.required_int(&format!("{p}.port"), r.port, 1, 65535, "port = 80");
@@ -379,67 +495,61 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> Option<ServiceCo
         Protocol::Tcp,
         &[(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")],
     );
-    let affinity = validate_affinity(e, &p, r.affinity);
-    let health = validate_health(e, &p, r.health);
+    let affinity = r.affinity.or_default().and_then(|a| validate_affinity(e, &p, a));
+    let health = r.health.or_default().and_then(|h| validate_health(e, &p, h));
 
-    if r.backends.is_empty() {
+    if matches!(&r.backends, Field::Absent) || matches!(&r.backends, Field::Given(list) if list.is_empty()) {
         e.push(
             &format!("{p}.backends"),
             "a service needs at least one [[services.backends]] with an address and a port",
         );
     }
-    let backends: Vec<_> = r
-        .backends
+    let mut backends: Vec<BackendParts> = listed(r.backends)
         .into_iter()
         .enumerate()
-        .map(|(j, b)| validate_backend(e, &format!("{p}.backends[{j}]"), b))
+        .map(|(j, b)| match b {
+            Field::Given(b) => validate_backend(e, &format!("{p}.backends[{j}]"), b),
+            // Not a table: reported by `read`.
+            Field::Absent | Field::Wrong => BackendParts::default(),
+        })
         .collect();
-    // Duplicates within the service, among the backends that parsed.
-    let mut unique = true;
-    for (j, b) in backends.iter().enumerate() {
-        let Some(b) = b else { continue };
-        let same = |o: &Option<BackendConfig>| o.as_ref().is_some_and(|o| (o.address, o.port) == (b.address, b.port));
-        if let Some(first) = backends[..j].iter().position(same) {
+    // Duplicates within the service, among the backends whose address and port parsed.
+    for j in 0..backends.len() {
+        let Some((address, port)) = backends[j].endpoint() else { continue };
+        if let Some(first) = backends[..j].iter().position(|o| o.endpoint() == Some((address, port))) {
             e.push(
                 &format!("{p}.backends[{j}]"),
-                format!("{}:{} is already listed as backends[{first}]; list each backend once", b.address, b.port),
+                format!("{address}:{port} is already listed as backends[{first}]; list each backend once"),
             );
-            unique = false;
+            backends[j].duplicate = true;
         }
     }
 
-    // NAT keeps the address family: a service's backends are of its VIP's family.
+    // NAT keeps the address family: a service's backends are of its VIP's family. An address of
+    // the other family fails like any other bad value (no "is a VIP" or "shared endpoint" echo
+    // of it); the rest of the backend still takes part in the checks across services.
     if let Some(vip) = vip {
-        for (j, b) in backends.iter().enumerate() {
-            if let Some(b) = b
-                && b.address.is_ipv6() != vip.is_ipv6()
+        let fam = |a: &IpAddr| if a.is_ipv6() { "IPv6" } else { "IPv4" };
+        for (j, b) in backends.iter_mut().enumerate().filter(|(_, b)| !b.duplicate) {
+            if let Some(address) = b.address
+                && address.is_ipv6() != vip.is_ipv6()
             {
-                let fam = |a: &IpAddr| if a.is_ipv6() { "IPv6" } else { "IPv4" };
                 e.push(
                     &format!("{p}.backends[{j}].address"),
                     format!(
-                        "{} is {} but the service's vip {vip} is {}: the balancer does not translate between \
+                        "{address} is {} but the service's vip {vip} is {}: the balancer does not translate between \
                          families; use an {} backend",
-                        b.address,
-                        fam(&b.address),
+                        fam(&address),
                         fam(&vip),
                         fam(&vip)
                     ),
                 );
-                unique = false;
+                b.address = None;
             }
         }
     }
 
-    Some(ServiceConfig {
-        name: name?,
-        vip: vip?,
-        port: port?,
-        protocol: protocol?,
-        affinity: affinity?,
-        health: health?,
-        backends: backends.into_iter().collect::<Option<Vec<_>>>().filter(|b| unique && !b.is_empty())?,
-    })
+    ServiceParts { name, vip, port, protocol, affinity, health, backends }
 }
 
 fn validate_affinity(e: &mut Errors, p: &str, r: RawAffinity) -> Option<AffinityConfig> {
@@ -457,8 +567,9 @@ fn validate_affinity(e: &mut Errors, p: &str, r: RawAffinity) -> Option<Affinity
     let ipv6_prefix = e.int(&format!("{p}.affinity.ipv6_prefix"), r.ipv6_prefix, d.ipv6_prefix, 0, 128);
     let field = format!("{p}.affinity.max_age");
     let max_age = match r.max_age.as_deref() {
-        None => Some(None),
-        Some(v) => e.duration(&field, Some(v), Duration::ZERO).and_then(|t| {
+        Field::Absent => Some(None),
+        Field::Wrong => None,
+        Field::Given(v) => e.duration(&field, Field::Given(v), Duration::ZERO).and_then(|t| {
             if t.is_zero() || t > MAX_PIN_AGE {
                 e.push(&field, format!("must be more than 0 and at most 365 days, got {}", humantime::format_duration(t)));
                 None
@@ -481,18 +592,21 @@ fn validate_health(e: &mut Errors, p: &str, r: RawHealth) -> Option<HealthConfig
     // Path and host go into an HTTP request line and header: no whitespace or control bytes.
     let bad_char = |s: &str| s.chars().any(|c| c.is_whitespace() || c.is_control());
     let path = match r.path {
-        None => Some(d.path),
-        Some(v) if !v.starts_with('/') || bad_char(&v) => {
+        Field::Absent => Some(d.path),
+        Field::Wrong => None,
+        Field::Given(v) if !v.starts_with('/') || bad_char(&v) => {
             e.push(
                 &format!("{p}.health.path"),
                 format!("\"{}\" must start with '/' and contain no whitespace, e.g. \"/healthz\"", v.escape_debug()),
             );
             None
         }
-        Some(v) => Some(v),
+        Field::Given(v) => Some(v),
     };
     let host = match r.host {
-        Some(v) if v.is_empty() || bad_char(&v) => {
+        Field::Absent => Some(None),
+        Field::Wrong => None,
+        Field::Given(v) if v.is_empty() || bad_char(&v) => {
             e.push(
                 &format!("{p}.health.host"),
                 format!(
@@ -502,7 +616,7 @@ fn validate_health(e: &mut Errors, p: &str, r: RawHealth) -> Option<HealthConfig
             );
             None
         }
-        v => Some(v),
+        Field::Given(v) => Some(Some(v)),
     };
     let field = format!("{p}.health.interval");
     let interval = e.duration(&field, r.interval.as_deref(), d.interval).and_then(|i| {
@@ -545,7 +659,7 @@ fn validate_health(e: &mut Errors, p: &str, r: RawHealth) -> Option<HealthConfig
     })
 }
 
-fn validate_backend(e: &mut Errors, p: &str, r: RawBackend) -> Option<BackendConfig> {
+fn validate_backend(e: &mut Errors, p: &str, r: RawBackend) -> BackendParts {
     let address = e.unicast(&format!("{p}.address"), r.address.as_deref(), r#"address = "10.1.0.11""#);
     let port = e.required_int(&format!("{p}.port"), r.port, 1, 65535, "port = 8080");
     let weight = e.int(&format!("{p}.weight"), r.weight, DEFAULT_WEIGHT, 1, 65535);
@@ -555,34 +669,33 @@ fn validate_backend(e: &mut Errors, p: &str, r: RawBackend) -> Option<BackendCon
         BackendState::Active,
         &[(BackendState::Active, "active"), (BackendState::Draining, "draining")],
     );
-    Some(BackendConfig { address: address?, port: port?, weight: weight?, state: state? })
+    BackendParts { address, port, weight, state, duplicate: false }
 }
 
-/// How many services and backends the file lists, valid or not (capacity checks count them all).
-struct Counts {
-    services: usize,
-    backends: usize,
-}
-
-/// Rules that span services. Only services that passed their own checks take part, so a broken
-/// service does not also trigger "duplicate" noise.
-fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Option<ServiceConfig>], counts: Counts) {
-    let valid = || services.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
-    let label = |i: usize| format!("services[{i}] (\"{}\")", services[i].as_ref().map_or("?", |s| s.name.as_str()));
+/// Rules that span services. Every value that passed its own checks takes part, whatever else
+/// failed in its service, so independent problems are all reported; a value that failed takes
+/// part in none, so it is reported once.
+fn cross_check(e: &mut Errors, limits: &Limits, services: &[ServiceParts]) {
+    let label = |i: usize| match &services[i].name {
+        Some(name) => format!("services[{i}] (\"{name}\")"),
+        None => format!("services[{i}]"),
+    };
 
     // DSR rewrites no port: a backend answers on the service port itself.
-    if datapath.is_some_and(|d| d.mode == Mode::Dsr) {
-        for (i, s) in valid() {
-
-            for (j, b) in s.backends.iter().enumerate() {
-                if b.port != s.port {
+    if limits.mode == Some(Mode::Dsr) {
+        for (i, s) in services.iter().enumerate() {
+            let Some(service_port) = s.port else { continue };
+            let vip = s.vip.map_or_else(|| "the VIP".to_owned(), |v| format!("the VIP {v}"));
+            for (j, b) in s.distinct_backends() {
+                if let Some(port) = b.port
+                    && port != service_port
+                {
                     e.push(
                         &format!("services[{i}].backends[{j}].port"),
                         format!(
-                            "is {} but the service port is {}: in DSR mode only the MAC address is rewritten, \
-                             so a backend must listen on the service port (and hold the VIP {} on a loopback \
-                             interface, with arp_ignore=1 and arp_announce=2, on the balancer's L2 segment)",
-                            b.port, s.port, s.vip
+                            "is {port} but the service port is {service_port}: in DSR mode only the MAC address is \
+                             rewritten, so a backend must listen on the service port (and hold {vip} on a loopback \
+                             interface, with arp_ignore=1 and arp_announce=2, on the balancer's L2 segment)"
                         ),
                     );
                 }
@@ -592,99 +705,105 @@ fn cross_check(e: &mut Errors, datapath: Option<&DatapathConfig>, services: &[Op
 
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut vips: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
-    for (i, s) in valid() {
-        if let Some(&first) = names.get(s.name.as_str()) {
-            e.push(
-                &format!("services[{i}].name"),
-                format!("\"{}\" is already the name of services[{first}]; names must be unique", s.name),
-            );
-        } else {
-            names.insert(&s.name, i);
+    for (i, s) in services.iter().enumerate() {
+        if let Some(name) = &s.name {
+            if let Some(&first) = names.get(name.as_str()) {
+                e.push(
+                    &format!("services[{i}].name"),
+                    format!("\"{name}\" is already the name of services[{first}]; names must be unique"),
+                );
+            } else {
+                names.insert(name, i);
+            }
         }
-        let key = (s.vip, s.port, s.protocol);
-        if let Some(&first) = vips.get(&key) {
+        let (Some(vip), Some(port), Some(protocol)) = (s.vip, s.port, s.protocol) else { continue };
+        if let Some(&first) = vips.get(&(vip, port, protocol)) {
             e.push(
                 &format!("services[{i}].vip"),
                 format!(
-                    "{}:{}/{} is already the address of {}; each (vip, port, protocol) must be unique",
-                    s.vip,
-                    s.port,
-                    s.protocol,
+                    "{vip}:{port}/{protocol} is already the address of {}; each (vip, port, protocol) must be unique",
                     label(first)
                 ),
             );
         } else {
-            vips.insert(key, i);
+            vips.insert((vip, port, protocol), i);
         }
     }
 
     // A backend must not be a VIP (any port): traffic to it would be balanced again.
     let mut vip_owner: HashMap<IpAddr, usize> = HashMap::new();
-    for (i, s) in valid() {
-        vip_owner.entry(s.vip).or_insert(i);
+    for (i, s) in services.iter().enumerate() {
+        if let Some(vip) = s.vip {
+            vip_owner.entry(vip).or_insert(i);
+        }
     }
     // A backend endpoint in two services would make reply translation ambiguous: REVERSE maps
     // (address, port, protocol) to exactly one VIP.
     let mut endpoints: HashMap<(IpAddr, u16, Protocol), (usize, usize)> = HashMap::new();
-    for (i, s) in valid() {
-        for (j, b) in s.backends.iter().enumerate() {
+    for (i, s) in services.iter().enumerate() {
+        for (j, b) in s.distinct_backends() {
             let field = format!("services[{i}].backends[{j}]");
-            if let Some(&owner) = vip_owner.get(&b.address) {
+            if let Some(address) = b.address
+                && let Some(&owner) = vip_owner.get(&address)
+            {
                 e.push(
                     &format!("{field}.address"),
-                    format!("{} is the VIP of {}; a backend must not be a VIP", b.address, label(owner)),
+                    format!("{address} is the VIP of {}; a backend must not be a VIP", label(owner)),
                 );
             }
-            let key = (b.address, b.port, s.protocol);
-            match endpoints.get(&key) {
+            let (Some((address, port)), Some(protocol)) = (b.endpoint(), s.protocol) else { continue };
+            match endpoints.get(&(address, port, protocol)) {
                 Some(&(oi, oj)) if oi != i => e.push(
                     &field,
                     format!(
-                        "{}:{}/{} is also services[{oi}].backends[{oj}] of {}; NAT reply translation would be \
-                         ambiguous (a reply from it could belong to either service). Give each service its own backend port",
-                        b.address,
-                        b.port,
-                        s.protocol,
+                        "{address}:{port}/{protocol} is also services[{oi}].backends[{oj}] of {}; NAT reply \
+                         translation would be ambiguous (a reply from it could belong to either service). Give \
+                         each service its own backend port",
                         label(oi)
                     ),
                 ),
                 Some(_) => {}
                 None => {
-                    endpoints.insert(key, (i, j));
+                    endpoints.insert((address, port, protocol), (i, j));
                 }
             }
         }
     }
 
-    let Some(d) = datapath else { return };
-    if counts.services > d.max_services as usize {
+    // Capacities count every service and backend listed, valid or not.
+    if let Some(max) = limits.max_services
+        && services.len() > max as usize
+    {
         e.push(
             "services",
             format!(
-                "{} services exceed datapath.max_services = {}; raise it (at most 4096) or remove services",
-                counts.services, d.max_services
+                "{} services exceed datapath.max_services = {max}; raise it (at most 4096) or remove services",
+                services.len()
             ),
         );
     }
-    if counts.backends > d.max_backends as usize {
+    let backends: usize = services.iter().map(|s| s.backends.len()).sum();
+    if let Some(max) = limits.max_backends
+        && backends > max as usize
+    {
         e.push(
             "services",
             format!(
-                "{} backends in total exceed datapath.max_backends = {}; raise it (at most 65536) or remove backends",
-                counts.backends, d.max_backends
+                "{backends} backends in total exceed datapath.max_backends = {max}; raise it (at most 65536) or \
+                 remove backends"
             ),
         );
     }
     // Maglev can give every backend a slot only if there are no more backends than slots.
-    for (i, s) in valid() {
-        if s.backends.len() > d.maglev_table_size as usize {
+    let Some(m) = limits.maglev_table_size else { return };
+    for (i, s) in services.iter().enumerate() {
+        let n = s.distinct_backends().count();
+        if n > m as usize {
             e.push(
                 &format!("services[{i}].backends"),
                 format!(
-                    "{} backends do not fit a Maglev table of datapath.maglev_table_size = {}; raise it (to a prime \
-                     at least 100 times the backend count for even balance)",
-                    s.backends.len(),
-                    d.maglev_table_size
+                    "{n} backends do not fit a Maglev table of datapath.maglev_table_size = {m}; raise it (to a prime \
+                     at least 100 times the backend count for even balance)"
                 ),
             );
         }
@@ -1164,6 +1283,83 @@ port = 80
         let shown = errs.to_string();
         assert_eq!(shown.lines().count(), fields.len());
         assert!(shown.lines().next().unwrap().starts_with("datapath.interfaces[1]: "));
+    }
+
+    #[test]
+    fn independent_problems_all_appear_in_one_pass() {
+        let errs = Config::parse(INDEPENDENT_MISTAKES).unwrap_err();
+        let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                // The shape of the file.
+                "services[2].vipp",
+                "services[2].port",
+                // Each service on its own: a required field of the wrong type is not also missing.
+                "services[0].backends[0].address",
+                "services[1].backends[0].port",
+                "services[2].vip",
+                // Across services, among the values that passed, wherever the other mistakes are.
+                "services[0].backends[0].port",
+                "services[0].backends[1].port",
+                "services[1].backends[1].port",
+                "services[1].name",
+                "services[1].vip",
+                "services[1].backends[0].address",
+                "services[1].backends[1]",
+            ],
+            "\n{errs}"
+        );
+        let shown = errs.to_string();
+        for needle in [
+            "services[2].vipp: unknown field; expected one of name, vip, port, protocol, affinity, health, backends",
+            "services[2].port: must be an integer, got a string \"53\"",
+            "services[0].backends[0].address: fd00::11 is IPv6 but the service's vip 10.0.0.100 is IPv4",
+            "services[1].backends[0].port: must be 1..=65535, got 0",
+            "services[2].vip: is required",
+            "services[0].backends[0].port: is 8080 but the service port is 80: in DSR mode",
+            "services[1].name: \"web\" is already the name of services[0]",
+            "services[1].vip: 10.0.0.100:80/tcp is already the address of services[0] (\"web\")",
+            "services[1].backends[0].address: 10.0.0.100 is the VIP of services[0] (\"web\")",
+            "services[1].backends[1]: 10.1.0.12:8080/tcp is also services[0].backends[1]",
+        ] {
+            assert!(shown.contains(needle), "missing `{needle}` in:\n{shown}");
+        }
+    }
+
+    #[test]
+    fn a_failed_value_takes_part_in_no_other_check() {
+        // The duplicate backend is reported as a duplicate, not again as a shared endpoint or a VIP.
+        let text = edit(
+            &two_services(""),
+            &[
+                ("\"udp\"", "\"tcp\""),
+                ("10.1.0.21\"\nport = 5353", "10.1.0.11\"\nport = 8080"),
+                ("10.1.0.22", "10.1.0.11"),
+            ],
+        );
+        let text = text.replacen("port = 5353", "port = 8080", 1);
+        let errs = errors(&text);
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["services[1].backends[1]", "services[1].backends[0]"], "{}", ConfigErrors(errs.clone()));
+        // A name or VIP that failed is not compared with the others.
+        let text = edit(&two_services(""), &[("name = \"dns\"", "name = \"web \""), ("10.0.0.53", "10.0.0.100.1")]);
+        let fields: Vec<String> = errors(&text).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["services[1].name", "services[1].vip"]);
+        // An address of the wrong family is not also "the VIP of" an IPv6 service.
+        let text = edit(
+            &two_services(""),
+            &[
+                ("10.0.0.53", "fd00::53"),
+                ("10.1.0.21", "fd00::21"),
+                ("10.1.0.22", "fd00::22"),
+                ("10.1.0.11", "fd00::53"),
+            ],
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{}", ConfigErrors(errs.clone()));
+        assert_eq!(errs[0].field, "services[0].backends[0].address");
+        assert!(errs[0].message.contains("is IPv6 but the service's vip"), "{}", errs[0]);
     }
 
     #[test]
