@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use lb::api::StatusReport;
 use tests::lb_bin;
 use xtask::lab::{CLIENT_PROBE_ADDR, Lab, LabSpec, VIP_HTTP_PORT, output_timeout};
 
@@ -154,4 +155,214 @@ fn ip_netns_exec_is_refused_unless_the_pins_outlive_it() {
     // And the next lb (the lab's own, through nsenter) adopts it.
     lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(lab.lb_log().contains("adopted"), "{}", lab.lb_log_tail(10));
+}
+
+fn wait_for(lab: &Lab, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        if t.elapsed() > limit {
+            fail(lab, &format!("waited {limit:?} for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn status(lab: &Lab, bin: &Path) -> StatusReport {
+    let out = cli(lab, bin, &["status", "--output", "json"]);
+    if !out.status.success() {
+        fail(lab, &format!("lb status: {}", text(&out)));
+    }
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status JSON: {e}"))
+}
+
+fn check(bin: &Path, global: &[&str], config: &Path, extra: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(bin);
+    cmd.args(global).arg("check").arg("--config").arg(config).args(extra);
+    let out = output_timeout(&mut cmd, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e:#}"));
+    (out.status.success(), text(&out))
+}
+
+fn ethtool_gro(ns: &str, ifname: &str, on: bool) {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "ethtool", "-K", ifname, "gro", if on { "on" } else { "off" }]);
+    let out = output_timeout(&mut cmd, Duration::from_secs(10)).expect("ethtool");
+    assert!(out.status.success(), "ethtool: {}", text(&out));
+}
+
+/// Outcomes 2 and 3: `lb check` checks the machine (the lab's interfaces are not in the root
+/// namespace; `--offline` skips that; `--netns` checks the balancer's namespace), and a veth
+/// whose peer has neither GRO nor XDP is warned about, with the fix, by `lb check`, in `lb run`'s
+/// log and in `lb status` (text and JSON), until the peer is fixed.
+#[test]
+fn check_sees_the_machine_and_veth_peers_without_gro_are_warned_about() {
+    let bin = lb_bin();
+    let mut lab = lab(2);
+    let cfg = lab.config_path().to_owned();
+    let (ok, out) = check(&bin, &[], &cfg, &[]);
+    assert!(!ok && out.contains("no interface named \"eth2\"") && out.contains("--offline"), "{out}");
+    let (ok, out) = check(&bin, &[], &cfg, &["--offline"]);
+    assert!(ok && out.contains("not checked (--offline)"), "{out}");
+    let (ok, out) = check(&bin, &["--netns", lab.ns_lb()], &cfg, &[]);
+    assert!(ok && out.contains("interfaces: eth0, eth1, eth2 found") && out.contains("pin path:"), "{out}");
+    assert!(!out.contains("warning"), "the lab's peers have GRO on: {out}");
+
+    // The client-side peer loses GRO: every reply redirected to the clients would be dropped.
+    let peer_ns = lab.ns_client().to_owned();
+    ethtool_gro(&peer_ns, "eth0", false);
+    let fix = format!("ip netns exec {peer_ns} ethtool -K eth0 gro on");
+    let (ok, out) = check(&bin, &["--netns", lab.ns_lb()], &cfg, &[]);
+    assert!(ok, "a warning is not an error: {out}");
+    assert!(out.contains("warning: interface eth0 is a veth whose peer eth0") && out.contains(&fix), "{out}");
+
+    lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(lab.lb_log().contains(&fix), "lb run warns at start:\n{}", lab.lb_log_tail(20));
+    let st = status(&lab, &bin);
+    assert!(st.warnings.iter().any(|w| w.contains(&fix)), "{:?}", st.warnings);
+    let out = cli(&lab, &bin, &["status"]);
+    assert!(text(&out).contains("warnings:") && text(&out).contains(&fix), "{}", text(&out));
+
+    // Fixed: the warning goes at the next check of the peers (every 30 s).
+    ethtool_gro(&peer_ns, "eth0", true);
+    wait_for(&lab, "the veth warning to go", Duration::from_secs(40), || status(&lab, &bin).warnings.is_empty());
+    assert!(lab.lb_log().contains("a veth warning no longer holds"), "{}", lab.lb_log_tail(10));
+}
+
+/// Outcome 3: a NAT backend whose route back to the clients bypasses the balancer takes packets
+/// and sends no reply through it; lb says so (log and status) within NO_REPLY_AFTER plus a
+/// sample, naming the fix, and the warning goes once replies come back.
+#[test]
+fn nat_backend_without_replies_is_warned_about() {
+    let bin = lb_bin();
+    let mut lab = lab(1);
+    lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(vip_answers(&lab), "the VIP answers");
+    // Its replies to the clients now go nowhere (the balancer stays reachable on-link, so the
+    // health checks still pass).
+    let ns = lab.ns_backend(1);
+    let route = |args: &[&str]| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", &ns, "route"]).args(args);
+        let out = output_timeout(&mut cmd, Duration::from_secs(5)).expect("ip route");
+        assert!(out.status.success(), "ip route {args:?}: {}", text(&out));
+    };
+    route(&["replace", "blackhole", "default"]);
+    let vip = SocketAddrV4::new(lab.vip(), VIP_HTTP_PORT);
+    let client = lab.client_addrs()[0];
+    let t = Instant::now();
+    let warned = loop {
+        let _ = lab.http_get(client, vip, Duration::from_millis(300));
+        let st = status(&lab, &bin);
+        if let Some(w) = st.warnings.iter().find(|w| w.contains("no reply came back through the balancer")) {
+            break w.clone();
+        }
+        if t.elapsed() > Duration::from_secs(40) {
+            fail(&lab, &format!("no warning about the missing replies after 40 s: {:?}", st.warnings));
+        }
+    };
+    assert!(warned.contains("service web, backend 10.200.11.2:8080") && warned.contains("default route"), "{warned}");
+    assert!(lab.lb_log().contains("no reply came back through the balancer"), "{}", lab.lb_log_tail(10));
+    let out = cli(&lab, &bin, &["status"]);
+    assert!(text(&out).contains("no reply came back"), "{}", text(&out));
+
+    route(&["replace", "default", "via", "10.200.11.1"]);
+    wait_for(&lab, "the VIP to answer again", Duration::from_secs(20), || vip_answers(&lab));
+    wait_for(&lab, "the no-reply warning to go", Duration::from_secs(20), || {
+        let _ = vip_answers(&lab);
+        status(&lab, &bin).warnings.is_empty()
+    });
+}
+
+/// Outcome 4 and 5: a restart from a changed config logs one adoption summary that tells which
+/// pins went and why (not "every pin is kept" beside a count of deleted pins), each backend keeps
+/// its health history (since / reason) across the restart, drain and undrain say what they did
+/// (an undrain of an up backend changes nothing and says so), status marks a runtime state that
+/// differs from the config, and CLI errors carry no HTTP status codes.
+#[test]
+fn messages_tell_the_truth() {
+    let bin = lb_bin();
+    let mut lab = lab(3);
+    lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    let vip = SocketAddrV4::new(lab.vip(), VIP_HTTP_PORT);
+    for c in lab.client_addrs() {
+        lab.http_get(c, vip, Duration::from_secs(3)).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    // b1 goes down: its since / reason must survive the restart.
+    lab.stop_backend(1).unwrap_or_else(|e| panic!("{e:#}"));
+    let b1 = lab.backend_addr(1).to_string();
+    wait_for(&lab, "b1 down", Duration::from_secs(20), || {
+        status(&lab, &bin).services[0].backends.iter().any(|b| b.address == b1 && b.state == "down")
+    });
+    let find = |st: &StatusReport, addr: &str| {
+        st.services.iter().find(|s| s.name == "web").unwrap().backends.iter().find(|b| b.address == addr).cloned().unwrap()
+    };
+    let before = find(&status(&lab, &bin), &b1);
+    assert!(before.reason.starts_with("health check"), "{before:?}");
+    std::thread::sleep(Duration::from_millis(1100));
+    lab.restart_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    let after = find(&status(&lab, &bin), &b1);
+    assert_eq!((after.state.as_str(), &after.since, &after.reason), ("down", &before.since, &before.reason), "health history kept");
+    let log = lab.lb_log();
+    let last = log.lines().rev().find(|l| l.contains("adopted the pinned datapath state")).unwrap_or_else(|| fail(&lab, "no adoption line"));
+    assert!(last.contains("every pin is kept") && last.contains("the health history of 3 of 3 backend(s) is kept"), "{last}");
+
+    // A restart from a config without b3 (which holds pins, both services): the summary says they went.
+    let opts = lab.options().clone();
+    let mut text_cfg = lab.render_config_with(&lab.interfaces(), &opts);
+    let b3 = lab.backend_addr(3).to_string();
+    text_cfg = remove_backend(&text_cfg, &b3);
+    assert!(!text_cfg.contains(&b3), "{text_cfg}");
+    lab.write_config(&text_cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    lab.restart_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    let log = lab.lb_log();
+    let last = log.lines().rev().find(|l| l.contains("adopted the pinned datapath state")).unwrap_or_else(|| fail(&lab, "no adoption line"));
+    assert!(!last.contains("every pin is kept;") && last.contains("were deleted") && last.contains("backend removed"), "{last}");
+    assert!(!last.contains("Changes {"), "fields, not Debug structs: {last}");
+    assert!(!log.contains("Changes {"), "no Debug structs in the log");
+
+    // Drain / undrain.
+    let b2 = format!("{}:8080", lab.backend_addr(2));
+    let out = cli(&lab, &bin, &["undrain", "web", &b2]);
+    assert!(out.status.success() && text(&out).contains("is not drained: nothing to undrain"), "{}", text(&out));
+    let out = cli(&lab, &bin, &["drain", "web", &b2]);
+    assert!(text(&out).contains("is now draining") && text(&out).contains("note: draining (lb drain) at run time"), "{}", text(&out));
+    let st = status(&lab, &bin);
+    assert!(find(&st, &lab.backend_addr(2).to_string()).differs_from_config.is_some(), "{st:?}");
+    let out = cli(&lab, &bin, &["status"]);
+    assert!(text(&out).contains("draining*") && text(&out).contains("differing from the config"), "{}", text(&out));
+    let out = cli(&lab, &bin, &["drain", "web", &b2]);
+    assert!(text(&out).contains("was already draining: nothing changed"), "{}", text(&out));
+    let out = cli(&lab, &bin, &["undrain", "web", &b2]);
+    assert!(text(&out).contains("is now up") && !text(&out).contains("note:"), "{}", text(&out));
+    assert!(find(&status(&lab, &bin), &lab.backend_addr(2).to_string()).differs_from_config.is_none());
+
+    // Errors name the problem, not the HTTP status.
+    let out = cli(&lab, &bin, &["drain", "nosuch", &b2]);
+    let err = text(&out);
+    assert!(!out.status.success() && err.contains("lb: error: no service named \"nosuch\""), "{err}");
+    assert!(!err.contains("404") && !err.contains("answered"), "{err}");
+
+    // lb down: one line about the daemon it stopped, nothing contradicting it, and it is gone.
+    let pid = lab.lb_pid().expect("pid");
+    let out = lab.lb_down(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    let said = text(&out);
+    assert!(out.status.success() && said.contains("stopped the running lb") && !said.contains("nothing pinned"), "{said}");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists() || lab.lb_exit_status().ok().flatten().is_some(), "lb down returned with the daemon alive");
+}
+
+/// The config text without the `[[services.backends]]` entries at `addr` (every service).
+fn remove_backend(cfg: &str, addr: &str) -> String {
+    let mut parts = cfg.split("\n[[services.backends]]");
+    let mut kept = parts.next().unwrap_or_default().to_owned();
+    for block in parts {
+        // A backend's body runs up to the next table header.
+        let end = block.find("\n[").unwrap_or(block.len());
+        if block[..end].contains(&format!("address = \"{addr}\"")) {
+            kept.push_str(&block[end..]);
+        } else {
+            kept.push_str("\n[[services.backends]]");
+            kept.push_str(block);
+        }
+    }
+    kept
 }

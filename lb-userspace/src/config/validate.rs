@@ -519,7 +519,7 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> ServiceParts {
         if let Some(first) = backends[..j].iter().position(|o| o.endpoint() == Some((address, port))) {
             e.push(
                 &format!("{p}.backends[{j}]"),
-                format!("{address}:{port} is already listed as backends[{first}]; list each backend once"),
+                format!("{} is already listed as backends[{first}]; list each backend once", SocketAddr::new(address, port)),
             );
             backends[j].duplicate = true;
         }
@@ -721,7 +721,8 @@ fn cross_check(e: &mut Errors, limits: &Limits, services: &[ServiceParts]) {
             e.push(
                 &format!("services[{i}].vip"),
                 format!(
-                    "{vip}:{port}/{protocol} is already the address of {}; each (vip, port, protocol) must be unique",
+                    "{}/{protocol} is already the address of {}; each (vip, port, protocol) must be unique",
+                    SocketAddr::new(vip, port),
                     label(first)
                 ),
             );
@@ -756,9 +757,10 @@ fn cross_check(e: &mut Errors, limits: &Limits, services: &[ServiceParts]) {
                 Some(&(oi, oj)) if oi != i => e.push(
                     &field,
                     format!(
-                        "{address}:{port}/{protocol} is also services[{oi}].backends[{oj}] of {}; NAT reply \
+                        "{}/{protocol} is also services[{oi}].backends[{oj}] of {}; NAT reply \
                          translation would be ambiguous (a reply from it could belong to either service). Give \
                          each service its own backend port",
+                        SocketAddr::new(address, port),
                         label(oi)
                     ),
                 ),
