@@ -99,10 +99,10 @@ fn start(cfg: &Config, pins: &PinDir) -> Result<(Datapath, Runtime, bool)> {
     let mut rt = if adopted { Runtime::adopt(cfg, &dp)? } else { Runtime::new(cfg) };
     // The previous daemon's story of each backend, where its state is still the same.
     let history = if adopted { crate::history::restore(&pins.path, &mut rt) } else { 0 };
+    let backends: usize = rt.services.iter().map(|s| s.backends.len()).sum();
     let changes = rt.reconcile(cfg, &mut dp).context("writing services and backends")?;
     if adopted {
-        let backends: usize = rt.services.iter().map(|s| s.backends.len()).sum();
-        let history = format!("the health history of {history} of {backends} backend(s) is kept");
+        let history = format!("the health history of {history} of {backends} adopted backend(s) is kept");
         if changes.keeps_every_pin() {
             tracing::info!(changes = %changes.summary(), "adopted the pinned datapath state: every pin is kept; {history}");
         } else {

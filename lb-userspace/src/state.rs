@@ -461,8 +461,14 @@ impl Runtime {
             let svc = match pos {
                 Some(p) => {
                     let mut s = self.services.remove(p);
+                    // An adopted service gets its table rebuilt; that alone is no change.
+                    let differs = s.config != *sc
+                        || s.backends.len() != sc.backends.len()
+                        || s.backends.iter().any(|b| !sc.backends.contains(&b.config));
                     if let Some(removed) = self.update_service(dp, &mut s, sc, &mut ch)? {
-                        ch.services_changed.push(sc.name.clone());
+                        if differs {
+                            ch.services_changed.push(sc.name.clone());
+                        }
                         pending.push((ordered.len(), removed));
                     }
                     s
