@@ -1605,7 +1605,7 @@ fn lb_down_removes_everything() {
     }
     expect_gone(&t, "after lb down of a stopped daemon");
     let out = down(&t, "a second time");
-    if !out.contains("nothing pinned") {
+    if !out.contains("nothing is pinned") {
         t.fail(&format!("a second lb down printed {out:?}"));
     }
 
@@ -1634,7 +1634,7 @@ fn lb_down_removes_everything() {
     }
     expect_gone(&t, "after lb down of a running daemon");
     let out = down(&t, "after stopping a running daemon");
-    if !out.contains("nothing pinned") {
+    if !out.contains("nothing is pinned") {
         t.fail(&format!("lb down after lb down printed {out:?}"));
     }
 }
