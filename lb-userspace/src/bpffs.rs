@@ -115,8 +115,8 @@ fn mount_would_die_with_us() -> Option<&'static str> {
         .any(|p| ns(&p.to_string()).as_ref() == Some(&ours));
     if others {
         None
-    } else if me == 1 {
-        Some("this container's mount namespace holds lb alone")
+    } else if in_container() {
+        Some("this container's mount namespace holds nobody but lb and its parents")
     } else {
         Some("this process has a mount namespace of its own, as `ip netns exec` gives it")
     }
@@ -163,14 +163,21 @@ pub fn plan(path: &Path) -> Result<Plan> {
              taking the datapath with it; {}",
             path.display(),
             at.display(),
-            if std::process::id() == 1 {
+            if in_container() {
                 "mount bpffs on the host (mount -t bpf bpf /sys/fs/bpf) and pass it in (-v /sys/fs/bpf:/sys/fs/bpf)"
             } else {
-                "start lb with `lb --netns NAME run ...` (or `nsenter --net=/run/netns/NAME lb run ...`) instead of `ip netns exec`"
+                "start lb with `lb --netns NAME run ...` (or `nsenter --net=/run/netns/NAME lb run ...`) instead of `ip netns exec`; \
+                 in a container, pass the host's bpffs in (-v /sys/fs/bpf:/sys/fs/bpf)"
             }
         );
     }
     Ok(Plan::Mount(at.into()))
+}
+
+/// Whether this process is the first of its pid namespace, as lb is when it is a container's
+/// entry point.
+fn in_container() -> bool {
+    std::process::id() == 1
 }
 
 fn mount_bpffs(at: &Path) -> Result<()> {

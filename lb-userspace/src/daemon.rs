@@ -156,19 +156,19 @@ impl ReplyWatch {
             w.packets_grew = now;
         }
         (w.packets, w.replies, w.at) = (packets, replies, now);
-        let silent = self.silent(key, now).is_some();
-        let w = self.seen.get_mut(&key).expect("inserted above");
+        let silent = w.silent_since.is_some_and(|s| now.duration_since(s) >= NO_REPLY_AFTER)
+            && now.duration_since(w.packets_grew) < NO_REPLY_FORGET;
         let first = silent && !w.warned;
-        w.warned |= silent;
+        w.warned = silent;
         first
     }
 
-    /// How long the backend has taken packets without a reply, once that is past
-    /// [`NO_REPLY_AFTER`] and it still takes packets.
+    /// How long the backend has taken packets without a reply, when the latest sample found
+    /// that past [`NO_REPLY_AFTER`] (so the log, which says so at that sample, and `lb status`
+    /// agree).
     fn silent(&self, key: (u32, u32), now: Instant) -> Option<Duration> {
         let w = self.seen.get(&key)?;
-        let since = now.duration_since(w.silent_since?);
-        (since >= NO_REPLY_AFTER && now.duration_since(w.packets_grew) < NO_REPLY_FORGET).then_some(since)
+        w.warned.then(|| now.duration_since(w.silent_since.unwrap_or(w.at)))
     }
 
     fn retain(&mut self, live: &std::collections::BTreeSet<(u32, u32)>) {
