@@ -50,6 +50,33 @@ pub struct BackendReport {
     /// (kept across reloads until the file's state for it changes, and across restarts).
     #[serde(default)]
     pub differs_from_config: Option<String>,
+    /// Its part in the service's `[services.balance]`, when the service has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<BackendBalanceReport>,
+}
+
+/// A backend's load against its bound, and its slow-start ramp.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendBalanceReport {
+    /// Per second, of the service's `balance.load` (packets, bytes or pins).
+    pub load: f64,
+    /// The load above which it takes no new clients; none without `load_bound`, or while the
+    /// service is too quiet to judge.
+    pub bound: Option<f64>,
+    /// Over its bound: new clients skip it (their next choice takes them).
+    pub over_bound: bool,
+    /// While it ramps up (slow start): the share of its weight it takes now.
+    pub ramping_percent: Option<u32>,
+}
+
+/// A service's `[services.balance]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ServiceBalanceReport {
+    pub load_bound: Option<f64>,
+    /// packets, bytes or pins (per second).
+    pub load: String,
+    pub slow_start: Option<String>,
+    pub hot_prefix_share: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,6 +103,9 @@ pub struct ServiceReport {
     pub pinned: u64,
     pub new_pins_per_sec: f64,
     pub counters: CountersReport,
+    /// `[services.balance]`, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<ServiceBalanceReport>,
     pub backends: Vec<BackendReport>,
 }
 

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -21,7 +21,7 @@ use crate::{
     datapath::Datapath,
     health::{self, HealthChecker},
     pincount::PinCounter,
-    state::{BackendRt, Runtime},
+    state::{BackendBalance, BackendRt, RAMP_STEPS, Runtime},
 };
 
 /// The daemon, shared by the main loop, the API servers and the pin counter.
@@ -112,6 +112,8 @@ pub struct Daemon {
     pub veth_warnings: Vec<String>,
     /// NAT backends that take packets but send no replies back through the balancer.
     pub replies: ReplyWatch,
+    /// Recent counters of the backends of balanced services ([`crate::balance`]).
+    pub loads: crate::balance::Loads,
 }
 
 /// How long a NAT backend may take packets without one reply coming back through the balancer
@@ -199,7 +201,14 @@ fn slot_counts(table: &[u32]) -> BTreeMap<u32, u32> {
     m
 }
 
-fn backend_report(b: &BackendRt, slots: u32, counters: api::CountersReport, pinned: u64, new_pins_per_sec: f64) -> BackendReport {
+fn backend_report(
+    b: &BackendRt,
+    balance: &crate::config::BalanceConfig,
+    slots: u32,
+    counters: api::CountersReport,
+    pinned: u64,
+    new_pins_per_sec: f64,
+) -> BackendReport {
     BackendReport {
         id: b.id,
         address: b.config.address.to_string(),
@@ -216,6 +225,12 @@ fn backend_report(b: &BackendRt, slots: u32, counters: api::CountersReport, pinn
         counters,
         config_state: b.config.state.to_string(),
         differs_from_config: differs_from_config(b),
+        balance: (!balance.is_off()).then(|| api::BackendBalanceReport {
+            load: b.balance.load,
+            bound: (balance.load_bound.is_some() && b.balance.bound > 0.0 && b.eligible()).then_some(b.balance.bound),
+            over_bound: b.balance.over_bound,
+            ramping_percent: b.balance.ramp_percent(),
+        }),
     }
 }
 
@@ -261,7 +276,7 @@ impl Daemon {
                 let pinned = counts.and_then(|c| c.by_backend.get(&(id, b.id)).copied()).unwrap_or(0);
                 let counters = self.dp.backend_counters(b.id)?;
                 let rate = self.rates.per_sec((id, Some(b.id)), counters.new_pins, now);
-                backends.push(backend_report(b, slots.get(&b.id).copied().unwrap_or(0), counters, pinned, rate));
+                backends.push(backend_report(b, &s.config.balance, slots.get(&b.id).copied().unwrap_or(0), counters, pinned, rate));
             }
             let counters = self.dp.service_counters(id)?;
             services.push(ServiceReport {
@@ -281,6 +296,12 @@ impl Daemon {
                 pinned: counts.and_then(|c| c.by_service.get(&id).copied()).unwrap_or(0),
                 new_pins_per_sec: self.rates.per_sec((id, None), counters.new_pins, now),
                 counters,
+                balance: (!s.config.balance.is_off()).then(|| api::ServiceBalanceReport {
+                    load_bound: s.config.balance.load_bound,
+                    load: s.config.balance.load.to_string(),
+                    slow_start: s.config.balance.slow_start.map(|d| humantime::format_duration(d).to_string()),
+                    hot_prefix_share: s.config.balance.hot_prefix_share,
+                }),
                 backends,
             });
         }
@@ -363,6 +384,91 @@ impl Daemon {
         }
         self.replies.retain(&live);
         self.rates.add(now, counts);
+    }
+
+    /// One step of `[services.balance]` (every [`crate::balance::SAMPLE_EVERY`]): samples the
+    /// balanced services' backend counters, moves slow-start ramps on, judges each backend
+    /// against its service's load bound, and swaps in a new table where that changed it.
+    pub fn balance_tick(&mut self) {
+        use crate::balance::{Judged, bounds, min_total, ramp_step};
+        let now = Instant::now();
+        let mut counts = BTreeMap::new();
+        for s in self.rt.services.iter().filter(|s| !s.config.balance.is_off()) {
+            for b in &s.backends {
+                if let Ok(c) = self.dp.backend_counters(b.id) {
+                    counts.insert(b.id, (c.packets, c.bytes, c.new_pins));
+                }
+            }
+        }
+        if counts.is_empty() {
+            return;
+        }
+        self.loads.add(now, counts);
+        for i in 0..self.rt.services.len() {
+            let s = &mut self.rt.services[i];
+            let cfg = s.config.balance.clone();
+            if cfg.is_off() {
+                continue;
+            }
+            let mut changed = false;
+            let name = s.config.name.clone();
+            for b in &mut s.backends {
+                let Some(since) = b.balance.ramp_since else { continue };
+                let step = cfg.slow_start.map_or(RAMP_STEPS, |ss| ramp_step(now.duration_since(since), ss));
+                if step >= RAMP_STEPS {
+                    b.balance.ramp_since = None;
+                    b.balance.ramp_step = RAMP_STEPS;
+                    tracing::info!(service = %name, backend = %SocketAddr::new(b.config.address, b.config.port), "slow start done: full weight");
+                    changed = true;
+                } else if step != b.balance.ramp_step {
+                    b.balance.ramp_step = step;
+                    changed = true;
+                }
+            }
+            let idx: Vec<usize> = (0..s.backends.len()).filter(|&j| s.backends[j].eligible()).collect();
+            let judged: Vec<Judged> = idx
+                .iter()
+                .map(|&j| {
+                    let b = &s.backends[j];
+                    let step = if b.balance.ramp_since.is_some() { b.balance.ramp_step } else { RAMP_STEPS };
+                    Judged {
+                        load: self.loads.rate(b.id, cfg.load),
+                        weight: b.config.weight as f64 * step as f64 / RAMP_STEPS as f64,
+                        was_over: b.balance.over_bound,
+                    }
+                })
+                .collect();
+            let verdicts = match cfg.load_bound {
+                Some(bound) => bounds(&judged, bound, min_total(cfg.load)),
+                None => judged.iter().map(|_| (false, 0.0)).collect(),
+            };
+            for b in s.backends.iter_mut() {
+                b.balance.load = self.loads.rate(b.id, cfg.load);
+                if !b.eligible() && b.balance.over_bound {
+                    b.balance.over_bound = false;
+                    b.balance.bound = 0.0;
+                }
+            }
+            for (k, &j) in idx.iter().enumerate() {
+                let b = &mut s.backends[j];
+                let (over, bound) = verdicts[k];
+                b.balance.bound = bound;
+                if over != b.balance.over_bound {
+                    let backend = SocketAddr::new(b.config.address, b.config.port);
+                    let (load, unit) = (b.balance.load, cfg.load);
+                    if over {
+                        tracing::info!(service = %name, %backend, load = %format!("{load:.0} {unit}/s"), bound = %format!("{bound:.0} {unit}/s"), "backend over the load bound: it takes no new clients while above");
+                    } else {
+                        tracing::info!(service = %name, %backend, load = %format!("{load:.0} {unit}/s"), bound = %format!("{bound:.0} {unit}/s"), "backend back under the load bound: it takes new clients again");
+                    }
+                    b.balance.over_bound = over;
+                    changed = true;
+                }
+            }
+            if changed && let Err(e) = self.rt.rebalance(&mut self.dp, i) {
+                tracing::warn!(service = %name, error = %format!("{e:#}"), "writing a rebalanced table");
+            }
+        }
     }
 
     /// Every warning that holds now, each with its fix.
@@ -543,11 +649,16 @@ impl Daemon {
     /// `lb drain`/`lb undrain`: the backend as it is now, and whether this changed it.
     pub fn set_admin(&mut self, service: &str, addr: IpAddr, port: u16, admin: Admin) -> Result<(BackendReport, bool)> {
         let mut changed = false;
+        let slow_start = self.rt.service(service).is_some_and(|s| s.config.balance.slow_start.is_some());
         let b = self.rt.update_backend(&mut self.dp, service, addr, port, |b| {
             if b.admin == admin {
                 return false;
             }
             changed = true;
+            // An undrained backend ramps up (slow start).
+            if slow_start && admin == Admin::Active && b.healthy {
+                b.balance = BackendBalance::ramping(Instant::now());
+            }
             b.admin = admin;
             b.changed_at = SystemTime::now();
             b.reason = match admin {
@@ -561,7 +672,7 @@ impl Daemon {
             let s = self.rt.service(service).expect("found just now");
             let slots = s.table.iter().filter(|id| **id == b.id).count() as u32;
             let pinned = self.pins.snapshot().latest.and_then(|c| c.counts.by_backend.get(&(s.entry.id, b.id)).copied()).unwrap_or(0);
-            return Ok((backend_report(&b, slots, self.dp.backend_counters(b.id)?, pinned, 0.0), false));
+            return Ok((backend_report(&b, &s.config.balance, slots, self.dp.backend_counters(b.id)?, pinned, 0.0), false));
         }
         tracing::info!(service, backend = %std::net::SocketAddr::new(addr, port), state = b.state_name(), reason = %b.reason, "backend state changed");
         self.update_announcements();
@@ -569,16 +680,21 @@ impl Daemon {
         let s = self.rt.service(service).expect("updated just now");
         let slots = s.table.iter().filter(|id| **id == b.id).count() as u32;
         let pinned = self.pins.snapshot().latest.and_then(|c| c.counts.by_backend.get(&(s.entry.id, b.id)).copied()).unwrap_or(0);
-        Ok((backend_report(&b, slots, self.dp.backend_counters(b.id)?, pinned, 0.0), true))
+        Ok((backend_report(&b, &s.config.balance, slots, self.dp.backend_counters(b.id)?, pinned, 0.0), true))
     }
 
     /// Applies a health checker's verdict. Logs how long after the verdict the maps held it
     /// (`applied_ms`: waiting for the lock included) and whether a pin count was running.
     pub fn on_health(&mut self, ev: health::Event) {
         let reason = ev.reason.clone();
+        let slow_start = self.rt.service(&ev.key.service).is_some_and(|s| s.config.balance.slow_start.is_some());
         let r = self.rt.update_backend(&mut self.dp, &ev.key.service, ev.key.address, ev.key.port, |b| {
             if b.healthy == ev.up {
                 return false;
+            }
+            // A recovered backend ramps up (slow start).
+            if slow_start && ev.up && b.admin == Admin::Active {
+                b.balance = BackendBalance::ramping(Instant::now());
             }
             b.healthy = ev.up;
             b.changed_at = ev.at;

@@ -3,6 +3,7 @@
 pub mod affinity;
 pub mod announce;
 pub mod api;
+pub mod balance;
 pub mod bpffs;
 pub mod cli;
 pub mod client;

@@ -103,6 +103,14 @@ pub fn render(r: &StatusReport) -> String {
         "Packets the datapath saw, by kind (to a VIP, reply from a backend, later fragment, ICMP error), counted beside their verdict"
             .into(),
     );
+    let be_load = gauge_family_f64(
+        &mut reg,
+        "lb_backend_load",
+        "[services.balance]: the backend's load, per second of the service's balance.load (packets, bytes or pins)",
+    );
+    let be_bound = gauge_family_f64(&mut reg, "lb_backend_load_bound", "[services.balance]: the load above which the backend takes no new clients");
+    let be_over = gauge_family(&mut reg, "lb_backend_over_bound", "[services.balance]: 1 while the backend is over its load bound (skipped for new clients)");
+    let be_ramp = gauge_family(&mut reg, "lb_backend_ramping_percent", "[services.balance]: the share of its weight a backend in slow start takes now (100 when not ramping)");
     let fill = gauge_family(&mut reg, "lb_affinity_entries", "Entries in the affinity table, live or stale (as of the latest pin count)");
     let count_age = gauge_family_f64(
         &mut reg,
@@ -138,6 +146,12 @@ pub fn render(r: &StatusReport) -> String {
             be_rate.get_or_create(&bl).set(b.new_pins_per_sec);
             if let Some(t) = unix_secs(&b.since) {
                 be_since.get_or_create(&bl).set(t);
+            }
+            if let Some(bal) = &b.balance {
+                be_load.get_or_create(&bl).set(bal.load);
+                be_bound.get_or_create(&bl).set(bal.bound.unwrap_or(0.0));
+                be_over.get_or_create(&bl).set(bal.over_bound as i64);
+                be_ramp.get_or_create(&bl).set(bal.ramping_percent.unwrap_or(100) as i64);
             }
         }
     }

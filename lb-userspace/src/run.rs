@@ -229,6 +229,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         me: me.clone(),
         veth_warnings: Vec::new(),
         replies: Default::default(),
+        loads: Default::default(),
     }));
     {
         let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());
@@ -293,6 +294,8 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut tick = tokio::time::interval(LOCAL_ADDR_REFRESH);
+    let mut balance_tick = tokio::time::interval(crate::balance::SAMPLE_EVERY);
+    balance_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let lock = || daemon.lock().unwrap_or_else(|p| p.into_inner());
     let result = loop {
         tokio::select! {
@@ -307,6 +310,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
                 }
             }
             Some(ev) = health_rx.recv() => lock().on_health(ev),
+            _ = balance_tick.tick() => lock().balance_tick(),
             r = &mut server => {
                 break Err(match r {
                     Ok(Err(e)) => e,

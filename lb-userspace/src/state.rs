@@ -37,6 +37,43 @@ pub struct BackendRt {
     /// When the health or admin state last changed, and why.
     pub changed_at: SystemTime,
     pub reason: String,
+    /// Fairness for new clients (`[services.balance]`), kept by [`crate::balance`].
+    pub balance: BackendBalance,
+}
+
+/// A backend's part in its service's balance: whether it is over the load bound (it then leaves
+/// the Maglev table, so new clients take their next choice), and its slow-start ramp.
+#[derive(Clone, Debug, Default)]
+pub struct BackendBalance {
+    /// Its load (per second, of the service's `balance.load`), at the latest sample.
+    pub load: f64,
+    /// The load above which it is over the bound, at the latest sample (0: no bound).
+    pub bound: f64,
+    pub over_bound: bool,
+    /// Since when it ramps up (slow start), if it does.
+    pub ramp_since: Option<std::time::Instant>,
+    /// Its share of its weight while ramping, in steps of 1/[`RAMP_STEPS`]; `RAMP_STEPS` is full.
+    pub ramp_step: u32,
+}
+
+/// Slow start ramps a backend's weight in this many steps (5 % each).
+pub const RAMP_STEPS: u32 = 20;
+
+impl BackendBalance {
+    /// Full weight, not over any bound.
+    pub fn full() -> Self {
+        Self { ramp_step: RAMP_STEPS, ..Default::default() }
+    }
+
+    /// Starting a ramp from about 0 (its first step).
+    pub fn ramping(now: std::time::Instant) -> Self {
+        Self { ramp_since: Some(now), ramp_step: 1, ..Default::default() }
+    }
+
+    /// The percentage of its weight it takes now, while ramping.
+    pub fn ramp_percent(&self) -> Option<u32> {
+        self.ramp_since.map(|_| self.ramp_step * 100 / RAMP_STEPS)
+    }
 }
 
 impl BackendRt {
@@ -166,8 +203,27 @@ impl ServiceRt {
                 .collect()
         };
         // Every backend with a weight gets at least one slot (weights are >= 1, N <= M).
-        let eligible = pick(&|b| b.eligible());
+        let mut eligible = pick(&|b| b.eligible());
         if !eligible.is_empty() {
+            let balanced = !self.config.balance.is_off();
+            if balanced {
+                // Slow start: a ramping backend takes its step's share of its weight (all weights
+                // scaled alike, so a full table is the plain one). Bounded loads: a backend over
+                // the bound leaves the table, so its slots go to each client's next choice,
+                // unless every backend is over it (then the plain choice stands).
+                let over: Vec<u32> = self.backends.iter().filter(|b| b.eligible() && b.balance.over_bound).map(|b| b.id).collect();
+                let all_over = over.len() == eligible.len();
+                for e in &mut eligible {
+                    let b = self.backends.iter().find(|b| b.id == e.id).expect("picked from them");
+                    let step = if b.balance.ramp_since.is_some() { b.balance.ramp_step.clamp(1, RAMP_STEPS) } else { RAMP_STEPS };
+                    e.weight *= step;
+                    if !all_over && over.contains(&e.id) {
+                        e.weight = 0;
+                    }
+                }
+                let n = eligible.iter().filter(|e| e.weight > 0).count() as u32;
+                return (maglev::build(&eligible, m), n, false);
+            }
             return (maglev::build(&eligible, m), eligible.len() as u32, false);
         }
         // Every backend that may take clients is down: route as if they were all up.
@@ -384,6 +440,7 @@ impl Runtime {
                     admin,
                     changed_at: now,
                     reason: "adopted from the previous daemon".into(),
+                    balance: BackendBalance::full(),
                 });
             }
             if !name_known {
@@ -648,6 +705,7 @@ impl Runtime {
                 admin: admin_from_config(bc.state),
                 changed_at: now,
                 reason: "configured".into(),
+                balance: BackendBalance::full(),
             });
         }
         let mut s = ServiceRt {
@@ -712,6 +770,12 @@ impl Runtime {
                         admin: admin_from_config(bc.state),
                         changed_at: now,
                         reason: "added by reload".into(),
+                        // A backend added to a running service ramps up (slow start).
+                        balance: if sc.balance.slow_start.is_some() {
+                            BackendBalance::ramping(std::time::Instant::now())
+                        } else {
+                            BackendBalance::full()
+                        },
                     });
                     ch.backends_added.push(backend_label(&sc.name, bc));
                 }
@@ -743,6 +807,28 @@ impl Runtime {
     pub fn sync(&mut self, dp: &mut Datapath, s: &mut ServiceRt) -> Result<()> {
         let table = s.desired_table(self.global.maglev_m);
         self.write_service(dp, s, &[], table)
+    }
+
+    /// Rebuilds service `i`'s table after its backends' balance changed (a bound crossed, a ramp
+    /// step): only the table and the service entry are written, as a table swap. Whether the
+    /// table changed.
+    pub fn rebalance(&mut self, dp: &mut Datapath, i: usize) -> Result<bool> {
+        let m = self.global.maglev_m;
+        let s = &mut self.services[i];
+        let (table, in_table, fail_open) = s.desired_table(m);
+        if table == *s.table || fail_open != s.fail_open {
+            // Unchanged, or a health change is on its way through `sync` anyway.
+            return Ok(false);
+        }
+        let next = 1 - (s.entry.table & 1);
+        dp.write_maglev(s.entry.id, next, &table).with_context(|| format!("writing the Maglev table of service {}", s.config.name))?;
+        s.entry.table = next;
+        s.entry.backend_count = in_table;
+        s.entry.generation = s.entry.generation.wrapping_add(1);
+        dp.write_service(&s.key, s.entry)?;
+        s.digest = Default::default();
+        s.table = std::sync::Arc::new(table);
+        Ok(true)
     }
 
     /// `sync` with the table already built.
@@ -913,6 +999,7 @@ fn orphan_service_config(key: &Endpoint, id: u32) -> ServiceConfig {
         protocol: if key.proto() == lb_common::PROTO_UDP { crate::config::Protocol::Udp } else { crate::config::Protocol::Tcp },
         affinity: Default::default(),
         health: Default::default(),
+        balance: Default::default(),
         backends: Vec::new(),
     }
 }
@@ -973,5 +1060,76 @@ mod tests {
         let (c, _) = built(&["10.1.0.1", "10.1.0.2"], 1);
         assert_ne!(a.fingerprint(seed), c.fingerprint(seed), "another backend set");
         assert_ne!(a.fingerprint(seed), a.fingerprint(seed + 1), "another client hash seed");
+    }
+
+    /// Service `web` with `weights` (backends 10.1.0.1.. on :8080) and `[services.balance]`.
+    fn balanced(weights: &[u32]) -> ServiceRt {
+        let mut text = String::from("[datapath]\ninterfaces = [\"eth0\"]\nmaglev_table_size = 1009\n");
+        text.push_str("[[services]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\n");
+        text.push_str("[services.balance]\nload_bound = 1.25\nslow_start = \"30s\"\n");
+        for (i, w) in weights.iter().enumerate() {
+            text.push_str(&format!("[[services.backends]]\naddress = \"10.1.0.{}\"\nport = 8080\nweight = {w}\n", i + 1));
+        }
+        let cfg = Config::parse(&text).unwrap();
+        let mut rt = Runtime::new(&cfg);
+        rt.add_service(&cfg.services[0]).unwrap()
+    }
+
+    fn slots(s: &ServiceRt) -> BTreeMap<u32, usize> {
+        let mut m = BTreeMap::new();
+        for id in s.desired_table(1009).0 {
+            *m.entry(id).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn bounded_walk_sends_an_over_bound_backends_clients_to_their_next_choice() {
+        let mut s = balanced(&[100, 100, 100]);
+        let plain = s.desired_table(1009).0;
+        let (a, b) = (s.backends[0].id, s.backends[1].id);
+        s.backends[0].balance.over_bound = true;
+        let bounded = s.desired_table(1009).0;
+        assert!(!bounded.contains(&a), "an over-bound backend takes no new client");
+        // Its slots go to the others; almost every other client keeps its plain choice (Maglev
+        // moves a few more on a removal)...
+        let others_moved = plain.iter().zip(&bounded).filter(|(p, q)| **p != a && p != q).count();
+        assert!(others_moved * 100 < plain.len() * 3, "{others_moved} of {} other slots moved", plain.len());
+        // ... and the walk is deterministic given which backends are over.
+        assert_eq!(bounded, s.desired_table(1009).0);
+        // Everything over the bound: the plain table stands.
+        for x in &mut s.backends {
+            x.balance.over_bound = true;
+        }
+        assert_eq!(s.desired_table(1009).0, plain);
+        // A draining backend is out whatever its bound says; over-bound others leave too.
+        for x in &mut s.backends {
+            x.balance.over_bound = false;
+        }
+        s.backends[2].admin = Admin::Draining;
+        s.backends[0].balance.over_bound = true;
+        let t = s.desired_table(1009).0;
+        assert!(t.iter().all(|id| *id == b), "only b is neither draining nor over the bound");
+    }
+
+    #[test]
+    fn bounded_walk_keeps_weights_and_slow_start_ramps_them() {
+        let mut s = balanced(&[300, 100, 100]);
+        let (a, b, c) = (s.backends[0].id, s.backends[1].id, s.backends[2].id);
+        s.backends[2].balance.over_bound = true;
+        let m = slots(&s);
+        // a and b share c's slots by their weights: 3:1 (within a slot or two of 1009 * 3/4).
+        assert!(!m.contains_key(&c));
+        assert!((m[&a] as f64 / 1009.0 - 0.75).abs() < 0.01 && (m[&b] as f64 / 1009.0 - 0.25).abs() < 0.01, "{m:?}");
+        // Slow start: a backend at 1 of 20 steps takes about 1/20 of its weight's share.
+        s.backends[2].balance.over_bound = false;
+        s.backends[1].balance = BackendBalance::ramping(std::time::Instant::now());
+        let m = slots(&s);
+        let want = 1009.0 * 5.0 / (300.0 + 5.0 + 100.0);
+        assert!((m[&b] as f64 - want).abs() <= 2.0, "{m:?} want {want}");
+        s.backends[1].balance.ramp_step = 10;
+        let m = slots(&s);
+        let want = 1009.0 * 50.0 / 450.0;
+        assert!((m[&b] as f64 - want).abs() <= 2.0, "{m:?} want {want}");
     }
 }

@@ -526,6 +526,7 @@ fn valid_service() -> impl Strategy<Value = ServiceConfig> {
             protocol,
             affinity,
             health,
+            balance: Default::default(),
             backends,
         })
 }

@@ -47,6 +47,19 @@ pub fn render_status(r: &StatusReport) -> String {
         if s.fail_open {
             let _ = writeln!(o, "  !! every backend is down: FAILING OPEN (routing as if all were up)");
         }
+        if let Some(b) = &s.balance {
+            let mut parts = Vec::new();
+            if let Some(x) = b.load_bound {
+                parts.push(format!("load bound {x}x its weighted share of {}/s", b.load));
+            }
+            if let Some(ss) = &b.slow_start {
+                parts.push(format!("slow start {ss}"));
+            }
+            if let Some(h) = b.hot_prefix_share {
+                parts.push(format!("hot prefix share {h}"));
+            }
+            let _ = writeln!(o, "  balance: {}", parts.join(", "));
+        }
         let _ = writeln!(
             o,
             "  {:<22} {:>6} {:>8} {:>7} {:>8} {:>7} {:>10} {:>12} {:>8} {:>10}  since / reason",
@@ -70,6 +83,19 @@ pub fn render_status(r: &StatusReport) -> String {
                 b.since,
                 b.reason
             );
+            if let (Some(bal), Some(sb)) = (&b.balance, &s.balance) {
+                let mut parts = vec![format!("load {:.0} {}/s", bal.load, sb.load)];
+                if let Some(bound) = bal.bound {
+                    parts.push(format!("bound {bound:.0}"));
+                }
+                if bal.over_bound {
+                    parts.push("OVER BOUND (skipped for new clients)".into());
+                }
+                if let Some(p) = bal.ramping_percent {
+                    parts.push(format!("ramping {p} %"));
+                }
+                let _ = writeln!(o, "  {:<22} {}", "", parts.join(", "));
+            }
         }
     }
     let notes: Vec<String> = r
@@ -241,6 +267,7 @@ mod tests {
             counters: Default::default(),
             config_state: "active".into(),
             differs_from_config: None,
+            balance: None,
         }
     }
 

@@ -27,7 +27,7 @@ mod testing;
 mod validate;
 
 pub use model::{
-    AffinityConfig, AnnounceConfig, BackendConfig, BackendState, Config, ControlConfig, DEFAULT_ANNOUNCE_GRACE,
+    AffinityConfig, AnnounceConfig, BackendConfig, BalanceConfig, LoadKind, BackendState, Config, ControlConfig, DEFAULT_ANNOUNCE_GRACE,
     DEFAULT_METRICS, DEFAULT_PIN_PATH, DEFAULT_SOCKET, DatapathConfig, HealthConfig, HealthKind, Mode, Protocol,
     ServiceConfig, XdpMode,
 };

@@ -109,7 +109,44 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     pub affinity: AffinityConfig,
     pub health: HealthConfig,
+    /// `[services.balance]`: every part off when absent.
+    #[serde(skip_serializing_if = "BalanceConfig::is_off")]
+    pub balance: BalanceConfig,
     pub backends: Vec<BackendConfig>,
+}
+
+/// Fairness for new clients (`[services.balance]`); pins never move for it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BalanceConfig {
+    /// A backend whose load is above this many times its weighted share of the service's load
+    /// takes no new clients while it stays above (bounded loads); none: no bound.
+    pub load_bound: Option<f64>,
+    /// What load counts.
+    pub load: LoadKind,
+    /// An added, recovered or undrained backend's share of new clients ramps up over this.
+    #[serde(with = "humantime_serde")]
+    pub slow_start: Option<Duration>,
+    /// A client prefix bringing more than this share of the service's new clients is split finer.
+    pub hot_prefix_share: Option<f64>,
+}
+
+impl BalanceConfig {
+    pub fn is_off(&self) -> bool {
+        self.load_bound.is_none() && self.slow_start.is_none() && self.hot_prefix_share.is_none()
+    }
+}
+
+/// What a backend's load is, as a rate over a short sliding window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadKind {
+    /// Packets per second sent to it.
+    #[default]
+    Packets,
+    /// Bytes per second sent to it.
+    Bytes,
+    /// New pins per second (clients placed on it).
+    Pins,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -233,6 +270,7 @@ display_as_serde_name! {
     Protocol { Tcp => "tcp", Udp => "udp" }
     HealthKind { Tcp => "tcp", Http => "http", None => "none" }
     BackendState { Active => "active", Draining => "draining" }
+    LoadKind { Packets => "packets", Bytes => "bytes", Pins => "pins" }
 }
 
 #[cfg(test)]

@@ -91,7 +91,16 @@ pub(super) struct RawService {
     pub(super) protocol: Field<String>,
     pub(super) affinity: Field<RawAffinity>,
     pub(super) health: Field<RawHealth>,
+    pub(super) balance: Field<RawBalance>,
     pub(super) backends: Tables<RawBackend>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct RawBalance {
+    pub(super) load_bound: Field<f64>,
+    pub(super) load: Field<String>,
+    pub(super) slow_start: Field<String>,
+    pub(super) hot_prefix_share: Field<f64>,
 }
 
 #[derive(Debug, Default)]
@@ -170,7 +179,17 @@ fn read_service(t: &mut Fields) -> RawService {
         protocol: t.string("protocol"),
         affinity: t.table("affinity", read_affinity),
         health: t.table("health", read_health),
+        balance: t.table("balance", read_balance),
         backends: t.tables("backends", read_backend),
+    }
+}
+
+fn read_balance(t: &mut Fields) -> RawBalance {
+    RawBalance {
+        load_bound: t.number("load_bound"),
+        load: t.string("load"),
+        slow_start: t.string("slow_start"),
+        hot_prefix_share: t.number("hot_prefix_share"),
     }
 }
 
@@ -246,6 +265,16 @@ impl<'e, 't> Fields<'e, 't> {
             None => Field::Absent,
             Some(Value::Integer(i)) => Field::Given(*i),
             Some(v) => self.wrong(self.path(key), "an integer", v),
+        }
+    }
+
+    /// A number: a float, or an integer taken as one (`load_bound = 2`).
+    fn number(&mut self, key: &'static str) -> Field<f64> {
+        match self.get(key) {
+            None => Field::Absent,
+            Some(Value::Float(f)) => Field::Given(*f),
+            Some(Value::Integer(i)) => Field::Given(*i as f64),
+            Some(v) => self.wrong(self.path(key), "a number", v),
         }
     }
 
@@ -358,7 +387,7 @@ mod tests {
         rejects(
             &service("vipp = \"1.2.3.4\""),
             "services[0].vipp",
-            "expected one of name, vip, port, protocol, affinity, health, backends",
+            "expected one of name, vip, port, protocol, affinity, health, balance, backends",
         );
         rejects(&format!("{MINIMAL}\n[extra]\n"), "extra", "expected one of datapath, control, services, announce");
     }

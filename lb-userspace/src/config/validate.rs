@@ -16,11 +16,11 @@ use serde::Serialize;
 
 use super::{
     model::{
-        AffinityConfig, AnnounceConfig, BackendConfig, BackendState, Config, ControlConfig, DEFAULT_ANNOUNCE_GRACE,
+        AffinityConfig, AnnounceConfig, BackendConfig, BackendState, BalanceConfig, LoadKind, Config, ControlConfig, DEFAULT_ANNOUNCE_GRACE,
         DEFAULT_METRICS, DEFAULT_PIN_PATH, DEFAULT_SOCKET, DEFAULT_WEIGHT, DatapathConfig, HealthConfig, HealthKind,
         Mode, Protocol, ServiceConfig, XdpMode,
     },
-    raw::{self, Field, RawAffinity, RawAnnounce, RawBackend, RawControl, RawDatapath, RawHealth, RawService},
+    raw::{self, Field, RawAffinity, RawAnnounce, RawBackend, RawBalance, RawControl, RawDatapath, RawHealth, RawService},
 };
 use crate::maglev::is_prime;
 
@@ -28,6 +28,8 @@ const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Upper bound of `affinity.max_age`.
 const MAX_PIN_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
+/// Upper bound of `balance.slow_start`.
+const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 /// Cap on the `MAGLEV` array (`max_services * 2 * maglev_table_size` u32 slots): beyond this the
 /// map is more memory than any sane deployment wants locked in the kernel.
 const MAX_MAGLEV_BYTES: u64 = 1 << 30;
@@ -423,6 +425,7 @@ struct ServiceParts {
     protocol: Option<Protocol>,
     affinity: Option<AffinityConfig>,
     health: Option<HealthConfig>,
+    balance: Option<BalanceConfig>,
     /// Every backend listed, valid or not.
     backends: Vec<BackendParts>,
 }
@@ -438,6 +441,7 @@ impl ServiceParts {
             protocol: self.protocol?,
             affinity: self.affinity?,
             health: self.health?,
+            balance: self.balance?,
             backends: Some(backends).filter(|b| !b.is_empty())?,
         })
     }
@@ -497,6 +501,7 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> ServiceParts {
     );
     let affinity = r.affinity.or_default().and_then(|a| validate_affinity(e, &p, a));
     let health = r.health.or_default().and_then(|h| validate_health(e, &p, h));
+    let balance = r.balance.or_default().and_then(|b| validate_balance(e, &p, b));
 
     if matches!(&r.backends, Field::Absent) || matches!(&r.backends, Field::Given(list) if list.is_empty()) {
         e.push(
@@ -549,7 +554,7 @@ fn validate_service(e: &mut Errors, i: usize, r: RawService) -> ServiceParts {
         }
     }
 
-    ServiceParts { name, vip, port, protocol, affinity, health, backends }
+    ServiceParts { name, vip, port, protocol, affinity, health, balance, backends }
 }
 
 fn validate_affinity(e: &mut Errors, p: &str, r: RawAffinity) -> Option<AffinityConfig> {
@@ -579,6 +584,41 @@ fn validate_affinity(e: &mut Errors, p: &str, r: RawAffinity) -> Option<Affinity
         }),
     };
     Some(AffinityConfig { timeout: timeout?, ipv4_prefix: ipv4_prefix?, ipv6_prefix: ipv6_prefix?, max_age: max_age? })
+}
+
+fn validate_balance(e: &mut Errors, p: &str, r: RawBalance) -> Option<BalanceConfig> {
+    let number = |e: &mut Errors, key: &str, v: Field<f64>, lo: f64, hi: f64, what: &str| match v {
+        Field::Absent => Some(None),
+        Field::Wrong => None,
+        Field::Given(x) if x > lo && x <= hi => Some(Some(x)),
+        Field::Given(x) => {
+            e.push(&format!("{p}.balance.{key}"), format!("must be {what}, got {x}"));
+            None
+        }
+    };
+    let load_bound = number(e, "load_bound", r.load_bound, 1.0, 100.0, "more than 1 and at most 100 (1.25: 25% above the fair share)");
+    let hot_prefix_share =
+        number(e, "hot_prefix_share", r.hot_prefix_share, 0.0, 1.0, "more than 0 and at most 1 (0.2: a fifth of the new clients)");
+    let load = e.choice(
+        &format!("{p}.balance.load"),
+        r.load.as_deref(),
+        LoadKind::Packets,
+        &[(LoadKind::Packets, "packets"), (LoadKind::Bytes, "bytes"), (LoadKind::Pins, "pins")],
+    );
+    let field = format!("{p}.balance.slow_start");
+    let slow_start = match r.slow_start.as_deref() {
+        Field::Absent => Some(None),
+        Field::Wrong => None,
+        Field::Given(v) => e.duration(&field, Field::Given(v), Duration::ZERO).and_then(|t| {
+            if t.is_zero() || t > MAX_SLOW_START {
+                e.push(&field, format!("must be more than 0 and at most 1 hour, got {}", humantime::format_duration(t)));
+                None
+            } else {
+                Some(Some(t))
+            }
+        }),
+    };
+    Some(BalanceConfig { load_bound: load_bound?, load: load?, slow_start: slow_start?, hot_prefix_share: hot_prefix_share? })
 }
 
 fn validate_health(e: &mut Errors, p: &str, r: RawHealth) -> Option<HealthConfig> {
@@ -857,6 +897,7 @@ mod tests {
                         rise: 2,
                         fall: 3,
                     },
+                    balance: Default::default(),
                     backends: vec![BackendConfig { address: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 11)), port: 8080, weight: 100, state: BackendState::Active }],
                 }],
                 announce: Some(AnnounceConfig { table: 4242, grace: Duration::from_secs(3) }),
@@ -1314,7 +1355,7 @@ port = 80
         );
         let shown = errs.to_string();
         for needle in [
-            "services[2].vipp: unknown field; expected one of name, vip, port, protocol, affinity, health, backends",
+            "services[2].vipp: unknown field; expected one of name, vip, port, protocol, affinity, health, balance, backends",
             "services[2].port: must be an integer, got a string \"53\"",
             "services[0].backends[0].address: fd00::11 is IPv6 but the service's vip 10.0.0.100 is IPv4",
             "services[1].backends[0].port: must be 1..=65535, got 0",
@@ -1423,5 +1464,23 @@ state = "off"
         .to_string();
         assert!(bad.contains("services[0].affinity.max_age: must be more than 0"), "{bad}");
         assert!(bad.contains("services[0].backends[0].state: must be one of \"active\", \"draining\""), "{bad}");
+    }
+
+    #[test]
+    fn balance_fields() {
+        let c = Config::parse(&service("[services.balance]\nload_bound = 1.25\nload = \"bytes\"\nslow_start = \"30s\"\nhot_prefix_share = 0.2")).unwrap();
+        let b = &c.services[0].balance;
+        assert_eq!(
+            (b.load_bound, b.load, b.slow_start, b.hot_prefix_share),
+            (Some(1.25), LoadKind::Bytes, Some(Duration::from_secs(30)), Some(0.2))
+        );
+        assert!(Config::parse(MINIMAL).unwrap().services[0].balance.is_off(), "off when absent");
+        assert_eq!(Config::parse(&service("[services.balance]\nload_bound = 2")).unwrap().services[0].balance.load_bound, Some(2.0));
+        rejects(&service("[services.balance]\nload_bound = 1.0"), "services[0].balance.load_bound", "more than 1");
+        rejects(&service("[services.balance]\nhot_prefix_share = 1.5"), "services[0].balance.hot_prefix_share", "at most 1");
+        rejects(&service("[services.balance]\nload = \"cpu\""), "services[0].balance.load", "\"packets\", \"bytes\", \"pins\"");
+        rejects(&service("[services.balance]\nslow_start = \"0s\""), "services[0].balance.slow_start", "more than 0");
+        rejects(&service("[services.balance]\nload_bound = \"high\""), "services[0].balance.load_bound", "must be a number");
+        rejects(&service("[services.balance]\nbound = 1.2"), "services[0].balance.bound", "unknown field");
     }
 }
