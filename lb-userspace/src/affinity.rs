@@ -299,6 +299,29 @@ pub fn explain(rt: &Runtime, dp: &Datapath, client: IpAddr, service: Option<&str
             None => "no backend can take a new client (the packet is dropped: drop_no_backend)".to_string(),
         };
         let by_maglev = if maglev.is_some() { "maglev" } else { "none" };
+        // Bounded loads and slow start change the table: what plain Maglev would have said.
+        let past_choice = if s.config.balance.is_off() {
+            None
+        } else {
+            let plain = s.plain_table(m).get(slot as usize).copied();
+            match (plain.and_then(|id| s.backends.iter().find(|b| b.id == id)), maglev) {
+                (Some(p), Some(live)) if p.id != live.id => Some(format!(
+                    "its plain Maglev choice is {}, passed over: {}",
+                    endpoint(p),
+                    if p.balance.over_bound {
+                        format!(
+                            "over the load bound ({:.0} > {:.0} {}/s)",
+                            p.balance.load, p.balance.bound, s.config.balance.load
+                        )
+                    } else if let Some(pct) = p.balance.ramp_percent() {
+                        format!("it ramps up (slow start, {pct} % of its weight)")
+                    } else {
+                        "another backend ramps up or is over the bound, and the table's slots moved with it".to_string()
+                    }
+                )),
+                _ => None,
+            }
+        };
         let (via, backend, reason) = match (value, &pin) {
             (Some(v), Some(p)) if p.live => (
                 "pin",
@@ -322,6 +345,10 @@ pub fn explain(rt: &Runtime, dp: &Datapath, client: IpAddr, service: Option<&str
             ),
             _ => (by_maglev, maglev, format!("no pin: {maglev_text}; the first packet pins it")),
         };
+        let reason = match (&past_choice, via) {
+            (Some(p), "maglev") => format!("{reason}; {p}"),
+            _ => reason,
+        };
         out.push(Explanation {
             client: client.to_string(),
             service: s.config.name.clone(),
@@ -334,6 +361,7 @@ pub fn explain(rt: &Runtime, dp: &Datapath, client: IpAddr, service: Option<&str
             maglev_slot: slot,
             maglev_table_size: m,
             maglev_backend: maglev.map(endpoint),
+            past_choice,
             reason,
         });
     }

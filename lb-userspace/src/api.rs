@@ -374,6 +374,10 @@ pub struct Explanation {
     pub maglev_slot: u32,
     pub maglev_table_size: u32,
     pub maglev_backend: Option<String>,
+    /// With `[services.balance]`, when the live table sends this client elsewhere than plain
+    /// Maglev would: the plain choice and why it is passed over (over the load bound, ramping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub past_choice: Option<String>,
     /// One sentence: why this backend.
     pub reason: String,
 }

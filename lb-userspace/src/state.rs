@@ -192,6 +192,18 @@ impl ServiceRt {
         Endpoint::new(b.config.address, b.config.port, self.key.proto())
     }
 
+    /// The table without `[services.balance]`: every backend taking new clients at its full
+    /// weight (what plain Maglev would choose).
+    pub fn plain_table(&self, m: u32) -> Vec<u32> {
+        let eligible: Vec<MaglevBackend> = self
+            .backends
+            .iter()
+            .filter(|b| b.eligible())
+            .map(|b| MaglevBackend { addr: b.config.address, port: b.config.port, weight: b.config.weight, id: b.id })
+            .collect();
+        maglev::build(&eligible, m)
+    }
+
     /// The table the current states call for, how many backends it holds, and whether that is
     /// failing open.
     fn desired_table(&self, m: u32) -> (Vec<u32>, u32, bool) {

@@ -79,8 +79,20 @@ fn a_heavy_clients_backend_takes_few_new_clients_while_over_the_bound() {
     assert!(text.contains("OVER BOUND (skipped for new clients)") && text.contains("load bound 1.25x"), "{text}");
     assert!(lab.lb_log().contains("backend over the load bound"), "{}", lab.lb_log_tail(10));
 
-    let mut placed: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    // lb explain says which new clients are placed past their Maglev choice, and why.
     let first: Vec<Ipv4Addr> = clients[1..41].to_vec();
+    let mut passed_over = 0;
+    for c in &first {
+        let out = lab.lb_cli(&bin, &["explain", &c.to_string(), "--service", "web", "--output", "json"]).unwrap();
+        let e: Vec<lb::api::Explanation> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("explain JSON: {e}"));
+        if let Some(p) = &e[0].past_choice {
+            assert!(p.contains(&home_addr) && p.contains("over the load bound"), "{p}");
+            assert!(e[0].reason.contains("passed over") && e[0].maglev_backend.as_deref() != Some(&*format!("{home_addr}:8080")), "{:?}", e[0]);
+            passed_over += 1;
+        }
+    }
+    assert!(passed_over >= 1, "about a quarter of 40 new clients have the heavy backend as their plain choice");
+    let mut placed: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     for c in &first {
         placed.insert(*c, get(&lab, *c));
     }
