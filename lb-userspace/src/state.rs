@@ -206,7 +206,7 @@ impl ServiceRt {
 
     /// The table the current states call for, how many backends it holds, and whether that is
     /// failing open.
-    fn desired_table(&self, m: u32) -> (Vec<u32>, u32, bool) {
+    pub fn desired_table(&self, m: u32) -> (Vec<u32>, u32, bool) {
         let pick = |f: &dyn Fn(&BackendRt) -> bool| -> Vec<MaglevBackend> {
             self.backends
                 .iter()
@@ -705,7 +705,7 @@ impl Runtime {
     }
 
     /// A new service in the model (written by the caller).
-    fn add_service(&mut self, sc: &ServiceConfig) -> Result<ServiceRt> {
+    pub fn add_service(&mut self, sc: &ServiceConfig) -> Result<ServiceRt> {
         let id = self.service_ids.alloc("service")?;
         let now = SystemTime::now();
         let mut backends = Vec::new();
