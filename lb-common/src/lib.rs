@@ -83,6 +83,13 @@ pub mod maps {
     /// connection was placed on, so that it stays there while that backend lives, whatever
     /// happens to its client's pin.
     pub const FLOWS: &str = "FLOWS";
+    /// Hash [`crate::AffinityKey`] (a prefix's pin key) -> u32 (1): client prefixes split because
+    /// they brought more than `balance.hot_prefix_share` of their service's new clients; their
+    /// clients are pinned per address. Written by the daemon.
+    pub const HOT_PREFIXES: &str = "HOT_PREFIXES";
+    /// Per-CPU LRU hash [`crate::AffinityKey`] -> u64: new TCP connections per client prefix, for
+    /// services that split hot prefixes (the daemon's measure of "new clients").
+    pub const PREFIX_NEW: &str = "PREFIX_NEW";
 }
 
 /// `ADDRS` flags.
@@ -384,6 +391,15 @@ pub const GLOBAL_F_DSR: u32 = 1;
 /// Every backend is down: the table holds all of them and pins to down backends stay valid
 /// ("fail open": routing to a maybe-dead backend beats dropping everything).
 pub const SERVICE_F_FAIL_OPEN: u32 = 1;
+/// The service splits hot client prefixes (`balance.hot_prefix_share`): a prefix's pin flagged
+/// [`PIN_F_SPLIT`] (or, without a pin, a prefix in `HOT_PREFIXES`) sends its clients to pins of
+/// their own address, and new connections are counted per prefix (`PREFIX_NEW`).
+pub const SERVICE_F_SPLIT_HOT: u32 = 2;
+
+/// `AffinityValue::flags`: this prefix is split; its clients use pins of their own address.
+pub const PIN_F_SPLIT: u32 = 1;
+/// Capacity of `HOT_PREFIXES` and `PREFIX_NEW`.
+pub const HOT_PREFIX_ENTRIES: u32 = 4096;
 
 /// Backend state flags (`Backend::flags`).
 /// Healthy (or not health-checked) and not force-drained: its pins are valid.
@@ -414,7 +430,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 
 /// Affinity table key: a service and a client prefix (address masked to the service's prefix).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {
     pub service_id: u32,
     /// Masked client address, network order words; IPv4 uses `addr[0]`, the rest stay 0.
@@ -426,7 +442,8 @@ const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AffinityValue {
     pub backend_id: u32,
-    pub _pad: u32,
+    /// `PIN_F_*`: set by the daemon on a prefix's pin.
+    pub flags: u32,
     /// CLOCK_MONOTONIC ns of the last packet (refreshed at most every `LAST_SEEN_REFRESH_NS`).
     pub last_seen_ns: u64,
     /// CLOCK_MONOTONIC ns when the pin was made.

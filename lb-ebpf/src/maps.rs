@@ -5,11 +5,11 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
     ADDR_FILTER_WORDS, AddrKey, AffinityKey, AffinityValue, Backend, Counters, DEFAULT_AFFINITY_ENTRIES,
-    DEFAULT_FLOW_ENTRIES, FlowKey, FlowValue,
+    DEFAULT_FLOW_ENTRIES, FlowKey, FlowValue, HOT_PREFIX_ENTRIES,
     DEFAULT_MAGLEV_M, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FIB_CACHE_ENTRIES, FRAG_ENTRIES,
     FibCacheEntry, FragKey, IFACE_CACHE_ENTRIES, IfaceCacheEntry, SVC_CACHE_ENTRIES, SvcCacheEntry, TxPort, FragValue, GlobalConfig, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, stat,
 };
@@ -79,6 +79,15 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 /// client's pin. Written at the client's first packet after its SYN, never by a SYN.
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Client prefixes the daemon split (their clients are pinned per address), for when the
+/// prefix's own pin is gone. Read only when a service splits hot prefixes and has no pin.
+#[map(name = "HOT_PREFIXES")]
+pub static HOT_PREFIXES: HashMap<AffinityKey, u32> = HashMap::with_max_entries(HOT_PREFIX_ENTRIES, 0);
+
+/// New TCP connections per client prefix (per CPU), for services that split hot prefixes.
+#[map(name = "PREFIX_NEW")]
+pub static PREFIX_NEW: LruPerCpuHashMap<AffinityKey, u64> = LruPerCpuHashMap::with_max_entries(HOT_PREFIX_ENTRIES, 0);
 
 /// (backend address, port, protocol) -> (VIP, port, backend side): reply translation in NAT mode.
 #[map(name = "REVERSE")]

@@ -20,13 +20,13 @@ use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 use aya_log_ebpf::error;
 use lb_common::{
     AffinityKey, AffinityValue, BACKEND_F_IN_USE, BACKEND_F_UP, Backend, Counters, FlowKey, FlowValue,
-    LAST_SEEN_REFRESH_NS, SERVICE_F_FAIL_OPEN, Service, flow_ticks, hash::client_slot, maglev_index,
-    maglev_slot_id, stat,
+    LAST_SEEN_REFRESH_NS, PIN_F_SPLIT, SERVICE_F_FAIL_OPEN, SERVICE_F_SPLIT_HOT, Service, flow_ticks,
+    hash::client_slot, maglev_index, maglev_slot_id, stat,
 };
 
 use crate::{
     Verdict, bump, count, drop,
-    maps::{AFFINITY, BACKEND_STATS, BACKENDS, FLOWS, MAGLEV, SERVICE_STATS},
+    maps::{AFFINITY, BACKEND_STATS, BACKENDS, FLOWS, HOT_PREFIXES, MAGLEV, PREFIX_NEW, SERVICE_STATS},
     parse::Meta,
 };
 
@@ -120,15 +120,55 @@ fn maglev(ctx: &XdpContext, m: &Meta, svc: &Service, key: &AffinityKey) -> Resul
     }
 }
 
+/// The client's own-address pin key (for a split prefix: see `SERVICE_F_SPLIT_HOT`).
+#[inline(always)]
+fn own_key(svc: &Service, m: &Meta) -> AffinityKey {
+    let addr = if m.v6 { m.src } else { [m.src[0], 0, 0, 0] };
+    AffinityKey { service_id: svc.id, addr }
+}
+
+/// Whether the prefix of `key` (a prefix pin key) is split: its pin says so, or, without a pin,
+/// `HOT_PREFIXES` lists it. Only for services that split hot prefixes.
+#[inline(always)]
+fn split(key: &AffinityKey, pin: Option<*mut AffinityValue>) -> bool {
+    match pin {
+        // SAFETY: as in `place`.
+        Some(e) => (unsafe { (*e).flags } & PIN_F_SPLIT) != 0,
+        // SAFETY: a copy of the flag is taken at once.
+        None => unsafe { HOT_PREFIXES.get(key) }.is_some(),
+    }
+}
+
 /// The client's backend from its pin, else from Maglev, writing the pin as `mode` allows (see
 /// the `WRITE_*` constants and `ANY_AGE`). The packet (`m.len`, 0 for none) is counted with the
-/// event (hit, new pin, expired, failover).
+/// event (hit, new pin, expired, failover). `key` is the client's prefix; in a split prefix of a
+/// service that splits hot prefixes the client's own address decides instead (its own pin, or
+/// Maglev on its own address). Other services pay one flag test.
 #[inline(always)]
 pub fn place(ctx: &XdpContext, m: &mut Meta, svc: &Service, key: &AffinityKey, mode: u32) -> Result<u32, Verdict> {
+    let pin = AFFINITY.get_ptr_mut(key);
+    if svc.flags & SERVICE_F_SPLIT_HOT != 0 && split(key, pin) {
+        let own = own_key(svc, m);
+        let own_pin = AFFINITY.get_ptr_mut(&own);
+        return place_pin(ctx, m, svc, &own, mode, own_pin);
+    }
+    place_pin(ctx, m, svc, key, mode, pin)
+}
+
+/// `place` with the pin of `key` looked up already.
+#[inline(always)]
+fn place_pin(
+    ctx: &XdpContext,
+    m: &mut Meta,
+    svc: &Service,
+    key: &AffinityKey,
+    mode: u32,
+    pin: Option<*mut AffinityValue>,
+) -> Result<u32, Verdict> {
     let now = m.now;
     let len = m.len;
     let write = mode & 3;
-    if let Some(e) = AFFINITY.get_ptr_mut(key) {
+    if let Some(e) = pin {
         // SAFETY: the LRU map hands out a pointer to the element, valid during this program run.
         let e = unsafe { &mut *e };
         let backend_id = e.backend_id;
@@ -162,7 +202,7 @@ pub fn place(ctx: &XdpContext, m: &mut Meta, svc: &Service, key: &AffinityKey, m
     }
     let id = maglev(ctx, m, svc, key)?;
     if write == WRITE_APPROVED || (write == WRITE_CREATE && may_create(m)) {
-        let val = AffinityValue { backend_id: id, _pad: 0, last_seen_ns: now, created_ns: now };
+        let val = AffinityValue { backend_id: id, flags: 0, last_seen_ns: now, created_ns: now };
         // BPF_ANY: a concurrent insert for the same client picked the same backend anyway.
         let _ = AFFINITY.insert(key, val, 0);
         count_pick(svc.id, id, len, |c| c.new_pins += 1);
@@ -197,8 +237,19 @@ pub fn flow_key(svc: &Service, m: &Meta) -> FlowKey {
 /// that the client's next connection follows it; a pin re-placed since (another connection of
 /// the client went elsewhere) is left alone.
 #[inline(always)]
-fn refresh_pin(key: &AffinityKey, backend_id: u32, now: u64) {
-    match AFFINITY.get_ptr_mut(key) {
+fn refresh_pin(svc: &Service, m: &Meta, key: &AffinityKey, backend_id: u32, now: u64) {
+    let pin = AFFINITY.get_ptr_mut(key);
+    if svc.flags & SERVICE_F_SPLIT_HOT != 0 && split(key, pin) {
+        let own = own_key(svc, m);
+        refresh_at(&own, AFFINITY.get_ptr_mut(&own), backend_id, now);
+    } else {
+        refresh_at(key, pin, backend_id, now);
+    }
+}
+
+#[inline(always)]
+fn refresh_at(key: &AffinityKey, pin: Option<*mut AffinityValue>, backend_id: u32, now: u64) {
+    match pin {
         Some(p) => {
             // SAFETY: as in `place`.
             let p = unsafe { &mut *p };
@@ -207,7 +258,7 @@ fn refresh_pin(key: &AffinityKey, backend_id: u32, now: u64) {
             }
         }
         None => {
-            let val = AffinityValue { backend_id, _pad: 0, last_seen_ns: now, created_ns: now };
+            let val = AffinityValue { backend_id, flags: 0, last_seen_ns: now, created_ns: now };
             let _ = AFFINITY.insert(key, val, 0);
         }
     }
@@ -237,7 +288,7 @@ pub fn select_tcp(raw: *mut xdp_md, m: &mut Meta, svc: &Service, key: &AffinityK
         if usable(svc, old).is_some() {
             let t = flow_ticks(now);
             if t.wrapping_sub(f.stamp) > flow_ticks(refresh_ns(svc)) {
-                refresh_pin(key, old, now);
+                refresh_pin(svc, m, key, old, now);
                 f.stamp = t;
             }
             count_pick(svc.id, old, m.len, |c| c.hits += 1);
@@ -264,6 +315,16 @@ pub fn select_tcp(raw: *mut xdp_md, m: &mut Meta, svc: &Service, key: &AffinityK
         count(stat::CONN_NEW);
         bump(&SERVICE_STATS, svc.id, |c| c.conns += 1);
         bump(&BACKEND_STATS, id, |c| c.conns += 1);
+        // The daemon's measure of a prefix's new clients (to split a hot one).
+        if svc.flags & SERVICE_F_SPLIT_HOT != 0 {
+            match PREFIX_NEW.get_ptr_mut(key) {
+                // SAFETY: this CPU's value, valid during this program run.
+                Some(n) => unsafe { *n += 1 },
+                None => {
+                    let _ = PREFIX_NEW.insert(key, 1, 0);
+                }
+            }
+        }
     }
     Ok(id)
 }

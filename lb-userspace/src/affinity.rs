@@ -43,7 +43,7 @@ pub fn client_key(s: &ServiceRt, client: IpAddr) -> AffinityKey {
 }
 
 /// The client prefix of a key: `10.0.0.2`, `10.0.0.0/24`, `2001:db8::/64`.
-fn key_string(s: &ServiceRt, key: &AffinityKey) -> String {
+pub fn key_string(s: &ServiceRt, key: &AffinityKey) -> String {
     let v6 = s.config.vip.is_ipv6();
     let addr = words_addr(&key.addr, v6);
     let (prefix, full) = if v6 { (s.config.affinity.ipv6_prefix, 128) } else { (s.config.affinity.ipv4_prefix, 32) };

@@ -77,6 +77,10 @@ pub struct ServiceBalanceReport {
     pub load: String,
     pub slow_start: Option<String>,
     pub hot_prefix_share: Option<f64>,
+    /// Client prefixes split because they brought more than `hot_prefix_share` of the new
+    /// connections: their clients are pinned by their own address.
+    #[serde(default)]
+    pub split_prefixes: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -13,6 +13,13 @@
 //!   over, the plain table stands.
 //! - **Slow start**: an added (by reload), recovered or undrained backend's weight in the table
 //!   ramps linearly from 1/[`RAMP_STEPS`] to full over `slow_start`, one step at a time.
+//! - **Hot prefixes**: for a service whose clients are pinned by prefix (`ipv4_prefix` < 32,
+//!   `ipv6_prefix` < 128) with `hot_prefix_share`, the datapath counts new TCP connections per
+//!   prefix (`PREFIX_NEW`); a prefix bringing more than that share of the service's new
+//!   connections over [`HOT_WINDOW`] (at least [`HOT_MIN_CONNS`] of them) is split: its pin is
+//!   flagged and it is listed in `HOT_PREFIXES`, and from then on each of its clients is placed
+//!   by its own address (its own pin, Maglev on its own address, bounded like everyone). The
+//!   prefix's pin stays as it was, and open connections keep their backend (`FLOWS`).
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -35,6 +42,49 @@ pub fn min_total(kind: LoadKind) -> f64 {
         LoadKind::Packets => 20.0,
         LoadKind::Bytes => 20_000.0,
         LoadKind::Pins => 2.0,
+    }
+}
+
+/// New connections per prefix are compared over this much time.
+pub const HOT_WINDOW: Duration = Duration::from_secs(5);
+/// A service with fewer new connections than this in [`HOT_WINDOW`] splits nothing.
+pub const HOT_MIN_CONNS: u64 = 10;
+
+/// Recent samples of `PREFIX_NEW`, and the prefixes split.
+#[derive(Default)]
+pub struct HotPrefixes {
+    samples: VecDeque<(Instant, BTreeMap<lb_common::AffinityKey, u64>)>,
+    /// What `HOT_PREFIXES` holds (read from it at the first look: a restart keeps the splits).
+    pub split: std::collections::BTreeSet<lb_common::AffinityKey>,
+    pub loaded: bool,
+}
+
+impl HotPrefixes {
+    pub fn add(&mut self, at: Instant, counts: BTreeMap<lb_common::AffinityKey, u64>) {
+        self.samples.push_back((at, counts));
+        while self.samples.len() > 2 && at.duration_since(self.samples[1].0) >= HOT_WINDOW {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The prefixes of service `id` that brought more than `share` of its new connections over
+    /// the window, and are not split yet, with their share.
+    pub fn hot(&self, id: u32, share: f64) -> Vec<(lb_common::AffinityKey, f64)> {
+        let (Some((_, first)), Some((_, last))) = (self.samples.front(), self.samples.back()) else { return Vec::new() };
+        let deltas: Vec<(lb_common::AffinityKey, u64)> = last
+            .iter()
+            .filter(|(k, _)| k.service_id == id)
+            .map(|(k, n)| (*k, n.saturating_sub(first.get(k).copied().unwrap_or(0))))
+            .collect();
+        let total: u64 = deltas.iter().map(|(_, d)| d).sum();
+        if total < HOT_MIN_CONNS {
+            return Vec::new();
+        }
+        deltas
+            .into_iter()
+            .map(|(k, d)| (k, d as f64 / total as f64))
+            .filter(|(k, f)| *f > share && !self.split.contains(k))
+            .collect()
     }
 }
 
@@ -172,5 +222,28 @@ mod tests {
             l.add(t + Duration::from_millis(500 * k), s(1000 + (k - 2) * 200));
         }
         assert!((l.rate(7, LoadKind::Packets) - 400.0).abs() < 1e-6, "{}", l.rate(7, LoadKind::Packets));
+    }
+
+    #[test]
+    fn a_prefix_bringing_more_than_its_share_of_new_connections_is_hot() {
+        let k = |a: u32| lb_common::AffinityKey { service_id: 3, addr: [a, 0, 0, 0] };
+        let t = Instant::now();
+        let mut h = HotPrefixes::default();
+        h.add(t, BTreeMap::from([(k(1), 100), (k(2), 50)]));
+        assert!(h.hot(3, 0.2).is_empty(), "one sample: no rate yet");
+        h.add(t + Duration::from_secs(1), BTreeMap::from([(k(1), 130), (k(2), 52), (k(3), 8)]));
+        // 30 of 40 new connections: 75 %; k(3): 8 of 40 = 20 %, not more than 0.2.
+        let hot = h.hot(3, 0.2);
+        assert_eq!(hot.len(), 1, "{hot:?}");
+        assert_eq!(hot[0].0, k(1));
+        assert!((hot[0].1 - 0.75).abs() < 1e-9);
+        assert!(h.hot(4, 0.2).is_empty(), "another service");
+        h.split.insert(k(1));
+        assert!(h.hot(3, 0.2).is_empty(), "split already");
+        // Too few new connections to judge.
+        let mut q = HotPrefixes::default();
+        q.add(t, BTreeMap::from([(k(1), 0)]));
+        q.add(t + Duration::from_secs(1), BTreeMap::from([(k(1), 9)]));
+        assert!(q.hot(3, 0.2).is_empty());
     }
 }

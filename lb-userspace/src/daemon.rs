@@ -114,6 +114,10 @@ pub struct Daemon {
     pub replies: ReplyWatch,
     /// Recent counters of the backends of balanced services ([`crate::balance`]).
     pub loads: crate::balance::Loads,
+    /// New connections per client prefix, and the prefixes split ([`crate::balance`]).
+    pub hot: crate::balance::HotPrefixes,
+    /// Balance ticks so far (hot prefixes are judged every other one).
+    pub ticks: u64,
 }
 
 /// How long a NAT backend may take packets without one reply coming back through the balancer
@@ -301,6 +305,13 @@ impl Daemon {
                     load: s.config.balance.load.to_string(),
                     slow_start: s.config.balance.slow_start.map(|d| humantime::format_duration(d).to_string()),
                     hot_prefix_share: s.config.balance.hot_prefix_share,
+                    split_prefixes: self
+                        .hot
+                        .split
+                        .iter()
+                        .filter(|k| k.service_id == id && s.splits_hot())
+                        .map(|k| crate::affinity::key_string(s, k))
+                        .collect(),
                 }),
                 backends,
             });
@@ -386,12 +397,79 @@ impl Daemon {
         self.rates.add(now, counts);
     }
 
+    /// Splits the hot client prefixes of the services that split them (every second), and joins
+    /// again the prefixes of services that no longer do.
+    fn hot_tick(&mut self, now: Instant) {
+        if !self.hot.loaded {
+            match self.dp.hot_prefixes() {
+                Ok(keys) => {
+                    self.hot.split = keys.into_iter().collect();
+                    self.hot.loaded = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "reading HOT_PREFIXES");
+                    return;
+                }
+            }
+        }
+        let splitting: Vec<(u32, f64)> =
+            self.rt.services.iter().filter(|s| s.splits_hot()).map(|s| (s.entry.id, s.config.balance.hot_prefix_share.unwrap_or(1.0))).collect();
+        let stale: Vec<lb_common::AffinityKey> =
+            self.hot.split.iter().filter(|k| !splitting.iter().any(|(id, _)| *id == k.service_id)).copied().collect();
+        for k in stale {
+            match self.dp.join_prefix(&k) {
+                Ok(()) => {
+                    self.hot.split.remove(&k);
+                    tracing::info!(service_id = k.service_id, "a split client prefix is joined again (its service no longer splits hot prefixes)");
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "joining a split prefix"),
+            }
+        }
+        if splitting.is_empty() {
+            return;
+        }
+        match self.dp.prefix_new_counts() {
+            Ok(c) => self.hot.add(now, c.into_iter().collect()),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading PREFIX_NEW");
+                return;
+            }
+        }
+        for (id, share) in splitting {
+            for (k, got) in self.hot.hot(id, share) {
+                if self.hot.split.len() >= lb_common::HOT_PREFIX_ENTRIES as usize {
+                    tracing::warn!("HOT_PREFIXES is full: no more client prefixes are split");
+                    return;
+                }
+                let Some(s) = self.rt.services.iter().find(|s| s.entry.id == id) else { continue };
+                let (name, prefix) = (s.config.name.clone(), crate::affinity::key_string(s, &k));
+                match self.dp.split_prefix(&k) {
+                    Ok(()) => {
+                        self.hot.split.insert(k);
+                        tracing::info!(
+                            service = %name,
+                            %prefix,
+                            share = %format!("{:.0} %", got * 100.0),
+                            "a hot client prefix brought more than hot_prefix_share of the new connections: it is split, its clients are pinned by their own address from their next placement (its pin and open connections stay)"
+                        );
+                    }
+                    Err(e) => tracing::warn!(service = %name, %prefix, error = %format!("{e:#}"), "splitting a hot prefix"),
+                }
+            }
+        }
+    }
+
     /// One step of `[services.balance]` (every [`crate::balance::SAMPLE_EVERY`]): samples the
     /// balanced services' backend counters, moves slow-start ramps on, judges each backend
-    /// against its service's load bound, and swaps in a new table where that changed it.
+    /// against its service's load bound, and swaps in a new table where that changed it; every
+    /// other step, hot prefixes ([`Daemon::hot_tick`]).
     pub fn balance_tick(&mut self) {
         use crate::balance::{Judged, bounds, min_total, ramp_step};
         let now = Instant::now();
+        self.ticks += 1;
+        if self.ticks % 2 == 0 {
+            self.hot_tick(now);
+        }
         let mut counts = BTreeMap::new();
         for s in self.rt.services.iter().filter(|s| !s.config.balance.is_off()) {
             for b in &s.backends {

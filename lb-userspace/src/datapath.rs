@@ -31,7 +31,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Every map the daemon pins, by name.
 /// Every map pinned under the pin path (not `FIB_CACHE` and `SCRATCH`: each program has its own).
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 21] = [
     maps::CONFIG,
     maps::SERVICES,
     maps::BACKENDS,
@@ -51,6 +51,8 @@ pub const ALL_MAPS: [&str; 19] = [
     maps::TX_PORTS,
     maps::ADDR_FILTER,
     maps::FLOWS,
+    maps::HOT_PREFIXES,
+    maps::PREFIX_NEW,
 ];
 
 /// What to do with pinned state this lb cannot adopt.
@@ -810,6 +812,58 @@ impl Datapath {
         let mut m: HashMap<&mut MapData, AffinityKey, AffinityValue> =
             HashMap::try_from(self.map_mut(maps::AFFINITY)?)?;
         m.insert(k, v, 0).context("writing AFFINITY")
+    }
+
+    /// New TCP connections counted per client prefix (`PREFIX_NEW`, summed over the CPUs).
+    pub fn prefix_new_counts(&self) -> Result<Vec<(AffinityKey, u64)>> {
+        let m: aya::maps::PerCpuHashMap<&MapData, AffinityKey, u64> = aya::maps::PerCpuHashMap::try_from(self.map(maps::PREFIX_NEW)?)?;
+        let mut out = Vec::new();
+        for entry in m.iter() {
+            match entry {
+                Ok((k, per_cpu)) => out.push((k, per_cpu.iter().sum())),
+                // An entry evicted while we iterate.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e).context("reading PREFIX_NEW"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The prefixes split (`HOT_PREFIXES`).
+    pub fn hot_prefixes(&self) -> Result<Vec<AffinityKey>> {
+        let m: HashMap<&MapData, AffinityKey, u32> = HashMap::try_from(self.map(maps::HOT_PREFIXES)?)?;
+        m.keys().collect::<Result<Vec<_>, _>>().context("reading HOT_PREFIXES")
+    }
+
+    /// Splits the prefix of pin key `k`: listed in `HOT_PREFIXES`, and its pin (if any) flagged,
+    /// so its clients are pinned per address from their next placement on.
+    pub fn split_prefix(&mut self, k: &AffinityKey) -> Result<()> {
+        let mut m: HashMap<&mut MapData, AffinityKey, u32> = HashMap::try_from(self.map_mut(maps::HOT_PREFIXES)?)?;
+        m.insert(k, 1, 0).context("writing HOT_PREFIXES")?;
+        if let Some(mut v) = self.affinity_get(k)? {
+            v.flags |= lb_common::PIN_F_SPLIT;
+            // BPF_EXIST: a pin evicted meanwhile is not written back.
+            let mut a: HashMap<&mut MapData, AffinityKey, AffinityValue> = HashMap::try_from(self.map_mut(maps::AFFINITY)?)?;
+            match a.insert(k, v, 2) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e).context("flagging a split prefix's pin"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Joins the prefix of pin key `k` again: removed from `HOT_PREFIXES`, its pin's flag cleared.
+    pub fn join_prefix(&mut self, k: &AffinityKey) -> Result<()> {
+        let mut m: HashMap<&mut MapData, AffinityKey, u32> = HashMap::try_from(self.map_mut(maps::HOT_PREFIXES)?)?;
+        ignore_missing(m.remove(k)).context("removing a HOT_PREFIXES entry")?;
+        if let Some(mut v) = self.affinity_get(k)?
+            && v.flags & lb_common::PIN_F_SPLIT != 0
+        {
+            v.flags &= !lb_common::PIN_F_SPLIT;
+            let _ = HashMap::<&mut MapData, AffinityKey, AffinityValue>::try_from(self.map_mut(maps::AFFINITY)?)?.insert(k, v, 2);
+        }
+        Ok(())
     }
 
     fn sum_counters(&self, name: &str, id: u32) -> Result<Counters> {

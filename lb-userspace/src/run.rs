@@ -230,6 +230,8 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         veth_warnings: Vec::new(),
         replies: Default::default(),
         loads: Default::default(),
+        hot: Default::default(),
+        ticks: 0,
     }));
     {
         let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());

@@ -192,6 +192,14 @@ impl ServiceRt {
         Endpoint::new(b.config.address, b.config.port, self.key.proto())
     }
 
+    /// Whether the service splits hot client prefixes: `balance.hot_prefix_share` is set and its
+    /// clients are pinned by a prefix shorter than a whole address.
+    pub fn splits_hot(&self) -> bool {
+        let a = &self.config.affinity;
+        self.config.balance.hot_prefix_share.is_some()
+            && if self.config.vip.is_ipv6() { a.ipv6_prefix < 128 } else { a.ipv4_prefix < 32 }
+    }
+
     /// The table without `[services.balance]`: every backend taking new clients at its full
     /// weight (what plain Maglev would choose).
     pub fn plain_table(&self, m: u32) -> Vec<u32> {
@@ -875,7 +883,7 @@ impl Runtime {
                 .with_context(|| format!("writing the Maglev table of service {}", s.config.name))?;
         }
         s.entry.table = next;
-        s.entry.flags = if fail_open { SERVICE_F_FAIL_OPEN } else { 0 };
+        s.entry.flags = if fail_open { SERVICE_F_FAIL_OPEN } else { 0 } | if s.splits_hot() { lb_common::SERVICE_F_SPLIT_HOT } else { 0 };
         s.entry.backend_count = in_table;
         s.entry.generation = s.entry.generation.wrapping_add(1);
         dp.write_service(&s.key, s.entry)?;

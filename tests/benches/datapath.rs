@@ -779,7 +779,7 @@ fn fill_affinity(
     clients: impl Iterator<Item = Ipv4Addr>,
 ) -> usize {
     let now = monotonic_ns();
-    let value = AffinityValue { backend_id, _pad: 0, last_seen_ns: now, created_ns: now };
+    let value = AffinityValue { backend_id, flags: 0, last_seen_ns: now, created_ns: now };
     let entries: Vec<(AffinityKey, AffinityValue)> =
         clients.map(|c| (AffinityKey { service_id, addr: [v4_word(c), 0, 0, 0] }, value)).collect();
     dp.write_affinity_batch(&entries).expect("BPF_MAP_UPDATE_BATCH on AFFINITY")

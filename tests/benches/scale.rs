@@ -90,7 +90,7 @@ fn run(bin: &std::path::Path, reps: usize) -> Result<serde_json::Value> {
             .map(|i| {
                 let addr = (0x2000_0000u32 + i).to_be();
                 let key = AffinityKey { service_id: sid, addr: [addr, 0, 0, 0] };
-                let value = AffinityValue { backend_id: ids[i as usize % ids.len()], _pad: 0, last_seen_ns: now, created_ns: now };
+                let value = AffinityValue { backend_id: ids[i as usize % ids.len()], flags: 0, last_seen_ns: now, created_ns: now };
                 (key, value)
             })
             .collect();

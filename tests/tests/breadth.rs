@@ -182,7 +182,7 @@ fn ipv6_affinity_is_per_64_and_clients_spread() {
         let other = fx.service("multi6").backends.iter().find(|b| b.config.address != IpAddr::V6(first)).unwrap().clone();
         let now = monotonic_ns();
         let key = AffinityKey { service_id: multi6, addr: addr_words(IpAddr::V6(net)) };
-        fx.dp.write_affinity(key, AffinityValue { backend_id: other.id, _pad: 0, last_seen_ns: now, created_ns: now }).unwrap();
+        fx.dp.write_affinity(key, AffinityValue { backend_id: other.id, flags: 0, last_seen_ns: now, created_ns: now }).unwrap();
         assert_eq!(IpAddr::V6(send(fx, same[3], 41000)), other.config.address, "the /64's pin is followed");
 
         // Clients of different /64s spread over the backends; two addresses of each /64 agree.
@@ -625,7 +625,7 @@ fn icmp_error_follows_the_clients_pin() {
         let id = fx.backend_id("multi", IpAddr::V4(BACKEND1));
         let now = monotonic_ns();
         let key = AffinityKey { service_id: multi, addr: addr_words(IpAddr::V4(client)) };
-        fx.dp.write_affinity(key, AffinityValue { backend_id: id, _pad: 0, last_seen_ns: now, created_ns: now }).unwrap();
+        fx.dp.write_affinity(key, AffinityValue { backend_id: id, flags: 0, last_seen_ns: now, created_ns: now }).unwrap();
         let quote = quoted_v4(Pkt::tcp(VIP_MULTI, 80, client, 40000));
         let (v, out) = fx.run(&frag_needed(VIP_MULTI, 64, FROM_ROUTER, &quote), "cl");
         assert_eq!(v, XDP_REDIRECT, "{}", decode_any(&out));

@@ -515,7 +515,7 @@ fn a_pin_overrides_maglev() {
         let other = fx.service("multi").backends.iter().find(|b| b.config.address != pick).unwrap().clone();
         let now = monotonic_ns();
         let key = AffinityKey { service_id: multi, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
-        fx.dp.write_affinity(key, AffinityValue { backend_id: other.id, _pad: 0, last_seen_ns: now, created_ns: now }).unwrap();
+        fx.dp.write_affinity(key, AffinityValue { backend_id: other.id, flags: 0, last_seen_ns: now, created_ns: now }).unwrap();
         let (_, out) = fx.run(&Pkt::tcp(client, 40000, VIP_MULTI, 80).bytes(), "cl");
         assert_eq!(out[30..34], v4(other.config.address).octets(), "went to the pinned backend: {}", decode(&out));
         assert_eq!(u16::from_be_bytes([out[36], out[37]]), 8081);
@@ -533,7 +533,7 @@ fn an_expired_pin_is_reselected() {
         // Idle for 3 s against a 2 s timeout.
         let then = monotonic_ns() - 3_000_000_000;
         let key = AffinityKey { service_id: multi, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
-        fx.dp.write_affinity(key, AffinityValue { backend_id: other.id, _pad: 0, last_seen_ns: then, created_ns: then }).unwrap();
+        fx.dp.write_affinity(key, AffinityValue { backend_id: other.id, flags: 0, last_seen_ns: then, created_ns: then }).unwrap();
         // The client's next connection (its SYN) is placed afresh.
         let (_, out) = fx.run(&Pkt::syn(client, 40000, VIP_MULTI, 80).bytes(), "cl");
         assert_eq!(out[30..34], pick.octets(), "re-selected by Maglev: {}", decode(&out));
@@ -678,7 +678,7 @@ fn a_pin_past_max_age_is_reselected_even_when_busy() {
         let now = monotonic_ns();
         let key = AffinityKey { service_id: multi, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
         // Seen just now (not idle), but pinned 6 s ago: past the 5 s max age.
-        fx.dp.write_affinity(key, AffinityValue { backend_id: other, _pad: 0, last_seen_ns: now, created_ns: now - 6_000_000_000 }).unwrap();
+        fx.dp.write_affinity(key, AffinityValue { backend_id: other, flags: 0, last_seen_ns: now, created_ns: now - 6_000_000_000 }).unwrap();
         // The client's next connection (its SYN) is placed afresh.
         let syn = |fx: &mut Fixture, port| {
             let (_, out) = fx.run(&Pkt::syn(client, port, VIP_MULTI, 80).bytes(), "cl");
@@ -687,7 +687,7 @@ fn a_pin_past_max_age_is_reselected_even_when_busy() {
         assert_eq!(syn(&mut fx, 40000), pick);
         assert_eq!(fx.dp.service_counters(multi).unwrap().expired, 1);
         // A pin 4 s old is kept.
-        fx.dp.write_affinity(key, AffinityValue { backend_id: other, _pad: 0, last_seen_ns: now, created_ns: now - 4_000_000_000 }).unwrap();
+        fx.dp.write_affinity(key, AffinityValue { backend_id: other, flags: 0, last_seen_ns: now, created_ns: now - 4_000_000_000 }).unwrap();
         assert_ne!(syn(&mut fx, 40001), pick);
     });
 }
@@ -735,5 +735,54 @@ fn reconcile_keeps_ids_and_pins_and_flushes_removed_backends() {
         let (v, out) = fx.run(&Pkt::tcp(Ipv4Addr::new(10, 0, 0, 10), 1, VIP_MULTI, 80).bytes(), "cl");
         assert_eq!(v, XDP_PASS, "the removed VIP is no longer ours: {}", decode(&out));
         assert!(fx.dp.affinity_entries().unwrap().is_empty() || fx.dp.affinity_entries().unwrap().iter().all(|(k, _)| k.service_id != 2));
+    });
+}
+
+#[test]
+fn a_split_prefix_places_its_clients_by_their_own_address() {
+    use lb_common::{PIN_F_SPLIT, SERVICE_F_SPLIT_HOT};
+    in_fixture("split", |fx| {
+        let s = fx.service("multi").clone();
+        let id = s.entry.id;
+        // The service pins clients by /16 and splits hot prefixes.
+        let mut entry = s.entry;
+        entry.flags |= SERVICE_F_SPLIT_HOT;
+        entry.v4_mask = lb_common::v4_mask(16);
+        fx.dp.write_service(&s.key, entry).unwrap();
+        let (a, b) = (s.backends[0].clone(), s.backends[1].clone());
+        let client = Ipv4Addr::new(10, 0, 0, 2);
+        let now = monotonic_ns();
+        let pin = |backend_id, flags| AffinityValue { backend_id, flags, last_seen_ns: now, created_ns: now };
+        let prefix = AffinityKey { service_id: id, addr: [u32::from_ne_bytes([10, 0, 0, 0]), 0, 0, 0] };
+        let own = AffinityKey { service_id: id, addr: [u32::from_ne_bytes(client.octets()), 0, 0, 0] };
+        fx.dp.write_affinity(prefix, pin(a.id, 0)).unwrap();
+        fx.dp.write_affinity(own, pin(b.id, 0)).unwrap();
+        // Not split: the /16's pin decides.
+        let (_, out) = fx.run(&Pkt::tcp(client, 40000, VIP_MULTI, 80).bytes(), "cl");
+        assert_eq!(out[30..34], v4(a.config.address).octets(), "the prefix's pin: {}", decode(&out));
+        // Split (the prefix's pin flagged): the client's own pin decides; the prefix's pin stays.
+        fx.dp.write_affinity(prefix, pin(a.id, PIN_F_SPLIT)).unwrap();
+        let (_, out) = fx.run(&Pkt::tcp(client, 40001, VIP_MULTI, 80).bytes(), "cl");
+        assert_eq!(out[30..34], v4(b.config.address).octets(), "its own pin: {}", decode(&out));
+        assert_eq!(fx.dp.affinity_get(&prefix).unwrap().map(|v| v.backend_id), Some(a.id));
+        // The prefix's pin gone, HOT_PREFIXES still lists it: the same, and no prefix pin is made.
+        fx.dp.flush_affinity(|k, _| *k == prefix).unwrap();
+        fx.dp.split_prefix(&prefix).unwrap();
+        let (_, out) = fx.run(&Pkt::tcp(client, 40002, VIP_MULTI, 80).bytes(), "cl");
+        assert_eq!(out[30..34], v4(b.config.address).octets(), "its own pin: {}", decode(&out));
+        assert!(fx.dp.affinity_get(&prefix).unwrap().is_none(), "a split prefix gets no new pin of its own");
+        // A new client of the split prefix: Maglev on its own address, its own pin, and its new
+        // connection counted for its prefix.
+        let newcomer = Ipv4Addr::new(10, 0, 7, 9);
+        let (_, out) = fx.run(&Pkt::tcp(newcomer, 40000, VIP_MULTI, 80).bytes(), "cl");
+        assert_eq!(out[30..34], fx.maglev_pick("multi", newcomer).octets(), "{}", decode(&out));
+        let mine = AffinityKey { service_id: id, addr: [u32::from_ne_bytes(newcomer.octets()), 0, 0, 0] };
+        assert!(fx.dp.affinity_get(&mine).unwrap().is_some(), "pinned by its own address");
+        assert!(fx.dp.affinity_get(&prefix).unwrap().is_none());
+        let counted: Vec<(AffinityKey, u64)> = fx.dp.prefix_new_counts().unwrap();
+        assert!(counted.iter().any(|(k, n)| *k == prefix && *n >= 1), "{counted:?}");
+        // Joined again: the prefix decides as before (no pin: Maglev on the /16).
+        fx.dp.join_prefix(&prefix).unwrap();
+        assert!(fx.dp.hot_prefixes().unwrap().is_empty());
     });
 }

@@ -165,3 +165,62 @@ fn a_recovered_backend_ramps_its_share_of_new_clients() {
     wait_for(&lab, "the ramp to end", Duration::from_secs(10), || state(&lab).balance.is_some_and(|b| b.ramping_percent.is_none()));
     assert!(lab.lb_log().contains("slow start done"), "{}", lab.lb_log_tail(10));
 }
+
+/// Hot prefixes: a service pinning clients by /16, every lab client in one /16, which therefore
+/// brings all of the service's new connections: once seen, it is split, and new clients spread
+/// over the backends by their own address, each staying where it went. The /16's pin stays.
+#[test]
+fn a_hot_prefix_is_split_and_its_new_clients_spread() {
+    let bin = lb_bin();
+    let mut lab = Lab::create(LabSpec { clients: 60, backends: 4 }).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut cfg = config_with_balance(&lab, "hot_prefix_share = 0.2");
+    let web = cfg.find("name = \"web\"").unwrap();
+    match cfg[web..].find("[services.affinity]\n").filter(|at| !cfg[web..web + at].contains("[[services]]")) {
+        Some(at) => cfg.insert_str(web + at + "[services.affinity]\n".len(), "ipv4_prefix = 16\n"),
+        None => cfg = config_with_balance(&lab, "hot_prefix_share = 0.2\n[services.affinity]\nipv4_prefix = 16"),
+    }
+    lab.write_config(&cfg).unwrap();
+    lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    let clients = lab.client_addrs();
+    let vip = SocketAddrV4::new(lab.vip(), VIP_HTTP_PORT);
+    wait_for(&lab, "the VIP", Duration::from_secs(20), || lab.http_get(clients[0], vip, TIMEOUT).is_ok());
+    // The first clients share the /16's pin: one backend.
+    let home = get(&lab, clients[0]);
+    for c in &clients[1..10] {
+        assert_eq!(get(&lab, *c), home, "before any split a /16 sits on one backend");
+    }
+    let split = |lab: &Lab| {
+        let st = status(lab, &bin);
+        st.services.iter().find(|s| s.name == "web").unwrap().balance.as_ref().is_some_and(|b| b.split_prefixes.iter().any(|p| p == "10.200.0.0/16"))
+    };
+    wait_for(&lab, "the /16 to be split", Duration::from_secs(15), || {
+        for c in &clients[0..10] {
+            let _ = lab.http_get(*c, vip, TIMEOUT);
+        }
+        split(&lab)
+    });
+    assert!(lab.lb_log().contains("a hot client prefix brought more than hot_prefix_share"), "{}", lab.lb_log_tail(10));
+    let text = String::from_utf8_lossy(&lab.lb_cli(&bin, &["status"]).unwrap().stdout).into_owned();
+    assert!(text.contains("hot prefix share 0.2 (split: 10.200.0.0/16)"), "{text}");
+
+    // New clients of the split /16 spread, each sticky.
+    let mut placed: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    for c in &clients[10..50] {
+        placed.insert(*c, get(&lab, *c));
+    }
+    let mut per_backend: BTreeMap<&str, usize> = BTreeMap::new();
+    for b in placed.values() {
+        *per_backend.entry(b.as_str()).or_default() += 1;
+    }
+    eprintln!("40 new clients of the split /16: {per_backend:?} (before the split all went to {home})");
+    assert!(per_backend.len() >= 3 && per_backend.get(home.as_str()).copied().unwrap_or(0) <= 20, "{per_backend:?}");
+    for (c, b) in &placed {
+        assert_eq!(&get(&lab, *c), b, "client {c} moved");
+    }
+    // The /16's own pin is still there, on its backend.
+    let out = lab.lb_cli(&bin, &["affinity", "list", "--service", "web", "--output", "json"]).unwrap();
+    let list: lb::api::AffinityList = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("affinity JSON: {e}"));
+    let i: u32 = home.strip_prefix("backend-").and_then(|n| n.parse().ok()).unwrap();
+    let home_ep = format!("{}:8080", lab.backend_addr(i));
+    assert!(list.pins.iter().any(|p| p.client == "10.200.0.0/16" && p.backend == home_ep), "{:?}", list.pins.iter().take(5).collect::<Vec<_>>());
+}

@@ -125,7 +125,7 @@ impl Fx {
         let key = self.pin_key("multi", client);
         let then = monotonic_ns() - age_ns;
         let id = self.backend_id("multi", addr);
-        self.l.dp.write_affinity(key, AffinityValue { backend_id: id, _pad: 0, last_seen_ns: then, created_ns: then }).unwrap();
+        self.l.dp.write_affinity(key, AffinityValue { backend_id: id, flags: 0, last_seen_ns: then, created_ns: then }).unwrap();
     }
 
     fn set_backend(&mut self, addr: Ipv4Addr, f: impl FnOnce(&mut lb::state::BackendRt)) {

@@ -56,7 +56,10 @@ pub fn render_status(r: &StatusReport) -> String {
                 parts.push(format!("slow start {ss}"));
             }
             if let Some(h) = b.hot_prefix_share {
-                parts.push(format!("hot prefix share {h}"));
+                parts.push(format!(
+                    "hot prefix share {h} (split: {})",
+                    if b.split_prefixes.is_empty() { "none".to_string() } else { b.split_prefixes.join(", ") }
+                ));
             }
             let _ = writeln!(o, "  balance: {}", parts.join(", "));
         }
