@@ -149,7 +149,7 @@ pub fn place(ctx: &XdpContext, m: &mut Meta, svc: &Service, key: &AffinityKey, m
     let pin = AFFINITY.get_ptr_mut(key);
     if svc.flags & SERVICE_F_SPLIT_HOT != 0 && split(key, pin) {
         let own = own_key(svc, m);
-        let own_pin = AFFINITY.get_ptr_mut(&own);
+        let own_pin = AFFINITY.get_ptr_mut(own);
         return place_pin(ctx, m, svc, &own, mode, own_pin);
     }
     place_pin(ctx, m, svc, key, mode, pin)
@@ -241,7 +241,7 @@ fn refresh_pin(svc: &Service, m: &Meta, key: &AffinityKey, backend_id: u32, now:
     let pin = AFFINITY.get_ptr_mut(key);
     if svc.flags & SERVICE_F_SPLIT_HOT != 0 && split(key, pin) {
         let own = own_key(svc, m);
-        refresh_at(&own, AFFINITY.get_ptr_mut(&own), backend_id, now);
+        refresh_at(&own, AFFINITY.get_ptr_mut(own), backend_id, now);
     } else {
         refresh_at(key, pin, backend_id, now);
     }
