@@ -467,7 +467,7 @@ impl Daemon {
         use crate::balance::{Judged, bounds, min_total, ramp_step};
         let now = Instant::now();
         self.ticks += 1;
-        if self.ticks % 2 == 0 {
+        if self.ticks.is_multiple_of(2) {
             self.hot_tick(now);
         }
         let mut counts = BTreeMap::new();

@@ -371,7 +371,7 @@ fn pin_counts_come_from_the_background_counter() {
     let entries: Vec<(lb_common::AffinityKey, lb_common::AffinityValue)> = (0..n)
         .map(|i| {
             let key = lb_common::AffinityKey { service_id: sid, addr: [u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0)).wrapping_add(i).to_be(), 0, 0, 0] };
-            (key, lb_common::AffinityValue { backend_id: bid, _pad: 0, created_ns: now, last_seen_ns: now })
+            (key, lb_common::AffinityValue { backend_id: bid, flags: 0, created_ns: now, last_seen_ns: now })
         })
         .collect();
     let mut m: aya::maps::HashMap<_, lb_common::AffinityKey, lb_common::AffinityValue> =
