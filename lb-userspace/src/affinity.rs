@@ -111,6 +111,11 @@ pub struct PinCounts {
     pub entries: usize,
     pub by_service: BTreeMap<u32, u64>,
     pub by_backend: BTreeMap<(u32, u32), u64>,
+    /// When the scan started (CLOCK_MONOTONIC_COARSE ns, as pins' timestamps).
+    pub scan_started_ns: u64,
+    /// By service name (`[services.balance]` only): pins made since the previous scan started
+    /// on another backend than plain Maglev would have chosen.
+    pub past_choice: BTreeMap<String, u64>,
 }
 
 /// What judging pins needs of the model, copied out under the daemon lock (without the Maglev
@@ -118,11 +123,27 @@ pub struct PinCounts {
 #[derive(Clone)]
 pub struct View {
     pub services: Vec<ServiceRt>,
+    /// The plain Maglev tables (without `[services.balance]`) of balanced services, by service
+    /// id, and what the client hash needs, for counting placements past the plain choice.
+    pub plain: BTreeMap<u32, std::sync::Arc<Vec<u32>>>,
+    pub hash_seed: u32,
+    pub maglev_m: u32,
 }
 
 impl View {
     pub fn of(rt: &Runtime) -> Self {
-        Self { services: rt.services.iter().map(ServiceRt::without_table).collect() }
+        let m = rt.global.maglev_m;
+        Self {
+            services: rt.services.iter().map(ServiceRt::without_table).collect(),
+            plain: rt
+                .services
+                .iter()
+                .filter(|s| !s.config.balance.is_off())
+                .map(|s| (s.entry.id, std::sync::Arc::new(s.plain_table(m))))
+                .collect(),
+            hash_seed: rt.global.hash_seed,
+            maglev_m: m,
+        }
     }
 
     fn by_name(&self, name: Option<&str>) -> Result<Vec<&ServiceRt>> {
@@ -136,19 +157,33 @@ impl View {
     }
 }
 
-/// Counts the live pins of every service: one scan of the table, a batch at a time.
-pub fn count(view: &View, table: &PinTable) -> Result<PinCounts> {
+/// Counts the live pins of every service: one scan of the table, a batch at a time. With
+/// `since` (the previous scan's start), also the pins of balanced services made since then on
+/// another backend than their plain Maglev choice.
+pub fn count(view: &View, table: &PinTable, since: Option<u64>) -> Result<PinCounts> {
     let now = monotonic_coarse_ns();
     // Per service: its timeouts and whether it fails open; per (service, backend): up or not.
     let by_id: BTreeMap<u32, &ServiceRt> = view.services.iter().map(|s| (s.entry.id, s)).collect();
-    let mut c = PinCounts::default();
+    let mut c = PinCounts { scan_started_ns: now, ..Default::default() };
+    let mut past: BTreeMap<u32, u64> = BTreeMap::new();
     c.entries = table.scan(|k, v| {
         let Some(s) = by_id.get(&k.service_id) else { return };
         if staleness(s, v, now).is_none() {
             *c.by_service.entry(k.service_id).or_default() += 1;
             *c.by_backend.entry((k.service_id, v.backend_id)).or_default() += 1;
         }
+        if let (Some(since), Some(plain)) = (since, view.plain.get(&k.service_id))
+            && v.created_ns >= since
+            && v.created_ns < now
+            && !plain.is_empty()
+        {
+            let slot = client_slot(view.hash_seed, &k.addr, view.maglev_m) as usize;
+            if plain.get(slot).is_some_and(|id| *id != v.backend_id) {
+                *past.entry(k.service_id).or_default() += 1;
+            }
+        }
     })?;
+    c.past_choice = past.into_iter().filter_map(|(id, n)| by_id.get(&id).map(|s| (s.config.name.clone(), n))).collect();
     Ok(c)
 }
 

@@ -81,6 +81,11 @@ pub struct ServiceBalanceReport {
     /// connections: their clients are pinned by their own address.
     #[serde(default)]
     pub split_prefixes: Vec<String>,
+    /// Clients placed on another backend than plain Maglev would have chosen (over the bound,
+    /// ramping), since this daemon started; counted by the pin counter from the pins' creation
+    /// times, so a pin made and lost between two counts is missed.
+    #[serde(default)]
+    pub placements_past_choice: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

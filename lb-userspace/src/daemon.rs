@@ -312,6 +312,7 @@ impl Daemon {
                         .filter(|k| k.service_id == id && s.splits_hot())
                         .map(|k| crate::affinity::key_string(s, k))
                         .collect(),
+                    placements_past_choice: snap.past_choice_total.get(&s.config.name).copied().unwrap_or(0),
                 }),
                 backends,
             });

@@ -103,6 +103,11 @@ pub fn render(r: &StatusReport) -> String {
         "Packets the datapath saw, by kind (to a VIP, reply from a backend, later fragment, ICMP error), counted beside their verdict"
             .into(),
     );
+    let past = counter_family(
+        &mut reg,
+        "lb_placements_past_choice",
+        "[services.balance]: clients placed on another backend than plain Maglev would have chosen (over the bound, ramping)".into(),
+    );
     let be_load = gauge_family_f64(
         &mut reg,
         "lb_backend_load",
@@ -130,6 +135,9 @@ pub fn render(r: &StatusReport) -> String {
         svc_rate.get_or_create(&sl).set(s.new_pins_per_sec);
         svc_open.get_or_create(&sl).set(s.fail_open as i64);
         svc_up.get_or_create(&sl).set(s.backends.iter().filter(|b| b.state == "up" || b.state == "draining").count() as i64);
+        if let Some(b) = &s.balance {
+            past.get_or_create(&sl).inc_by(b.placements_past_choice);
+        }
         for b in &s.backends {
             let bl: Labels = vec![("service", s.name.clone()), ("backend", endpoint(&b.address, b.port))];
             set_counters(&be_counters, &bl, &b.counters);

@@ -10,6 +10,7 @@
 //! `min(DUTY x duration, PERIOD)` after the last one ended.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Condvar, Mutex, Weak},
     time::{Duration, Instant, SystemTime},
 };
@@ -42,6 +43,8 @@ struct Shared {
     /// The latest count failed, and why (the previous counts stay).
     error: Option<String>,
     running: bool,
+    /// Placements past the plain Maglev choice so far, by service name (`[services.balance]`).
+    past_choice_total: BTreeMap<String, u64>,
     /// Start the next count as soon as the pause after the last allows it.
     woken: bool,
     stop: bool,
@@ -59,6 +62,8 @@ pub struct Snapshot {
     pub latest: Option<Arc<Count>>,
     pub running: bool,
     pub error: Option<String>,
+    /// Placements past the plain Maglev choice so far, by service name.
+    pub past_choice_total: BTreeMap<String, u64>,
 }
 
 impl PinCounter {
@@ -69,7 +74,7 @@ impl PinCounter {
     /// The latest count (none before the first has finished), and whether one is running.
     pub fn snapshot(&self) -> Snapshot {
         let s = self.lock();
-        Snapshot { latest: s.latest.clone(), running: s.running, error: s.error.clone() }
+        Snapshot { latest: s.latest.clone(), running: s.running, error: s.error.clone(), past_choice_total: s.past_choice_total.clone() }
     }
 
     /// Asks for a count soon: the counts no longer match the model (a backend changed state, a
@@ -132,13 +137,17 @@ impl PinCounter {
                     s.woken = false;
                 }
                 let (started, started_at) = (Instant::now(), SystemTime::now());
-                let r = affinity::count(&v, &table);
+                let since = me.lock().latest.as_ref().map(|c| c.counts.scan_started_ns);
+                let r = affinity::count(&v, &table, since);
                 let took = started.elapsed();
                 {
                     let mut s = me.lock();
                     s.running = false;
                     match r {
                         Ok(counts) => {
+                            for (name, n) in &counts.past_choice {
+                                *s.past_choice_total.entry(name.clone()).or_default() += n;
+                            }
                             s.latest = Some(Arc::new(Count { counts, started, started_at, took }));
                             s.error = None;
                         }

@@ -98,6 +98,22 @@ fn a_heavy_clients_backend_takes_few_new_clients_while_over_the_bound() {
     }
     let on_home = first.iter().filter(|c| placed[c] == home).count();
     assert!(on_home <= 2, "{on_home} of 40 new clients went to the heavy client's backend {home} while it was over the bound: {placed:?}");
+    // Counted: status and the metrics say how many were placed past their plain choice.
+    wait_for(&lab, "placements past the plain choice counted", Duration::from_secs(10), || {
+        let st = status(&lab, &bin);
+        let web = st.services.iter().find(|s| s.name == "web").unwrap();
+        web.balance.as_ref().is_some_and(|b| b.placements_past_choice as usize >= passed_over)
+    });
+    let metrics = xtask::lab::in_netns(lab.ns_lb(), || {
+        std::process::Command::new("curl").args(["-sS", "--max-time", "10", "http://127.0.0.1:9940/metrics"]).output()
+    })
+    .unwrap()
+    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    .unwrap();
+    let line = metrics.lines().find(|l| l.starts_with("lb_placements_past_choice_total{service=\"web\"}")).unwrap_or_else(|| panic!("{metrics}"));
+    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n as usize >= passed_over, "{line} (explain named {passed_over})");
+    assert!(metrics.contains(&format!("lb_backend_over_bound{{service=\"web\",backend=\"{home_addr}:8080\"}} 1")), "{metrics}");
 
     // The bound off (same test, same lab): the next 40 new clients see the plain table.
     lab.write_config(&lab.render_config_with(&lab.interfaces(), lab.options())).unwrap();
