@@ -73,6 +73,7 @@ use tests::{FIXTURE_CONFIG, FixtureNs, Loaded, Pkt, Pkt6, TCP_ACK, V6_CLIENT, XD
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const VIP_MULTI: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
 const BACKEND1: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 11);
 /// On the client side, neither a VIP nor a backend.
 const NOT_A_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
@@ -793,6 +794,9 @@ struct PerPacket {
     hit_v6: Case,
     miss_v4: Case,
     miss_v4_room: Case,
+    /// A new client of a service with `[services.balance]` whose table has a backend over the
+    /// load bound left out (the placement path is the same; the table differs).
+    miss_bounded_v4: Case,
     syn_v4: Case,
     handshake_v4: Case,
     other: Case,
@@ -821,6 +825,24 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
         let mut fx = Loaded::new(FIXTURE_CONFIG);
         // ... and the same with room for every miss of the run (no eviction), for information.
         let mut roomy = Loaded::new(&big);
+        // The tests' fixture with bounded loads on service `multi` and two of its three backends
+        // over the bound (out of its table: new clients take their next choice, 10.1.0.11, the
+        // one backend with a neighbour in the fixture, so every run is redirected as miss_v4's).
+        let balanced_cfg = FIXTURE_CONFIG.replacen(
+            "vip = \"10.0.0.101\"\nport = 80\n",
+            "vip = \"10.0.0.101\"\nport = 80\n[services.balance]\nload_bound = 1.25\n",
+            1,
+        );
+        assert_ne!(balanced_cfg, FIXTURE_CONFIG, "FIXTURE_CONFIG changed: service multi not found");
+        let mut bounded = Loaded::new(&balanced_cfg);
+        {
+            let i = bounded.rt.services.iter().position(|s| s.config.name == "multi").expect("multi");
+            for b in bounded.rt.services[i].backends.iter_mut().filter(|b| b.config.address != IpAddr::V4(BACKEND1)) {
+                b.balance.over_bound = true;
+            }
+            let Loaded { rt, dp } = &mut bounded;
+            assert!(rt.rebalance(dp, i).expect("rebalancing multi"), "the bounded table differs from the plain one");
+        }
         // The scale fixtures: the big table filled to 1,000 and to 1,000,000 pins.
         let mut s1k = Loaded::new(&big);
         let mut s1m = Loaded::new(&big);
@@ -891,6 +913,16 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
                 into.push(batch(Prog::Lb(l.dp.program()), b, &frames, s.runs, cl, XDP_REDIRECT, "miss_v4"), bl);
                 let after = hits(l, id);
                 assert_eq!((after.0 - before.0, after.1 - before.1), (0, s.runs as u64), "miss_v4: every run a miss");
+            }
+            // miss, bounded: a new client each run to `multi` with a backend over the bound
+            {
+                let frames: Vec<Vec<u8>> = (0..s.runs as u32).map(|i| tcp4(synth(next_client + i), VIP_MULTI)).collect();
+                next_client += s.runs as u32;
+                let id = bounded.service("multi").entry.id;
+                let before = hits(&bounded, id);
+                r.miss_bounded_v4.push(batch(Prog::Lb(bounded.dp.program()), b, &frames, s.runs, cl, XDP_REDIRECT, "miss_bounded_v4"), bl);
+                let after = hits(&bounded, id);
+                assert_eq!((after.0 - before.0, after.1 - before.1), (0, s.runs as u64), "miss_bounded_v4: every run a miss");
             }
             // A new client's SYN (writes nothing: pin lookup, Maglev, connection lookup), then
             // a new client's handshake-completing ACK (writes its pin and its connection entry).
@@ -1427,6 +1459,7 @@ fn main() -> io::Result<()> {
     line("hit_v4", "IPv4 TCP, pinned", &pp.hit_v4, 3.0);
     line("hit_v6", "IPv6 TCP, pinned", &pp.hit_v6, 3.0);
     line("miss_v4", "new client, full LRU", &pp.miss_v4, 15.0);
+    line("miss_bounded_v4", "same, load bound on", &pp.miss_bounded_v4, 15.0);
     line("syn_v4", "new client's SYN", &pp.syn_v4, 15.0);
     line("handshake_v4", "its first ACK", &pp.handshake_v4, 15.0);
     line("other", "not for a VIP", &pp.other, 1.5);
@@ -1479,6 +1512,8 @@ fn main() -> io::Result<()> {
             "hit_v4_ratio": round(ratio(&pp.hit_v4), 2),
             "hit_v6_ratio": round(ratio(&pp.hit_v6), 2),
             "miss_v4_ratio": round(ratio(&pp.miss_v4), 2),
+            "miss_bounded_v4_ns": round(med(&pp.miss_bounded_v4.ns), 1),
+            "miss_bounded_v4_ratio": round(ratio(&pp.miss_bounded_v4), 2),
             "other_ratio": round(ratio(&pp.other), 2),
             "syn_v4_ns": round(med(&pp.syn_v4.ns), 1),
             "syn_v4_ratio": round(ratio(&pp.syn_v4), 2),
