@@ -236,7 +236,9 @@ pub fn flow_key(svc: &Service, m: &Meta) -> FlowKey {
 /// A live connection keeps its client's pin alive (and writes it again if it was evicted), so
 /// that the client's next connection follows it; a pin re-placed since (another connection of
 /// the client went elsewhere) is left alone.
-#[inline(always)]
+/// Out of line: it runs about once a second per connection, and inlined into the established
+/// connection's path its split handling would crowd that path's registers.
+#[inline(never)]
 fn refresh_pin(svc: &Service, m: &Meta, key: &AffinityKey, backend_id: u32, now: u64) {
     let pin = AFFINITY.get_ptr_mut(key);
     if svc.flags & SERVICE_F_SPLIT_HOT != 0 && split(key, pin) {
