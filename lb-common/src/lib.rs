@@ -90,6 +90,70 @@ pub mod maps {
     /// Per-CPU LRU hash [`crate::AffinityKey`] -> u64: new TCP connections per client prefix, for
     /// services that split hot prefixes (the daemon's measure of "new clients").
     pub const PREFIX_NEW: &str = "PREFIX_NEW";
+    /// `lb agent` (its own program, `lb-agent`): ReusePortSockArray of the group's sockets.
+    pub const AGENT_SOCKS: &str = "AGENT_SOCKS";
+    /// `lb agent`: LRU hash [`crate::AgentKey`] -> [`crate::AgentPin`], client prefix to socket.
+    pub const AGENT_PINS: &str = "AGENT_PINS";
+    /// `lb agent`: Array[1] of [`crate::AgentConfig`].
+    pub const AGENT_CONFIG: &str = "AGENT_CONFIG";
+    /// `lb agent`: per-CPU Array of u64 counters, indexed by `agent_stat`.
+    pub const AGENT_STATS: &str = "AGENT_STATS";
+}
+
+/// `lb agent`'s client key: the client address masked to the agent's prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AgentKey {
+    pub addr: [u32; 4],
+    /// 4 for IPv4, 6 for IPv6 (an IPv4 client and an IPv6 one never share a key).
+    pub family: u32,
+}
+const _: () = assert!(core::mem::size_of::<AgentKey>() == 20);
+
+/// `lb agent`'s pin: the socket (index in `AGENT_SOCKS`) a client prefix goes to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentPin {
+    pub index: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC ns of the last connection or datagram.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AgentPin>() == 16);
+
+/// `lb agent`'s settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// IPv4 client mask (network order).
+    pub v4_mask: u32,
+    /// Slots of `AGENT_SOCKS` in use (0..slots); empty ones are skipped.
+    pub slots: u32,
+    /// IPv6 client mask, network order words.
+    pub v6_mask: [u32; 4],
+    /// A pin idle for longer is placed afresh.
+    pub timeout_ns: u64,
+    pub hash_seed: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AgentConfig>() == 40);
+
+/// Sockets of `AGENT_SOCKS` (one reuseport group's listening sockets) at most.
+pub const AGENT_MAX_SOCKETS: u32 = 256;
+/// Default capacity of `AGENT_PINS`.
+pub const AGENT_PIN_ENTRIES: u32 = 65536;
+
+/// `AGENT_STATS` indices.
+pub mod agent_stat {
+    /// A client's pin chose its socket.
+    pub const HIT: u32 = 0;
+    /// A client was placed (no pin, or an idle one).
+    pub const PLACED: u32 = 1;
+    /// A pinned client's socket was gone: placed again.
+    pub const MOVED: u32 = 2;
+    /// No socket could be chosen: the kernel's own spread decided.
+    pub const FALLBACK: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// `ADDRS` flags.
@@ -698,6 +762,9 @@ mod pod {
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AgentKey {}
+    unsafe impl aya::Pod for AgentPin {}
+    unsafe impl aya::Pod for AgentConfig {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}

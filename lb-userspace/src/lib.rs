@@ -1,6 +1,7 @@
 //! lb: a sticky (client-IP affinity) XDP layer-4 load balancer. The library holds everything the
 //! `lb` binary does, so the tests can drive the same code.
 pub mod affinity;
+pub mod agent;
 pub mod announce;
 pub mod api;
 pub mod balance;

@@ -116,6 +116,32 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// On a backend host: keep each client on one worker process of the server whose
+    /// SO_REUSEPORT sockets listen on PORT (runs in the foreground; stopping it detaches).
+    Agent {
+        /// The port the workers listen on (repeat for several).
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+        #[arg(long, value_enum, default_value_t = AgentProtocol::Tcp)]
+        protocol: AgentProtocol,
+        /// Clients sharing this many leading bits share a worker.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(0..=32))]
+        ipv4_prefix: u8,
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u8).range(0..=128))]
+        ipv6_prefix: u8,
+        /// A client idle for longer may be placed on another worker.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Remove what an agent attached to the port(s) and exit.
+        #[arg(long)]
+        detach: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AgentProtocol {
+    Tcp,
+    Udp,
 }
 
 #[derive(Subcommand)]
@@ -218,5 +244,26 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             cli::affinity_flush(&cli::socket(cli.socket, config)?, client, backend, all, service, out(output))
         }
         Command::Down { config } => cli::down(cli.socket, &config),
+        Command::Agent { ports, protocol, ipv4_prefix, ipv6_prefix, timeout, detach } => {
+            let opts = lb::agent::Options {
+                ports,
+                protocol: match protocol {
+                    AgentProtocol::Tcp => lb::agent::Proto::Tcp,
+                    AgentProtocol::Udp => lb::agent::Proto::Udp,
+                },
+                ipv4_prefix,
+                ipv6_prefix,
+                timeout,
+            };
+            if detach {
+                lb::run::require_root("lb agent --detach")?;
+                let n = lb::agent::detach_ports(&opts, &opts.ports)?;
+                println!("detached from {n} reuseport group(s)");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(lb::agent::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

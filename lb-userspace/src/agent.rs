@@ -1,0 +1,346 @@
+//! `lb agent`: sticky to the process on a backend host. The applications' listening sockets of a
+//! port (one `SO_REUSEPORT` group: nginx `reuseport`, preforking servers) are found in
+//! `/proc/net/{tcp,tcp6,udp,udp6}` and the processes' fds, copied with `pidfd_getfd(2)` just long
+//! enough to put them into the program's `REUSEPORT_SOCKARRAY` (the kernel clears a socket's slot
+//! when its process closes it, so a copy is never kept: a worker that exits really closes its
+//! socket), and the `lb-agent` selector program is attached to the group. Every second the agent
+//! looks again: a new worker's socket takes a free slot. Stopping detaches the program: the port
+//! falls back to the kernel's own spread.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, ReusePortSockArray},
+    programs::SkReuseport,
+};
+use lb_common::{AGENT_MAX_SOCKETS, AgentConfig, maps};
+
+/// The agent's program (`lb-ebpf/src/agent.rs`), built by build.rs.
+pub static AGENT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-agent"));
+
+/// How often the agent looks for workers that came or went.
+pub const RESCAN: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// What `lb agent` is told.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub ports: Vec<u16>,
+    pub protocol: Proto,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub timeout: Duration,
+}
+
+/// A listening socket of a port: its inode, and a process and fd that hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub inode: u64,
+    pub port: u16,
+    pub pid: u32,
+    pub fd: i32,
+}
+
+/// The inodes of the listening (TCP) or bound (UDP) sockets on `ports`, from one
+/// `/proc/net/<proto>` table's text.
+pub fn listening(table: &str, ports: &[u16], proto: Proto) -> Vec<(u64, u16)> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            // TCP_LISTEN is 0A; a bound UDP socket is 07 (TCP_CLOSE) with no remote.
+            let want = match proto {
+                Proto::Tcp => "0A",
+                Proto::Udp => "07",
+            };
+            let remote_zero = f.get(2)?.split(':').next()?.chars().all(|c| c == '0');
+            (ports.contains(&port) && *f.get(3)? == want && remote_zero).then_some(())?;
+            Some((f.get(9)?.parse().ok()?, port))
+        })
+        .collect()
+}
+
+/// Every process fd holding one of `inodes` (the first holder of each is enough; others are
+/// kept as fallbacks), this process excluded.
+fn holders(inodes: &BTreeMap<u64, u16>) -> Vec<Found> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    for p in procs.filter_map(|e| e.ok()) {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
+        for fd in fds.filter_map(|e| e.ok()) {
+            let Ok(link) = std::fs::read_link(fd.path()) else { continue };
+            let Some(inode) = link.to_str().and_then(|l| l.strip_prefix("socket:[")).and_then(|l| l.strip_suffix(']')).and_then(|i| i.parse().ok()) else {
+                continue;
+            };
+            if let (Some(port), Some(n)) = (inodes.get(&inode), fd.file_name().to_str().and_then(|n| n.parse().ok())) {
+                out.push(Found { inode, port: *port, pid, fd: n });
+            }
+        }
+    }
+    out
+}
+
+/// The listening sockets on the agent's ports now, one holder each.
+pub fn find(opts: &Options) -> BTreeMap<u64, Found> {
+    let tables: &[&str] = match opts.protocol {
+        Proto::Tcp => &["/proc/net/tcp", "/proc/net/tcp6"],
+        Proto::Udp => &["/proc/net/udp", "/proc/net/udp6"],
+    };
+    let mut inodes = BTreeMap::new();
+    for t in tables {
+        if let Ok(text) = std::fs::read_to_string(t) {
+            inodes.extend(listening(&text, &opts.ports, opts.protocol));
+        }
+    }
+    let mut out = BTreeMap::new();
+    for f in holders(&inodes) {
+        out.entry(f.inode).or_insert(f);
+    }
+    out
+}
+
+/// A copy of `found`'s socket in this process (`pidfd_open` + `pidfd_getfd`, needs root).
+fn grab(found: &Found) -> Result<OwnedFd> {
+    // SAFETY: plain syscalls; the fds they return are owned right away.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, found.pid as libc::c_int, 0);
+        if pidfd < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("pidfd_open({})", found.pid));
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), found.fd, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("pidfd_getfd(pid {}, fd {}) (needs root, Linux 5.6+)", found.pid, found.fd));
+        }
+        Ok(OwnedFd::from_raw_fd(fd as i32))
+    }
+}
+
+fn reuseport(fd: &OwnedFd) -> bool {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a c_int we own.
+    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, (&mut v as *mut libc::c_int).cast(), &mut len) };
+    r == 0 && v != 0
+}
+
+fn v6_mask(prefix: u8) -> [u32; 4] {
+    std::array::from_fn(|i| {
+        let bits = (prefix as i32 - 32 * i as i32).clamp(0, 32) as u32;
+        if bits == 0 { 0 } else { (u32::MAX << (32 - bits)).to_be() }
+    })
+}
+
+/// The running agent: its program and maps, and which slot holds which socket.
+pub struct Agent {
+    ebpf: Ebpf,
+    opts: Options,
+    /// Slot -> socket inode.
+    slots: BTreeMap<u32, u64>,
+    /// The ports whose group has the program attached.
+    attached: BTreeSet<u16>,
+}
+
+impl Agent {
+    pub fn load(opts: Options) -> Result<Self> {
+        let mut ebpf = Ebpf::load(AGENT_OBJECT).context("loading lb-agent's program and maps")?;
+        let prog: &mut SkReuseport = ebpf
+            .program_mut("lb_agent")
+            .context("the agent object has no program lb_agent")?
+            .try_into()
+            .context("lb_agent is not an sk_reuseport program")?;
+        prog.load().context("loading lb_agent (verifier)")?;
+        let mut a = Self { ebpf, opts, slots: BTreeMap::new(), attached: BTreeSet::new() };
+        a.write_config()?;
+        Ok(a)
+    }
+
+    fn write_config(&mut self) -> Result<()> {
+        let slots = self.slots.keys().next_back().map_or(0, |s| s + 1);
+        let cfg = AgentConfig {
+            v4_mask: lb_common::v4_mask(self.opts.ipv4_prefix as u32),
+            slots,
+            v6_mask: v6_mask(self.opts.ipv6_prefix),
+            timeout_ns: self.opts.timeout.as_nanos().min(u64::MAX as u128) as u64,
+            hash_seed: 0,
+            _pad: 0,
+        };
+        let mut m: Array<&mut MapData, AgentConfig> = Array::try_from(self.ebpf.map_mut(maps::AGENT_CONFIG).context("AGENT_CONFIG")?)?;
+        m.set(0, cfg, 0).context("writing AGENT_CONFIG")
+    }
+
+    /// One look at the port: sockets gone give their slot back, new ones take a free slot, and
+    /// a group without the program gets it. Returns (added, removed) socket counts.
+    pub fn rescan(&mut self) -> Result<(usize, usize)> {
+        let now = find(&self.opts);
+        let gone: Vec<u32> = self.slots.iter().filter(|(_, ino)| !now.contains_key(ino)).map(|(s, _)| *s).collect();
+        for s in &gone {
+            // The kernel cleared the slot when the socket closed; forget it.
+            self.slots.remove(s);
+        }
+        let known: BTreeSet<u64> = self.slots.values().copied().collect();
+        let mut added = 0;
+        for f in now.values().filter(|f| !known.contains(&f.inode)) {
+            let fd = match grab(f) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::warn!(pid = f.pid, fd = f.fd, error = %format!("{e:#}"), "cannot take a copy of a listening socket");
+                    continue;
+                }
+            };
+            if !reuseport(&fd) {
+                tracing::warn!(pid = f.pid, port = f.port, "a socket on the port without SO_REUSEPORT: it is not part of a group the agent can steer");
+                continue;
+            }
+            let Some(slot) = (0..AGENT_MAX_SOCKETS).find(|s| !self.slots.contains_key(s)) else {
+                tracing::warn!("every slot is taken: {AGENT_MAX_SOCKETS} sockets at most");
+                break;
+            };
+            {
+                let mut socks: ReusePortSockArray<&mut MapData> =
+                    ReusePortSockArray::try_from(self.ebpf.map_mut(maps::AGENT_SOCKS).context("AGENT_SOCKS")?)?;
+                socks.set(slot, &fd, 0).with_context(|| format!("putting the socket of pid {} into AGENT_SOCKS", f.pid))?;
+            }
+            if !self.attached.contains(&f.port) {
+                let prog: &mut SkReuseport = self.ebpf.program_mut("lb_agent").expect("loaded").try_into()?;
+                prog.attach(&fd).with_context(|| format!("attaching lb_agent to the reuseport group of port {}", f.port))?;
+                self.attached.insert(f.port);
+                tracing::info!(port = f.port, "attached to the port's SO_REUSEPORT group");
+            }
+            tracing::info!(pid = f.pid, port = f.port, slot, comm = %comm(f.pid), "worker socket added");
+            self.slots.insert(slot, f.inode);
+            added += 1;
+            // `fd` is dropped here: the worker's own fd keeps the socket (and its slot) alive.
+        }
+        for s in &gone {
+            tracing::info!(slot = s, "worker socket gone: its clients are placed again");
+        }
+        if added > 0 || !gone.is_empty() {
+            self.write_config()?;
+        }
+        Ok((added, gone.len()))
+    }
+
+    pub fn sockets(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Detaches the program from every group it was attached to (through a socket of it).
+    pub fn detach(&mut self) -> Result<()> {
+        detach_ports(&self.opts, &self.attached.iter().copied().collect::<Vec<_>>())?;
+        self.attached.clear();
+        Ok(())
+    }
+}
+
+/// Detaches any reuseport program from the groups of `ports` (`lb agent --detach`, and stop).
+pub fn detach_ports(opts: &Options, ports: &[u16]) -> Result<usize> {
+    let mut n = 0;
+    let found = find(opts);
+    for port in ports {
+        let Some(f) = found.values().find(|f| f.port == *port) else { continue };
+        let fd = grab(f)?;
+        match SkReuseport::detach(&fd) {
+            Ok(()) => n += 1,
+            // Nothing attached: fine.
+            Err(e) if format!("{e:?}").contains("ENOENT") || format!("{e:?}").contains("No such file") => {}
+            Err(e) => bail!("detaching from port {port}: {e:#}"),
+        }
+    }
+    Ok(n)
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// `lb agent` in the foreground until SIGTERM or SIGINT.
+pub async fn run(opts: Options) -> Result<()> {
+    crate::run::require_root("lb agent")?;
+    if opts.ports.is_empty() {
+        bail!("lb agent: give at least one --port");
+    }
+    let mut agent = Agent::load(opts.clone())?;
+    let (added, _) = agent.rescan()?;
+    tracing::info!(
+        ports = %opts.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
+        sockets = added,
+        "lb agent running: each client prefix stays on one worker socket"
+    );
+    if added == 0 {
+        tracing::warn!("no listening socket with SO_REUSEPORT on the port(s) yet: waiting for one");
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(RESCAN);
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => {
+                if let Err(e) = agent.rescan() {
+                    tracing::warn!(error = %format!("{e:#}"), "looking for worker sockets");
+                }
+            }
+        }
+    }
+    agent.detach()?;
+    tracing::info!("lb agent stopped: detached, the port is spread by the kernel again");
+    Ok(())
+}
+
+/// The client key's address part for `addr` (for tests and status).
+pub fn masked(addr: IpAddr, opts: &Options) -> [u32; 4] {
+    let w = crate::datapath::addr_words(addr);
+    match addr {
+        IpAddr::V4(_) => [w[0] & lb_common::v4_mask(opts.ipv4_prefix as u32), 0, 0, 0],
+        IpAddr::V6(_) => {
+            let m = v6_mask(opts.ipv6_prefix);
+            std::array::from_fn(|i| w[i] & m[i])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_sockets_are_read_from_proc_net() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+                   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000 100 0 0 10 0\n\
+                   1: 0100007F:1F90 0200007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000 100 0 0 10 0\n\
+                   2: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1 0000 100 0 0 10 0\n";
+        assert_eq!(listening(tcp, &[8080], Proto::Tcp), [(4242, 8080)]);
+        assert_eq!(listening(tcp, &[80, 8080], Proto::Tcp), [(4242, 8080), (4444, 80)]);
+        assert!(listening(tcp, &[8080], Proto::Udp).is_empty());
+    }
+
+    #[test]
+    fn v6_masks() {
+        assert_eq!(v6_mask(128), [u32::MAX; 4]);
+        assert_eq!(v6_mask(64), [u32::MAX, u32::MAX, 0, 0]);
+        assert_eq!(v6_mask(0), [0; 4]);
+        assert_eq!(v6_mask(40)[1], (0xff00_0000u32).to_be());
+    }
+}
