@@ -28,7 +28,7 @@ struct Ns {
 impl Ns {
     fn new(tag: &str) -> Self {
         let name = format!("lbagt{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
         assert!(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]).status().unwrap().success());
         Self { name, children: Vec::new() }
@@ -54,7 +54,12 @@ impl Ns {
 
     /// Starts the server with `n` workers; returns their pids.
     fn server(&mut self, n: usize) -> Vec<u32> {
-        self.spawn(&["python3", script("server.py").to_str().unwrap(), &n.to_string(), PORT], None);
+        self.server_of(n, "tcp")
+    }
+
+    /// `server` for a mode: tcp, tcp6, udp or udp6.
+    fn server_of(&mut self, n: usize, mode: &str) -> Vec<u32> {
+        self.spawn(&["python3", script("server.py").to_str().unwrap(), &n.to_string(), PORT, mode], None);
         let child = self.children.last_mut().unwrap();
         let mut out = child.stdout.take().unwrap();
         let mut line = String::new();
@@ -71,11 +76,17 @@ impl Ns {
 
     /// Connections from 127.0.0.2..=127.0.0.(1 + clients), `conns` each: which worker answered.
     fn clients(&self, clients: u32, conns: u32) -> BTreeMap<String, Vec<u32>> {
+        self.clients_of(clients, conns, "tcp")
+    }
+
+    /// `clients` for a mode (IPv6 clients come from fd00::2.., see `v6_sources`).
+    fn clients_of(&self, clients: u32, conns: u32, mode: &str) -> BTreeMap<String, Vec<u32>> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name, "python3", script("client.py").to_str().unwrap(), "2"])
             .arg((1 + clients).to_string())
             .arg(conns.to_string())
-            .arg(PORT);
+            .arg(PORT)
+            .arg(mode);
         let out = output_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
         assert!(out.status.success(), "clients: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout)
@@ -90,6 +101,14 @@ impl Ns {
 
     fn agent(&mut self, bin: &Path, log: &Path) -> u32 {
         self.spawn(&[bin.to_str().unwrap(), "agent", "--port", PORT], Some(log))
+    }
+
+    /// fd00::2.. on lo, for IPv6 clients.
+    fn v6_sources(&self, n: u32) {
+        for i in 2..2 + n {
+            let a = format!("fd00::{i:x}/128");
+            assert!(Command::new("ip").args(["-n", &self.name, "-6", "addr", "add", &a, "dev", "lo", "nodad"]).status().unwrap().success());
+        }
     }
 }
 
@@ -188,4 +207,28 @@ fn each_client_stays_on_one_worker_process() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = std::fs::remove_file(&log);
+}
+
+/// 5. IPv6 clients (TCP over IPv6 sockets) and UDP (every datagram from a fresh socket, so each
+/// has its own 4-tuple): each client stays on one worker with the agent.
+#[test]
+fn ipv6_and_udp_clients_stay_on_one_worker() {
+    let bin = lb_bin();
+    for (mode, proto) in [("tcp6", "tcp"), ("udp", "udp"), ("udp6", "udp")] {
+        let mut ns = Ns::new(mode);
+        ns.v6_sources(30);
+        let workers = ns.server_of(4, mode);
+        assert_eq!(workers.len(), 4);
+        let before = ns.clients_of(30, 6, mode);
+        assert!(sticky(&before).len() < 15, "{mode}: without the agent the kernel spreads: {before:?}");
+        let log = std::env::temp_dir().join(format!("lb-agent-{}-{mode}.log", std::process::id()));
+        ns.spawn(&[bin.to_str().unwrap(), "agent", "--port", PORT, "--protocol", proto], Some(&log));
+        wait_log(&log, "slot=3");
+        let with = ns.clients_of(30, 6, mode);
+        assert_eq!(sticky(&with).len(), 30, "{mode}: every client on one worker: {with:?}");
+        let used: std::collections::BTreeSet<u32> = with.values().map(|p| p[0]).collect();
+        assert!(used.len() >= 3, "{mode}: spread over the workers: {used:?}");
+        eprintln!("{mode}: without the agent {} of 30 clients stayed on one worker, with it 30", sticky(&before).len());
+        let _ = std::fs::remove_file(&log);
+    }
 }
