@@ -209,8 +209,8 @@ fn each_client_stays_on_one_worker_process() {
     let _ = std::fs::remove_file(&log);
 }
 
-/// 5. IPv6 clients (TCP over IPv6 sockets) and UDP (every datagram from a fresh socket, so each
-/// has its own 4-tuple): each client stays on one worker with the agent.
+/// IPv6 clients (TCP over IPv6 sockets) and UDP (every datagram from a fresh socket, so each has
+/// its own 4-tuple): each client stays on one worker with the agent.
 #[test]
 fn ipv6_and_udp_clients_stay_on_one_worker() {
     let bin = lb_bin();

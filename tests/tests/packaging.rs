@@ -75,6 +75,32 @@ fn systemd_analyze_verifies_the_unit() {
     assert!(out.status.success() && !err.contains("lb.service"), "systemd-analyze verify lb.service:\n{err}");
 }
 
+/// The agent's unit: `lb agent` in the foreground, stopped by SIGTERM (which detaches it), and
+/// systemd's own check of it.
+#[test]
+fn the_agent_unit_runs_lb_agent_and_verifies() {
+    let unit = read("packaging/lb-agent.service");
+    let s = settings(&unit, "Service");
+    assert!(one(&s, "ExecStart").starts_with("/usr/local/bin/lb agent --port "), "{unit}");
+    assert_eq!(one(&s, "KillSignal"), "SIGTERM", "stopping detaches");
+    assert!(settings(&unit, "Install").iter().any(|(k, v)| k == "WantedBy" && v == "multi-user.target"));
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        skip("the_agent_unit_runs_lb_agent_and_verifies", "systemd-analyze not installed");
+        return;
+    }
+    let bin = tests::lb_bin();
+    let dir = std::env::temp_dir().join(format!("lb-agent-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("lb-agent.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/lb", &bin.to_string_lossy())).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&copy).output().expect("systemd-analyze");
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("lb-agent.service"), "systemd-analyze verify lb-agent.service:\n{err}");
+    // And the README shows it.
+    assert!(read("README.md").contains("packaging/lb-agent.service"));
+}
+
 /// The shipped BIRD configs carry what the README promises: the node's kernel protocol learns
 /// lb's table, the router merges equal paths.
 #[test]
