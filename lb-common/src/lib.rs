@@ -98,6 +98,8 @@ pub mod maps {
     pub const AGENT_CONFIG: &str = "AGENT_CONFIG";
     /// `lb agent`: per-CPU Array of u64 counters, indexed by `agent_stat`.
     pub const AGENT_STATS: &str = "AGENT_STATS";
+    /// `lb agent`: per-CPU Array of u64, per slot: clients placed on that socket.
+    pub const AGENT_SLOT_NEW: &str = "AGENT_SLOT_NEW";
 }
 
 /// `lb agent`'s client key: the client address masked to the agent's prefix.

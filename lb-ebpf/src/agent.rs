@@ -35,13 +35,20 @@ static AGENT_CONFIG: Array<AgentConfig> = Array::with_max_entries(1, 0);
 #[map(name = "AGENT_STATS")]
 static AGENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(agent_stat::COUNT, 0);
 
+#[map(name = "AGENT_SLOT_NEW")]
+static AGENT_SLOT_NEW: PerCpuArray<u64> = PerCpuArray::with_max_entries(AGENT_MAX_SOCKETS, 0);
+
 /// Sockets tried when placing a client (the group's slots may have holes).
 const PROBES: u32 = 16;
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86dd;
 
 fn count(i: u32) {
-    if let Some(c) = AGENT_STATS.get_ptr_mut(i) {
+    bump(&AGENT_STATS, i);
+}
+
+fn bump(a: &PerCpuArray<u64>, i: u32) {
+    if let Some(c) = a.get_ptr_mut(i) {
         // SAFETY: this CPU's counter.
         unsafe { *c += 1 };
     }
@@ -111,6 +118,7 @@ fn select(ctx: &SkReuseportContext) {
         if AGENT_SOCKS.select_reuseport(ctx, index).is_ok() {
             let _ = AGENT_PINS.insert(key, AgentPin { index, _pad: 0, last_seen_ns: now }, 0);
             count(if moved { agent_stat::MOVED } else { agent_stat::PLACED });
+            bump(&AGENT_SLOT_NEW, index);
             return;
         }
         if i + 1 >= slots {

@@ -8,19 +8,28 @@
 //! falls back to the kernel's own spread.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    time::Duration,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, MapData, ReusePortSockArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, ReusePortSockArray},
     programs::SkReuseport,
 };
-use lb_common::{AGENT_MAX_SOCKETS, AgentConfig, maps};
+use lb_common::{AGENT_MAX_SOCKETS, AgentConfig, AgentKey, AgentPin, agent_stat, maps};
+
+use crate::api::{AgentStatus, AgentWorker};
+
+/// The agent's control socket unless `--socket` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/lb/agent.sock";
+/// New clients per second are counted over this much time.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// The agent's program (`lb-ebpf/src/agent.rs`), built by build.rs.
 pub static AGENT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-agent"));
@@ -155,10 +164,12 @@ fn v6_mask(prefix: u8) -> [u32; 4] {
 pub struct Agent {
     ebpf: Ebpf,
     opts: Options,
-    /// Slot -> socket inode.
-    slots: BTreeMap<u32, u64>,
+    /// Slot -> the socket there (its inode, and the process that held it when it came).
+    slots: BTreeMap<u32, Found>,
     /// The ports whose group has the program attached.
     attached: BTreeSet<u16>,
+    /// Samples of `AGENT_SLOT_NEW`, for new clients per second.
+    samples: VecDeque<(Instant, Vec<u64>)>,
 }
 
 impl Agent {
@@ -170,7 +181,7 @@ impl Agent {
             .try_into()
             .context("lb_agent is not an sk_reuseport program")?;
         prog.load().context("loading lb_agent (verifier)")?;
-        let mut a = Self { ebpf, opts, slots: BTreeMap::new(), attached: BTreeSet::new() };
+        let mut a = Self { ebpf, opts, slots: BTreeMap::new(), attached: BTreeSet::new(), samples: VecDeque::new() };
         a.write_config()?;
         Ok(a)
     }
@@ -193,12 +204,13 @@ impl Agent {
     /// a group without the program gets it. Returns (added, removed) socket counts.
     pub fn rescan(&mut self) -> Result<(usize, usize)> {
         let now = find(&self.opts);
-        let gone: Vec<u32> = self.slots.iter().filter(|(_, ino)| !now.contains_key(ino)).map(|(s, _)| *s).collect();
+        let gone: Vec<u32> = self.slots.iter().filter(|(_, f)| !now.contains_key(&f.inode)).map(|(s, _)| *s).collect();
         for s in &gone {
             // The kernel cleared the slot when the socket closed; forget it.
             self.slots.remove(s);
         }
-        let known: BTreeSet<u64> = self.slots.values().copied().collect();
+        self.sample();
+        let known: BTreeSet<u64> = self.slots.values().map(|f| f.inode).collect();
         let mut added = 0;
         for f in now.values().filter(|f| !known.contains(&f.inode)) {
             let fd = match grab(f) {
@@ -228,7 +240,7 @@ impl Agent {
                 tracing::info!(port = f.port, "attached to the port's SO_REUSEPORT group");
             }
             tracing::info!(pid = f.pid, port = f.port, slot, comm = %comm(f.pid), "worker socket added");
-            self.slots.insert(slot, f.inode);
+            self.slots.insert(slot, f.clone());
             added += 1;
             // `fd` is dropped here: the worker's own fd keeps the socket (and its slot) alive.
         }
@@ -243,6 +255,71 @@ impl Agent {
 
     pub fn sockets(&self) -> usize {
         self.slots.len()
+    }
+
+    fn per_cpu_sum(&self, name: &str, n: u32) -> Vec<u64> {
+        let Some(map) = self.ebpf.map(name) else { return vec![0; n as usize] };
+        let Ok(a) = PerCpuArray::<&MapData, u64>::try_from(map) else { return vec![0; n as usize] };
+        (0..n).map(|i| a.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)).collect()
+    }
+
+    fn sample(&mut self) {
+        let now = Instant::now();
+        let v = self.per_cpu_sum(maps::AGENT_SLOT_NEW, AGENT_MAX_SOCKETS);
+        self.samples.push_back((now, v));
+        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= RATE_WINDOW {
+            self.samples.pop_front();
+        }
+    }
+
+    /// What `lb agent status` shows.
+    pub fn status(&self) -> Result<AgentStatus> {
+        let now = crate::datapath::monotonic_coarse_ns();
+        let timeout = self.opts.timeout.as_nanos() as u64;
+        let pins: HashMap<&MapData, AgentKey, AgentPin> = HashMap::try_from(self.ebpf.map(maps::AGENT_PINS).context("AGENT_PINS")?)?;
+        let mut by_slot: BTreeMap<u32, u64> = BTreeMap::new();
+        for entry in pins.iter() {
+            let Ok((_, p)) = entry else { continue };
+            if now.saturating_sub(p.last_seen_ns) <= timeout {
+                *by_slot.entry(p.index).or_default() += 1;
+            }
+        }
+        let rate = |slot: u32| -> f64 {
+            let (Some((t0, a)), Some((t1, b))) = (self.samples.front(), self.samples.back()) else { return 0.0 };
+            let secs = t1.duration_since(*t0).as_secs_f64();
+            let (x, y) = (a.get(slot as usize).copied().unwrap_or(0), b.get(slot as usize).copied().unwrap_or(0));
+            if secs > 0.0 && y >= x { (y - x) as f64 / secs } else { 0.0 }
+        };
+        let stats = self.per_cpu_sum(maps::AGENT_STATS, agent_stat::COUNT);
+        Ok(AgentStatus {
+            pid: std::process::id(),
+            ports: self.opts.ports.clone(),
+            protocol: match self.opts.protocol {
+                Proto::Tcp => "tcp".into(),
+                Proto::Udp => "udp".into(),
+            },
+            ipv4_prefix: self.opts.ipv4_prefix,
+            ipv6_prefix: self.opts.ipv6_prefix,
+            timeout: humantime::format_duration(self.opts.timeout).to_string(),
+            workers: self
+                .slots
+                .iter()
+                .map(|(slot, f)| AgentWorker {
+                    slot: *slot,
+                    pid: f.pid,
+                    command: comm(f.pid),
+                    port: f.port,
+                    socket: f.inode,
+                    pinned: by_slot.get(slot).copied().unwrap_or(0),
+                    new_clients_per_sec: rate(*slot),
+                })
+                .collect(),
+            pinned: by_slot.values().sum(),
+            hits: stats[agent_stat::HIT as usize],
+            placed: stats[agent_stat::PLACED as usize],
+            moved: stats[agent_stat::MOVED as usize],
+            fallback: stats[agent_stat::FALLBACK as usize],
+        })
     }
 
     /// Detaches the program from every group it was attached to (through a socket of it).
@@ -274,17 +351,93 @@ fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
-/// `lb agent` in the foreground until SIGTERM or SIGINT.
-pub async fn run(opts: Options) -> Result<()> {
+type SharedAgent = Arc<Mutex<Agent>>;
+
+async fn status_handler(
+    axum::extract::State(a): axum::extract::State<SharedAgent>,
+) -> Result<axum::Json<AgentStatus>, (axum::http::StatusCode, axum::Json<crate::api::ApiError>)> {
+    let r = a.lock().unwrap_or_else(|p| p.into_inner()).status();
+    r.map(axum::Json).map_err(|e| {
+        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, axum::Json(crate::api::ApiError { error: format!("{e:#}") }))
+    })
+}
+
+/// `lb agent status`.
+pub fn status_cli(socket: &Path, json: bool) -> Result<std::process::ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let st: AgentStatus = rt.block_on(crate::client::get_json(socket, "/status"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", render_status(&st));
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `lb agent status` as text.
+pub fn render_status(st: &AgentStatus) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let ports: Vec<String> = st.ports.iter().map(u16::to_string).collect();
+    let _ = writeln!(
+        o,
+        "lb agent (pid {}) on {} port {}: clients by /{} (IPv4), /{} (IPv6), timeout {}",
+        st.pid,
+        st.protocol,
+        ports.join(","),
+        st.ipv4_prefix,
+        st.ipv6_prefix,
+        st.timeout
+    );
+    let _ = writeln!(
+        o,
+        "pinned clients {}; connections by pin {}, clients placed {}, placed again (worker gone) {}, left to the kernel {}",
+        st.pinned, st.hits, st.placed, st.moved, st.fallback
+    );
+    let _ = writeln!(o, "  {:>4} {:>8} {:<16} {:>6} {:>12} {:>8} {:>8}", "slot", "pid", "command", "port", "socket", "pinned", "new/s");
+    for w in &st.workers {
+        let _ = writeln!(
+            o,
+            "  {:>4} {:>8} {:<16} {:>6} {:>12} {:>8} {:>8.1}",
+            w.slot, w.pid, w.command, w.port, w.socket, w.pinned, w.new_clients_per_sec
+        );
+    }
+    if st.workers.is_empty() {
+        let _ = writeln!(o, "  (no worker socket with SO_REUSEPORT on the port yet)");
+    }
+    o
+}
+
+/// `lb agent` in the foreground until SIGTERM or SIGINT, answering `lb agent status` on `socket`.
+pub async fn run(opts: Options, socket: Option<PathBuf>) -> Result<()> {
     crate::run::require_root("lb agent")?;
     if opts.ports.is_empty() {
         bail!("lb agent: give at least one --port");
     }
-    let mut agent = Agent::load(opts.clone())?;
-    let (added, _) = agent.rescan()?;
+    let socket = socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let listener = crate::control::bind(&socket).await?;
+    let agent = match Agent::load(opts.clone()) {
+        Ok(a) => Arc::new(Mutex::new(a)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
+    let app = axum::Router::new().route("/status", axum::routing::get(status_handler)).with_state(agent.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let lock = || agent.lock().unwrap_or_else(|p| p.into_inner());
+    let added = match lock().rescan() {
+        Ok((added, _)) => added,
+        Err(e) => {
+            let _ = lock().detach();
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
     tracing::info!(
         ports = %opts.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
         sockets = added,
+        socket = %socket.display(),
         "lb agent running: each client prefix stays on one worker socket"
     );
     if added == 0 {
@@ -298,13 +451,16 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
-                if let Err(e) = agent.rescan() {
+                if let Err(e) = lock().rescan() {
                     tracing::warn!(error = %format!("{e:#}"), "looking for worker sockets");
                 }
             }
         }
     }
-    agent.detach()?;
+    server.abort();
+    let r = lock().detach();
+    let _ = std::fs::remove_file(&socket);
+    r?;
     tracing::info!("lb agent stopped: detached, the port is spread by the kernel again");
     Ok(())
 }

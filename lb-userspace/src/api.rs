@@ -460,3 +460,39 @@ mod tests {
         }
     }
 }
+
+/// `GET /status` of `lb agent`'s own control socket (`lb agent status`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub pid: u32,
+    pub ports: Vec<u16>,
+    /// tcp or udp.
+    pub protocol: String,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub timeout: String,
+    /// The worker sockets the agent steers to, by slot.
+    pub workers: Vec<AgentWorker>,
+    /// Live pins (client prefixes within the timeout) in all.
+    pub pinned: u64,
+    /// Connections (or datagrams) whose pin chose the socket, clients placed, clients placed
+    /// again because their socket was gone, and those left to the kernel's spread.
+    pub hits: u64,
+    pub placed: u64,
+    pub moved: u64,
+    pub fallback: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentWorker {
+    pub slot: u32,
+    pub pid: u32,
+    pub command: String,
+    pub port: u16,
+    /// The socket's inode (`socket:[N]` in the process's fds).
+    pub socket: u64,
+    /// Live pins to this socket.
+    pub pinned: u64,
+    /// Clients placed on it per second, over the last 10 s.
+    pub new_clients_per_sec: f64,
+}

@@ -119,8 +119,10 @@ enum Command {
     /// On a backend host: keep each client on one worker process of the server whose
     /// SO_REUSEPORT sockets listen on PORT (runs in the foreground; stopping it detaches).
     Agent {
+        #[command(subcommand)]
+        command: Option<AgentCommand>,
         /// The port the workers listen on (repeat for several).
-        #[arg(long = "port", required = true)]
+        #[arg(long = "port")]
         ports: Vec<u16>,
         #[arg(long, value_enum, default_value_t = AgentProtocol::Tcp)]
         protocol: AgentProtocol,
@@ -135,6 +137,16 @@ enum Command {
         /// Remove what an agent attached to the port(s) and exit.
         #[arg(long)]
         detach: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// The running agent's workers (pid, command, socket), pinned clients per worker and new
+    /// clients per second, from its control socket (--socket, default /run/lb/agent.sock).
+    Status {
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
 }
 
@@ -244,7 +256,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             cli::affinity_flush(&cli::socket(cli.socket, config)?, client, backend, all, service, out(output))
         }
         Command::Down { config } => cli::down(cli.socket, &config),
-        Command::Agent { ports, protocol, ipv4_prefix, ipv6_prefix, timeout, detach } => {
+        Command::Agent { command: Some(AgentCommand::Status { output }), .. } => {
+            let socket = cli.socket.unwrap_or_else(|| PathBuf::from(lb::agent::DEFAULT_SOCKET));
+            lb::agent::status_cli(&socket, output == Output::Json)
+        }
+        Command::Agent { command: None, ports, protocol, ipv4_prefix, ipv6_prefix, timeout, detach } => {
             let opts = lb::agent::Options {
                 ports,
                 protocol: match protocol {
@@ -262,7 +278,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            rt.block_on(lb::agent::run(opts))?;
+            rt.block_on(lb::agent::run(opts, cli.socket))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -100,7 +100,21 @@ impl Ns {
     }
 
     fn agent(&mut self, bin: &Path, log: &Path) -> u32 {
-        self.spawn(&[bin.to_str().unwrap(), "agent", "--port", PORT], Some(log))
+        let sock = self.socket();
+        self.spawn(&[bin.to_str().unwrap(), "--socket", &sock, "agent", "--port", PORT], Some(log))
+    }
+
+    /// This namespace's agent control socket.
+    fn socket(&self) -> String {
+        std::env::temp_dir().join(format!("{}.sock", self.name)).to_string_lossy().into_owned()
+    }
+
+    fn status(&self, bin: &Path) -> lb::api::AgentStatus {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--socket", &self.socket(), "agent", "status", "--output", "json"]);
+        let out = output_timeout(&mut cmd, Duration::from_secs(15)).unwrap();
+        assert!(out.status.success(), "lb agent status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("agent status JSON: {e}"))
     }
 
     /// fd00::2.. on lo, for IPv6 clients.
@@ -165,6 +179,19 @@ fn each_client_stays_on_one_worker_process() {
         m
     });
     assert!(per_worker.len() >= 3, "clients spread over the workers: {per_worker:?}");
+    // lb agent status: the four workers, each client pinned to the one that answered it.
+    let st = ns.status(&bin);
+    assert_eq!(st.workers.len(), 4, "{st:?}");
+    assert_eq!(st.pinned, 40, "{st:?}");
+    for w in &st.workers {
+        assert_eq!(w.pinned as usize, per_worker.get(&w.pid).copied().unwrap_or(0), "worker {}: {st:?}", w.pid);
+        assert_eq!(w.command, "python3");
+    }
+    assert!(st.placed >= 40 && st.hits >= 40 * 5, "{st:?}");
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--socket", &ns.socket(), "agent", "status"]);
+    let text = String::from_utf8_lossy(&output_timeout(&mut cmd, Duration::from_secs(15)).unwrap().stdout).into_owned();
+    assert!(text.contains("pinned clients 40") && text.contains("python3"), "{text}");
 
     // 2. Killing one worker moves only its clients.
     let victim = *per_worker.keys().next().unwrap();
@@ -195,6 +222,7 @@ fn each_client_stays_on_one_worker_process() {
     // 4. Stopping the agent leaves the port working and nothing attached.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     wait_log(&log, "lb agent stopped: detached");
+    assert!(!Path::new(&ns.socket()).exists(), "the agent's socket is removed when it stops");
     let spread = ns.clients(40, 6);
     assert_eq!(spread.len(), 40, "every client answered after the agent stopped");
     let mut cmd = Command::new("ip");
@@ -222,7 +250,8 @@ fn ipv6_and_udp_clients_stay_on_one_worker() {
         let before = ns.clients_of(30, 6, mode);
         assert!(sticky(&before).len() < 15, "{mode}: without the agent the kernel spreads: {before:?}");
         let log = std::env::temp_dir().join(format!("lb-agent-{}-{mode}.log", std::process::id()));
-        ns.spawn(&[bin.to_str().unwrap(), "agent", "--port", PORT, "--protocol", proto], Some(&log));
+        let sock = ns.socket();
+        ns.spawn(&[bin.to_str().unwrap(), "--socket", &sock, "agent", "--port", PORT, "--protocol", proto], Some(&log));
         wait_log(&log, "slot=3");
         let with = ns.clients_of(30, 6, mode);
         assert_eq!(sticky(&with).len(), 30, "{mode}: every client on one worker: {with:?}");
