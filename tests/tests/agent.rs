@@ -261,3 +261,58 @@ fn ipv6_and_udp_clients_stay_on_one_worker() {
         let _ = std::fs::remove_file(&log);
     }
 }
+
+/// Debian's nginx with `listen 8080 reuseport` and four workers answering with their pid: with
+/// the agent each client stays on one worker over many connections.
+#[test]
+fn nginx_reuseport_workers_keep_their_clients() {
+    let bin = lb_bin();
+    let mut ns = Ns::new("nginx");
+    let dir = std::env::temp_dir().join(format!("{}-nginx", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 4;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  \
+             server {{\n    listen {PORT} reuseport;\n    location / {{ return 200 \"$pid\"; }}\n  }}\n}}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let nginx_log = dir.join("stderr.log");
+    ns.spawn(&["nginx", "-c", conf.to_str().unwrap(), "-e", dir.join("error.log").to_str().unwrap()], Some(&nginx_log));
+    // Up when it answers.
+    let t = Instant::now();
+    let before = loop {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, "python3", script("client.py").to_str().unwrap(), "2", "41", "6", PORT]);
+        let out = output_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "nginx never answered: {}\n{}", String::from_utf8_lossy(&out.stderr), std::fs::read_to_string(&nginx_log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let parse = |text: &str| -> BTreeMap<String, Vec<u32>> {
+        text.lines().map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next().unwrap().to_string(), f.map(|p| p.parse().unwrap()).collect())
+        }).collect()
+    };
+    let before = parse(&before);
+    let workers: std::collections::BTreeSet<u32> = before.values().flatten().copied().collect();
+    assert_eq!(workers.len(), 4, "four nginx workers answered: {workers:?}");
+    assert!(sticky(&before).len() < 20, "without the agent nginx's workers share each client: {before:?}");
+    let log = dir.join("agent.log");
+    ns.agent(&bin, &log);
+    wait_log(&log, "slot=3");
+    let with = ns.clients(40, 6);
+    assert_eq!(sticky(&with).len(), 40, "every client on one nginx worker: {with:?}");
+    let used: std::collections::BTreeSet<u32> = with.values().map(|p| p[0]).collect();
+    assert!(used.len() >= 3 && used.is_subset(&workers), "spread over nginx's workers: {used:?}");
+    eprintln!("nginx: without the agent {} of 40 clients stayed on one worker, with it 40 (over {} workers)", sticky(&before).len(), used.len());
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -28,8 +28,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("nftables", "/usr/sbin/nft"),
     // tests/packaging.rs: `systemd-analyze verify` of packaging/lb.service (works without systemd running).
     ("systemd", "/usr/bin/systemd-analyze"),
-    // tests/agent.rs: a preforking server whose workers answer with their pid.
+    // tests/agent.rs: a preforking server whose workers answer with their pid, and nginx with
+    // `reuseport` and four workers.
     ("python3", "/usr/bin/python3"),
+    ("nginx-light", "/usr/sbin/nginx"),
 ];
 
 #[derive(Parser)]
