@@ -53,6 +53,68 @@ pub struct Options {
     pub timeout: Duration,
 }
 
+/// What the `[agent]` table of a file says (every field optional; flags override them).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FileOptions {
+    pub ports: Option<Vec<u16>>,
+    pub protocol: Option<Proto>,
+    pub ipv4_prefix: Option<u8>,
+    pub ipv6_prefix: Option<u8>,
+    pub timeout: Option<Duration>,
+}
+
+/// Reads the `[agent]` table of the TOML text `text` (other tables are not the agent's and are
+/// left alone), reporting every problem, each with its field path.
+pub fn parse_file(text: &str) -> std::result::Result<FileOptions, Vec<String>> {
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| vec![format!("TOML syntax error: {}", e.message())])?;
+    let Some(t) = doc.get("agent") else { return Err(vec!["agent: the file has no [agent] table".into()]) };
+    let Some(t) = t.as_table() else { return Err(vec!["agent: must be a table ([agent])".into()]) };
+    let mut errs = Vec::new();
+    let mut o = FileOptions::default();
+    for (k, v) in t {
+        let f = format!("agent.{k}");
+        match k.as_str() {
+            "ports" => match v.as_array() {
+                Some(a) if !a.is_empty() => {
+                    let mut ports = Vec::new();
+                    for (i, p) in a.iter().enumerate() {
+                        match p.as_integer() {
+                            Some(n) if (1..=65535).contains(&n) => ports.push(n as u16),
+                            _ => errs.push(format!("{f}[{i}]: must be a port 1..=65535, got {p}")),
+                        }
+                    }
+                    o.ports = Some(ports);
+                }
+                _ => errs.push(format!("{f}: must be a non-empty list of ports, e.g. `ports = [8080]`")),
+            },
+            "protocol" => match v.as_str() {
+                Some("tcp") => o.protocol = Some(Proto::Tcp),
+                Some("udp") => o.protocol = Some(Proto::Udp),
+                _ => errs.push(format!("{f}: must be \"tcp\" or \"udp\", got {v}")),
+            },
+            "ipv4_prefix" | "ipv6_prefix" => {
+                let max = if k == "ipv4_prefix" { 32 } else { 128 };
+                match v.as_integer() {
+                    Some(n) if (0..=max).contains(&n) => {
+                        if k == "ipv4_prefix" {
+                            o.ipv4_prefix = Some(n as u8)
+                        } else {
+                            o.ipv6_prefix = Some(n as u8)
+                        }
+                    }
+                    _ => errs.push(format!("{f}: must be 0..={max}, got {v}")),
+                }
+            }
+            "timeout" => match v.as_str().map(humantime::parse_duration) {
+                Some(Ok(d)) if !d.is_zero() => o.timeout = Some(d),
+                _ => errs.push(format!("{f}: must be a duration like \"30m\", got {v}")),
+            },
+            _ => errs.push(format!("{f}: unknown field; expected one of ports, protocol, ipv4_prefix, ipv6_prefix, timeout")),
+        }
+    }
+    if errs.is_empty() { Ok(o) } else { Err(errs) }
+}
+
 /// A listening socket of a port: its inode, and a process and fd that hold it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {
@@ -490,6 +552,19 @@ mod tests {
         assert_eq!(listening(tcp, &[8080], Proto::Tcp), [(4242, 8080)]);
         assert_eq!(listening(tcp, &[80, 8080], Proto::Tcp), [(4242, 8080), (4444, 80)]);
         assert!(listening(tcp, &[8080], Proto::Udp).is_empty());
+    }
+
+    #[test]
+    fn the_agent_table_of_a_file() {
+        let o = parse_file("[datapath]\nx = 1\n[agent]\nports = [8080, 8443]\nprotocol = \"udp\"\nipv4_prefix = 24\ntimeout = \"5m\"\n").unwrap();
+        assert_eq!(o.ports, Some(vec![8080, 8443]));
+        assert_eq!((o.protocol, o.ipv4_prefix, o.ipv6_prefix), (Some(Proto::Udp), Some(24), None));
+        assert_eq!(o.timeout, Some(Duration::from_secs(300)));
+        let errs = parse_file("[agent]\nports = [0]\nprotocol = \"sctp\"\nipv6_prefix = 129\ntimeout = \"soon\"\ncolour = 1\n").unwrap_err();
+        for f in ["agent.ports[0]", "agent.protocol", "agent.ipv6_prefix", "agent.timeout", "agent.colour: unknown field"] {
+            assert!(errs.iter().any(|e| e.starts_with(f)), "{f} in {errs:?}");
+        }
+        assert!(parse_file("[datapath]\n").unwrap_err()[0].contains("no [agent] table"));
     }
 
     #[test]

@@ -124,16 +124,21 @@ enum Command {
         /// The port the workers listen on (repeat for several).
         #[arg(long = "port")]
         ports: Vec<u16>,
-        #[arg(long, value_enum, default_value_t = AgentProtocol::Tcp)]
-        protocol: AgentProtocol,
-        /// Clients sharing this many leading bits share a worker.
-        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(0..=32))]
-        ipv4_prefix: u8,
-        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u8).range(0..=128))]
-        ipv6_prefix: u8,
-        /// A client idle for longer may be placed on another worker.
-        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
+        /// tcp (default) or udp.
+        #[arg(long, value_enum)]
+        protocol: Option<AgentProtocol>,
+        /// Clients sharing this many leading bits share a worker (default 32).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=32))]
+        ipv4_prefix: Option<u8>,
+        /// The same for IPv6 (default 128).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=128))]
+        ipv6_prefix: Option<u8>,
+        /// A client idle for longer may be placed on another worker (default 30m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Read the options from the `[agent]` table of this file; flags override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
         /// Remove what an agent attached to the port(s) and exit.
         #[arg(long)]
         detach: bool,
@@ -260,16 +265,26 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let socket = cli.socket.unwrap_or_else(|| PathBuf::from(lb::agent::DEFAULT_SOCKET));
             lb::agent::status_cli(&socket, output == Output::Json)
         }
-        Command::Agent { command: None, ports, protocol, ipv4_prefix, ipv6_prefix, timeout, detach } => {
+        Command::Agent { command: None, ports, protocol, ipv4_prefix, ipv6_prefix, timeout, config, detach } => {
+            let file = match &config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                    lb::agent::parse_file(&text).map_err(|errs| {
+                        anyhow::anyhow!("invalid config {}: {} error(s)\n  {}", p.display(), errs.len(), errs.join("\n  "))
+                    })?
+                }
+                None => lb::agent::FileOptions::default(),
+            };
             let opts = lb::agent::Options {
-                ports,
+                ports: if ports.is_empty() { file.ports.unwrap_or_default() } else { ports },
                 protocol: match protocol {
-                    AgentProtocol::Tcp => lb::agent::Proto::Tcp,
-                    AgentProtocol::Udp => lb::agent::Proto::Udp,
+                    Some(AgentProtocol::Tcp) => lb::agent::Proto::Tcp,
+                    Some(AgentProtocol::Udp) => lb::agent::Proto::Udp,
+                    None => file.protocol.unwrap_or(lb::agent::Proto::Tcp),
                 },
-                ipv4_prefix,
-                ipv6_prefix,
-                timeout,
+                ipv4_prefix: ipv4_prefix.or(file.ipv4_prefix).unwrap_or(32),
+                ipv6_prefix: ipv6_prefix.or(file.ipv6_prefix).unwrap_or(128),
+                timeout: timeout.or(file.timeout).unwrap_or(std::time::Duration::from_secs(30 * 60)),
             };
             if detach {
                 lb::run::require_root("lb agent --detach")?;

@@ -251,7 +251,14 @@ fn ipv6_and_udp_clients_stay_on_one_worker() {
         assert!(sticky(&before).len() < 15, "{mode}: without the agent the kernel spreads: {before:?}");
         let log = std::env::temp_dir().join(format!("lb-agent-{}-{mode}.log", std::process::id()));
         let sock = ns.socket();
-        ns.spawn(&[bin.to_str().unwrap(), "--socket", &sock, "agent", "--port", PORT, "--protocol", proto], Some(&log));
+        if mode == "udp" {
+            // The same from an [agent] table of a config file.
+            let cfg = std::env::temp_dir().join(format!("{}.toml", ns.name));
+            std::fs::write(&cfg, format!("[agent]\nports = [{PORT}]\nprotocol = \"udp\"\nipv4_prefix = 32\ntimeout = \"30m\"\n")).unwrap();
+            ns.spawn(&[bin.to_str().unwrap(), "--socket", &sock, "agent", "--config", cfg.to_str().unwrap()], Some(&log));
+        } else {
+            ns.spawn(&[bin.to_str().unwrap(), "--socket", &sock, "agent", "--port", PORT, "--protocol", proto], Some(&log));
+        }
         wait_log(&log, "slot=3");
         let with = ns.clients_of(30, 6, mode);
         assert_eq!(sticky(&with).len(), 30, "{mode}: every client on one worker: {with:?}");
