@@ -241,13 +241,14 @@ fn bench(quick: bool) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let reps = if quick { "3" } else { "7" };
-    let runs: [(&str, &[&str]); 6] = [
+    let runs: [(&str, &[&str]); 7] = [
         ("control plane: Maglev build, reload of 1000 services", &["bench", "-p", "lb-userspace", "--bench", "control"]),
         ("fairness: Zipf clients and a university prefix, load bound off and on", &["bench", "-p", "lb-userspace", "--bench", "fairness"]),
         ("control plane at scale: status, scrape and health with 10 million pins", &["bench", "-p", "tests", "--bench", "scale"]),
         ("datapath: per packet (BPF_PROG_TEST_RUN), table scale, veth", &["bench", "-p", "tests", "--bench", "datapath"]),
         ("end to end: wrk through lb, HAProxy, nginx", &["bench", "-p", "tests", "--bench", "e2e"]),
         ("scale-out: failover convergence of two nodes behind ECMP (BIRD)", &["bench", "-p", "tests", "--bench", "cluster"]),
+        ("agent: new connections per second to 4 nginx workers, with and without lb agent", &["bench", "-p", "tests", "--bench", "agent"]),
     ];
     let mut failed = Vec::new();
     for (what, args) in runs {
