@@ -271,6 +271,10 @@ impl Agent {
             // The kernel cleared the slot when the socket closed; forget it.
             self.slots.remove(s);
         }
+        // A port none of whose sockets is left lost its group (the server restarted whole): the
+        // next socket of the port makes a new group, which needs the program attached again.
+        let live_ports: BTreeSet<u16> = self.slots.values().map(|f| f.port).collect();
+        self.attached.retain(|p| live_ports.contains(p));
         self.sample();
         let known: BTreeSet<u64> = self.slots.values().map(|f| f.inode).collect();
         let mut added = 0;

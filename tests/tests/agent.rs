@@ -219,6 +219,27 @@ fn each_client_stays_on_one_worker_process() {
     let newcomers = ns.clients(60, 1);
     assert!(newcomers.values().any(|p| p[0] == joined), "the new worker takes a share of new clients: {newcomers:?}");
 
+    // The whole server restarts (a new reuseport group): the agent attaches to it again.
+    let mut old: Vec<u32> = workers.clone();
+    old.push(joined);
+    for pid in old {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    }
+    let t = Instant::now();
+    while std::fs::read_to_string(&log).unwrap_or_default().matches("worker socket gone").count() < 5 {
+        assert!(t.elapsed() < Duration::from_secs(15), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ns.server(4);
+    let t = Instant::now();
+    while std::fs::read_to_string(&log).unwrap_or_default().matches("attached to the port's SO_REUSEPORT group").count() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(15), "not attached to the new group: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let again = ns.clients(40, 4);
+    assert_eq!(sticky(&again).len(), 40, "sticky again with the new server: {again:?}");
+
     // 4. Stopping the agent leaves the port working and nothing attached.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     wait_log(&log, "lb agent stopped: detached");
