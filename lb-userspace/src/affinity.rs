@@ -187,6 +187,25 @@ pub fn count(view: &View, table: &PinTable, since: Option<u64>) -> Result<PinCou
     Ok(c)
 }
 
+/// Live pins that name what `doomed` lists, by service id: per service id, every backend (None)
+/// or these backend ids. One scan, outside the daemon lock (`lb reload --dry-run` and friends).
+pub fn count_doomed(
+    view: &View,
+    table: &PinTable,
+    doomed: &BTreeMap<u32, Option<std::collections::BTreeSet<u32>>>,
+) -> Result<BTreeMap<u32, u64>> {
+    let now = monotonic_coarse_ns();
+    let by_id: BTreeMap<u32, &ServiceRt> = view.services.iter().map(|s| (s.entry.id, s)).collect();
+    let mut out: BTreeMap<u32, u64> = BTreeMap::new();
+    table.scan(|k, v| {
+        let (Some(s), Some(which)) = (by_id.get(&k.service_id), doomed.get(&k.service_id)) else { return };
+        if staleness(s, v, now).is_none() && which.as_ref().is_none_or(|ids| ids.contains(&v.backend_id)) {
+            *out.entry(k.service_id).or_default() += 1;
+        }
+    })?;
+    Ok(out)
+}
+
 /// The backend `addr:port` in `candidates`: (service id, backend id) pairs.
 fn backend_ids(candidates: &[&ServiceRt], backend: &str) -> Result<Vec<(u32, u32)>> {
     let addr = crate::api::parse_backend(backend).map_err(BadRequest)?;

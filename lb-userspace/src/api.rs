@@ -496,3 +496,37 @@ pub struct AgentWorker {
     /// Clients placed on it per second, over the last 10 s.
     pub new_clients_per_sec: f64,
 }
+
+/// What a change would do, computed without making it (`lb reload --dry-run`, `lb drain
+/// --dry-run`, `lb simulate down`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct WhatIf {
+    /// reload, drain, drain --force or down.
+    pub action: String,
+    pub services: Vec<ServiceWhatIf>,
+    pub services_added: Vec<String>,
+    pub services_removed: Vec<String>,
+    /// Live pins that would move (their clients placed afresh), over every service.
+    pub pins_moved: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ServiceWhatIf {
+    pub service: String,
+    pub backends_added: Vec<String>,
+    pub backends_removed: Vec<String>,
+    /// Backends whose weight or configured state changes.
+    pub backends_reweighted: Vec<String>,
+    /// Live pins of this service that would move.
+    pub pins_moved: u64,
+    /// The share of the Maglev table's slots whose backend changes: the share of new clients
+    /// that would be placed differently.
+    pub slot_share_moved: f64,
+}
+
+/// Query of `POST /reload` and `POST /drain`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DryRunQuery {
+    #[serde(default)]
+    pub dry_run: bool,
+}

@@ -30,10 +30,11 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::{
     affinity,
     api::{
-        Admin, AdminReport, AffinityList, ApiError, BadRequest, Changes, DownReport, DrainRequest, Explanation, ExplainQuery,
+        Admin, AdminReport, AffinityList, ApiError, BadRequest, DryRunQuery, WhatIf, DownReport, DrainRequest, Explanation, ExplainQuery,
         FlushReport, FlushRequest, ListQuery, NotFound, StatusQuery, StatusReport, parse_backend,
     },
     daemon::{ReloadError, Shared, Stop},
+    whatif,
 };
 
 /// How long `GET /status?fresh=true` waits for a new pin count at most.
@@ -99,22 +100,46 @@ async fn status(State(d): State<Shared>, q: Result<Query<StatusQuery>, QueryReje
     Ok(Json(lock(&d).status()?))
 }
 
-async fn reload(State(d): State<Shared>) -> Answer<Changes> {
+/// The pins a what-if would move, counted outside the lock, filled into its report.
+async fn what_if(d: &Shared, plan: impl FnOnce(&crate::daemon::Daemon) -> Result<(WhatIf, whatif::Doomed), Failure>) -> Result<Response, Failure> {
+    let (w, doomed, view, table, names) = {
+        let d = lock(d);
+        let (w, doomed) = plan(&d)?;
+        let names: std::collections::BTreeMap<u32, String> = d.rt.services.iter().map(|s| (s.entry.id, s.config.name.clone())).collect();
+        let (view, table) = d.scan_handles()?;
+        (w, doomed, view, table, names)
+    };
+    let counted = blocking(move || affinity::count_doomed(&view, &table, &doomed)).await?;
+    Ok(Json(whatif::with_pins(w, &names, &counted)).into_response())
+}
+
+fn reload_failure(e: ReloadError) -> Failure {
+    let code = match e {
+        ReloadError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ReloadError::Refused(_) => StatusCode::CONFLICT,
+        ReloadError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Failure(code, e.to_string())
+}
+
+async fn reload(State(d): State<Shared>, q: Result<Query<DryRunQuery>, QueryRejection>) -> Result<Response, Failure> {
+    if query(q)?.dry_run {
+        return what_if(&d, |d| {
+            let cfg = d.load_for_reload().map_err(reload_failure)?;
+            Ok(whatif::reload(&d.rt, &cfg))
+        })
+        .await;
+    }
     let mut d = lock(&d);
     tracing::info!("reload requested through the control socket");
     match d.reload() {
         Ok(ch) => {
             tracing::info!(changes = %ch.summary(), "reload applied");
-            Ok(Json(ch))
+            Ok(Json(ch).into_response())
         }
         Err(e) => {
             tracing::error!("reload refused, the running config stays in force:\n{e}");
-            let code = match e {
-                ReloadError::Invalid(_) => StatusCode::BAD_REQUEST,
-                ReloadError::Refused(_) => StatusCode::CONFLICT,
-                ReloadError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            Err(Failure(code, e.to_string()))
+            Err(reload_failure(e))
         }
     }
 }
@@ -125,10 +150,37 @@ fn set_admin(d: &Shared, req: DrainRequest, admin: Admin) -> Answer<AdminReport>
     Ok(Json(AdminReport { backend, changed }))
 }
 
-async fn drain(State(d): State<Shared>, req: Result<Json<DrainRequest>, JsonRejection>) -> Answer<AdminReport> {
+/// The service and backend id a request names.
+fn named(d: &crate::daemon::Daemon, req: &DrainRequest) -> Result<(usize, u32), Failure> {
+    let addr = parse_backend(&req.backend).map_err(bad_request)?;
+    let i = d.rt.services.iter().position(|s| s.config.name == req.service).ok_or_else(|| Failure(StatusCode::NOT_FOUND, format!("no service named {:?}", req.service)))?;
+    let b = d.rt.services[i].backend(addr.ip(), addr.port()).ok_or_else(|| {
+        Failure(StatusCode::NOT_FOUND, format!("service {:?} has no backend {addr}", req.service))
+    })?;
+    Ok((i, b.id))
+}
+
+async fn drain(State(d): State<Shared>, q: Result<Query<DryRunQuery>, QueryRejection>, req: Result<Json<DrainRequest>, JsonRejection>) -> Result<Response, Failure> {
     let req = body(req)?;
+    if query(q)?.dry_run {
+        return what_if(&d, |d| {
+            let (i, id) = named(d, &req)?;
+            Ok(whatif::drain(&d.rt, &d.rt.services[i], id, req.force))
+        })
+        .await;
+    }
     let admin = if req.force { Admin::Forced } else { Admin::Draining };
-    set_admin(&d, req, admin)
+    set_admin(&d, req, admin).map(IntoResponse::into_response)
+}
+
+/// `POST /simulate/down`: what the backend's death would do.
+async fn simulate_down(State(d): State<Shared>, req: Result<Json<DrainRequest>, JsonRejection>) -> Result<Response, Failure> {
+    let req = body(req)?;
+    what_if(&d, |d| {
+        let (i, id) = named(d, &req)?;
+        Ok(whatif::down(&d.rt, &d.rt.services[i], id))
+    })
+    .await
 }
 
 async fn undrain(State(d): State<Shared>, req: Result<Json<DrainRequest>, JsonRejection>) -> Answer<AdminReport> {
@@ -158,10 +210,10 @@ async fn affinity_flush(State(d): State<Shared>, req: Result<Json<FlushRequest>,
         let r = affinity::flush(&view, &table, &req)?;
         tracing::info!(
             flushed = r.flushed,
-            client = ?req.client,
-            backend = ?req.backend,
+            client = %req.client.map(|c| c.to_string()).unwrap_or_default(),
+            backend = %req.backend.clone().unwrap_or_default(),
             all = req.all,
-            service = ?req.service,
+            service = %req.service.clone().unwrap_or_default(),
             "affinity pins flushed: those clients are placed afresh at their next packet"
         );
         Ok(r)
@@ -249,6 +301,7 @@ pub async fn serve(listener: UnixListener, daemon: Shared) -> Result<()> {
         .route("/drain", post(drain))
         .route("/undrain", post(undrain))
         .route("/down", post(down))
+        .route("/simulate/down", post(simulate_down))
         .route("/explain", get(explain))
         .route("/affinity", get(affinity_list))
         .route("/affinity/flush", post(affinity_flush))

@@ -587,11 +587,9 @@ impl Daemon {
         Ok((self.pin_view(), self.dp.pin_table()?))
     }
 
-    /// Re-reads the config file and applies it whole, or not at all: a config with errors, or
-    /// that changes what cannot change while lb runs, is refused before anything is touched; a
-    /// failure while applying (a map write, an attach) undoes what was done — maps, interfaces —
-    /// and the health targets, announcements and neighbour entries never see the attempt.
-    pub fn reload(&mut self) -> Result<Changes, ReloadError> {
+    /// The config file as a reload would apply it: valid, changing nothing that cannot change
+    /// while lb runs, and naming only interfaces this host has.
+    pub fn load_for_reload(&self) -> Result<Config, ReloadError> {
         let cfg = Config::load(&self.config_path).map_err(ReloadError::Invalid)?;
         let (old, new) = (&self.config.datapath, &cfg.datapath);
         let fixed = [
@@ -614,7 +612,6 @@ impl Daemon {
             }
         }
         let added: Vec<String> = new.interfaces.iter().filter(|i| !old.interfaces.contains(i)).cloned().collect();
-        let removed: Vec<String> = old.interfaces.iter().filter(|i| !new.interfaces.contains(i)).cloned().collect();
         let missing: Vec<&String> = added.iter().filter(|i| nix::net::if_::if_nametoindex(i.as_str()).is_err()).collect();
         if !missing.is_empty() {
             return Err(ReloadError::Refused(format!(
@@ -622,6 +619,18 @@ impl Daemon {
                 missing.iter().map(|m| format!("{m:?}")).collect::<Vec<_>>().join(", ")
             )));
         }
+        Ok(cfg)
+    }
+
+    /// Re-reads the config file and applies it whole, or not at all: a config with errors, or
+    /// that changes what cannot change while lb runs, is refused before anything is touched; a
+    /// failure while applying (a map write, an attach) undoes what was done — maps, interfaces —
+    /// and the health targets, announcements and neighbour entries never see the attempt.
+    pub fn reload(&mut self) -> Result<Changes, ReloadError> {
+        let cfg = self.load_for_reload()?;
+        let (old, new) = (&self.config.datapath, &cfg.datapath);
+        let added: Vec<String> = new.interfaces.iter().filter(|i| !old.interfaces.contains(i)).cloned().collect();
+        let removed: Vec<String> = old.interfaces.iter().filter(|i| !new.interfaces.contains(i)).cloned().collect();
         // Maps first, so that a new interface sees the whole new config from its first packet;
         // then the new interfaces. Either failing undoes both.
         let before = self.rt.clone();

@@ -22,3 +22,4 @@ pub mod pincount;
 pub mod routes;
 pub mod run;
 pub mod state;
+pub mod whatif;

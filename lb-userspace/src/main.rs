@@ -74,6 +74,11 @@ enum Command {
     /// Re-read the daemon's config file and apply it; a config with errors is refused whole
     /// (exit 1) and the running one stays. SIGHUP to the daemon does the same.
     Reload {
+        /// Validate and report what applying the file would do (backends added, removed,
+        /// re-weighted; live pins that would move; share of Maglev slots changing), changing
+        /// nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -85,8 +90,16 @@ enum Command {
         backend: String,
         #[arg(long)]
         force: bool,
+        /// Report what the drain would do (pins that would move, share of slots), changing nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         opts: ClientOpts,
+    },
+    /// What-if reports that change nothing.
+    Simulate {
+        #[command(subcommand)]
+        command: SimulateCommand,
     },
     /// Let a drained backend take new clients again.
     Undrain {
@@ -159,6 +172,19 @@ enum AgentCommand {
 enum AgentProtocol {
     Tcp,
     Udp,
+}
+
+#[derive(Subcommand)]
+enum SimulateCommand {
+    /// What the death of a backend would do: the live pins that would fail over and the share
+    /// of Maglev slots that would change.
+    Down {
+        service: String,
+        /// ADDRESS:PORT of the backend.
+        backend: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
 }
 
 #[derive(Subcommand)]
@@ -244,9 +270,20 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Status { fresh, opts: ClientOpts { output, config } } => {
             cli::status(&cli::socket(cli.socket, config)?, fresh, out(output))
         }
-        Command::Reload { opts: ClientOpts { output, config } } => cli::reload(&cli::socket(cli.socket, config)?, out(output)),
-        Command::Drain { service, backend, force, opts: ClientOpts { output, config } } => {
+        Command::Reload { dry_run: true, opts: ClientOpts { output, config } } => {
+            cli::what_if(&cli::socket(cli.socket, config)?, "/reload?dry_run=true", None, out(output))
+        }
+        Command::Reload { dry_run: false, opts: ClientOpts { output, config } } => cli::reload(&cli::socket(cli.socket, config)?, out(output)),
+        Command::Drain { service, backend, force, dry_run: true, opts: ClientOpts { output, config } } => {
+            let req = lb::api::DrainRequest { service, backend, force };
+            cli::what_if(&cli::socket(cli.socket, config)?, "/drain?dry_run=true", Some(&req), out(output))
+        }
+        Command::Drain { service, backend, force, dry_run: false, opts: ClientOpts { output, config } } => {
             cli::admin(&cli::socket(cli.socket, config)?, service, backend, force, false, out(output))
+        }
+        Command::Simulate { command: SimulateCommand::Down { service, backend, opts: ClientOpts { output, config } } } => {
+            let req = lb::api::DrainRequest { service, backend, force: false };
+            cli::what_if(&cli::socket(cli.socket, config)?, "/simulate/down", Some(&req), out(output))
         }
         Command::Undrain { service, backend, opts: ClientOpts { output, config } } => {
             cli::admin(&cli::socket(cli.socket, config)?, service, backend, false, true, out(output))

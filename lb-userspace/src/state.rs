@@ -382,7 +382,7 @@ fn backend_label(service: &str, b: &BackendConfig) -> String {
     format!("{service}/{}", std::net::SocketAddr::new(b.address, b.port))
 }
 
-fn admin_from_config(state: BackendState) -> Admin {
+pub fn admin_from_config(state: BackendState) -> Admin {
     match state {
         BackendState::Active => Admin::Active,
         BackendState::Draining => Admin::Draining,

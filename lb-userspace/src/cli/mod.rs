@@ -123,6 +123,13 @@ pub fn reload(socket: &Path, output: Output) -> Result<ExitCode> {
     answer(output, &changes, render::render_changes)
 }
 
+/// `lb reload --dry-run`, `lb drain --dry-run`, `lb simulate down`: POST `path` (with `req`).
+pub fn what_if(socket: &Path, path: &str, req: Option<&DrainRequest>, output: Output) -> Result<ExitCode> {
+    let body = req.map(serde_json::to_string).transpose()?;
+    let w: crate::api::WhatIf = block_on(client::call_json(socket, "POST", path, body.as_deref()))?;
+    answer(output, &w, crate::whatif::render)
+}
+
 /// `lb drain` (`force`: `--force`) and `lb undrain` (`undrain`).
 pub fn admin(socket: &Path, service: String, backend: String, force: bool, undrain: bool, output: Output) -> Result<ExitCode> {
     let req = DrainRequest { service, backend, force };
