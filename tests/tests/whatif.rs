@@ -78,7 +78,7 @@ fn dry_runs_change_nothing_and_predict_the_moves() {
     lab.write_config(&cut).unwrap();
     let dry: WhatIf = json(&lab, &bin, &["reload", "--dry-run", "--output", "json"]);
     let web = dry.services.iter().find(|s| s.service == "web").expect("web in the dry run");
-    assert_eq!(web.backends_removed, [b3.clone()], "{dry:?}");
+    assert_eq!(web.backends_removed, std::slice::from_ref(&b3), "{dry:?}");
     assert_eq!(web.pins_moved, on(&b3), "{dry:?}");
     assert!((web.slot_share_moved - 1.0 / 3.0).abs() < 0.05, "{dry:?}");
     assert_eq!(pins(&lab, &bin), before, "a dry run moves no pin");
