@@ -124,6 +124,9 @@ enum Command {
         #[command(subcommand)]
         command: AffinityCommand,
     },
+    /// Print lb's man page (roff) on stdout.
+    #[command(hide = true)]
+    Man,
     /// Detach the XDP program and remove the pinned state (stops a running daemon first).
     Down {
         #[arg(long, short)]
@@ -298,6 +301,22 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             cli::affinity_flush(&cli::socket(cli.socket, config)?, client, backend, all, service, out(output))
         }
         Command::Down { config } => cli::down(cli.socket, &config),
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd.clone()).render(&mut out).context("rendering the man page")?;
+            // Every command's own options too, a section each, on the one page.
+            use std::io::Write as _;
+            for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+                let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default().replace('\\', "\\\\");
+                writeln!(out, ".SH \"LB {}\"\n{about}", sub.get_name().to_uppercase())?;
+                if sub.get_arguments().any(|a| !a.is_hide_set()) {
+                    clap_mangen::Man::new(sub.clone()).render_options_section(&mut out).context("rendering the man page")?;
+                }
+            }
+            std::io::stdout().write_all(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Agent { command: Some(AgentCommand::Status { output }), .. } => {
             let socket = cli.socket.unwrap_or_else(|| PathBuf::from(lb::agent::DEFAULT_SOCKET));
             lb::agent::status_cli(&socket, output == Output::Json)

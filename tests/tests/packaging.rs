@@ -101,6 +101,49 @@ fn the_agent_unit_runs_lb_agent_and_verifies() {
     assert!(read("README.md").contains("packaging/lb-agent.service"));
 }
 
+/// `cargo xtask deb`'s package: what it holds, installed with dpkg into a root of its own
+/// (`dpkg --root`, an empty dpkg database there), and the installed binary checks the installed
+/// example config.
+#[test]
+fn the_debian_package_installs_and_checks_its_example_config() {
+    let bin = tests::lb_bin();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dir = std::env::temp_dir().join(format!("lb-deb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let deb = xtask::deb::build(workspace, &bin, &dir).unwrap_or_else(|e| panic!("{e:#}"));
+    let version = xtask::deb::version(workspace).unwrap();
+    assert!(deb.ends_with(format!("lb_{version}_amd64.deb")), "{}", deb.display());
+    let contents = String::from_utf8_lossy(&Command::new("dpkg-deb").arg("--contents").arg(&deb).output().unwrap().stdout).into_owned();
+    for f in ["./usr/bin/lb", "./lib/systemd/system/lb.service", "./lib/systemd/system/lb-agent.service", "./etc/lb/lb.toml", "./usr/share/man/man1/lb.1.gz"] {
+        assert!(contents.contains(f), "{f} missing from the package:\n{contents}");
+    }
+    let root = dir.join("root");
+    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    let out = Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args(["--force-depends", "--force-not-root", "-i"])
+        .arg(&deb)
+        .output()
+        .expect("dpkg");
+    assert!(out.status.success(), "dpkg -i: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let status = std::fs::read_to_string(root.join("var/lib/dpkg/status")).unwrap();
+    assert!(status.contains("Package: lb") && status.contains("Status: install ok installed"), "{status}");
+    let unit = std::fs::read_to_string(root.join("lib/systemd/system/lb.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/lb run --config /etc/lb/lb.toml"), "{unit}");
+    let installed = root.join("usr/bin/lb");
+    let out = Command::new(&installed).args(["check", "--offline", "--config"]).arg(root.join("etc/lb/lb.toml")).output().unwrap();
+    assert!(out.status.success(), "lb check on the example config: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok (1 service(s), 2 backend(s))"));
+    let man = Command::new("sh").arg("-c").arg(format!("gzip -dc {}", root.join("usr/share/man/man1/lb.1.gz").display())).output().unwrap();
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(man.contains(".TH lb 1") && man.contains("LB AGENT") && man.contains("LB RELOAD"), "man page: {}", &man[..man.len().min(400)]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The shipped BIRD configs carry what the README promises: the node's kernel protocol learns
 /// lb's table, the router merges equal paths.
 #[test]

@@ -2,6 +2,7 @@
 //! benchmarks share, the `run` demo, the container image builder, and the record and count of
 //! skipped tests. It must not depend on lb-userspace or anything that builds eBPF, so that
 //! `cargo xtask` compiles on a bare machine.
+pub mod deb;
 pub mod demo;
 pub mod image;
 pub mod lab;

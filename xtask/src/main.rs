@@ -61,6 +61,9 @@ enum Cmd {
     /// The container image `lb:<version>` and `lb:latest` (packaging/Containerfile), on a base
     /// made here from this machine's C runtime: no registry needed.
     Image,
+    /// The Debian package target/deb/lb_<version>_amd64.deb (binary, systemd units, example
+    /// /etc/lb/lb.toml, man page), built with dpkg-deb.
+    Deb,
     /// Unit tests, datapath fixtures (BPF_PROG_TEST_RUN) and end-to-end tests in namespaces.
     Test {
         /// Only run tests whose name contains this (passed to every test binary).
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         },
         Cmd::Bench { quick } => bench(quick),
         Cmd::Image => image(),
+        Cmd::Deb => deb(),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -200,6 +204,16 @@ fn build_release() -> Result<PathBuf> {
         bail!("{} was not produced", lb.display());
     }
     Ok(lb)
+}
+
+fn deb() -> Result<()> {
+    setup()?;
+    let lb = build_release()?;
+    let out = workspace_root().join("target/deb");
+    std::fs::create_dir_all(&out)?;
+    let deb = xtask::deb::build(&workspace_root(), &lb, &out)?;
+    println!("built {}", deb.display());
+    Ok(())
 }
 
 fn image() -> Result<()> {
