@@ -92,6 +92,9 @@ pub mod maps {
     pub const PREFIX_NEW: &str = "PREFIX_NEW";
     /// `lb agent` (its own program, `lb-agent`): ReusePortSockArray of the group's sockets.
     pub const AGENT_SOCKS: &str = "AGENT_SOCKS";
+    /// Ring buffer of [`crate::MoveEvent`]: every move of a known client (a pin re-placed onto
+    /// another backend), never written on the hit path.
+    pub const MOVES: &str = "MOVES";
     /// `lb agent`: LRU hash [`crate::AgentKey`] -> [`crate::AgentPin`], client prefix to socket.
     pub const AGENT_PINS: &str = "AGENT_PINS";
     /// `lb agent`: Array[1] of [`crate::AgentConfig`].
@@ -100,6 +103,51 @@ pub mod maps {
     pub const AGENT_STATS: &str = "AGENT_STATS";
     /// `lb agent`: per-CPU Array of u64, per slot: clients placed on that socket.
     pub const AGENT_SLOT_NEW: &str = "AGENT_SLOT_NEW";
+}
+
+/// A move of a known client, as the datapath reports it (`MOVES`): its pin was re-placed from
+/// one backend onto another, and why (`move_reason`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MoveEvent {
+    /// CLOCK_MONOTONIC ns.
+    pub at_ns: u64,
+    pub service_id: u32,
+    pub from: u32,
+    pub to: u32,
+    pub reason: u32,
+    /// The client's pin key address (masked to the service's prefix).
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<MoveEvent>() == 40);
+
+/// `MoveEvent::reason`.
+pub mod move_reason {
+    /// Its backend is down (health checks).
+    pub const BACKEND_DOWN: u32 = 1;
+    /// Its backend was removed (a reload) while its pin stayed.
+    pub const BACKEND_REMOVED: u32 = 2;
+    /// Its backend was drained with --force.
+    pub const DRAIN_FORCE: u32 = 3;
+    /// Its pins were flushed (`lb affinity flush`; reported by the daemon).
+    pub const FLUSHED: u32 = 4;
+    /// Its pin was idle past the timeout.
+    pub const EXPIRED: u32 = 5;
+    /// Its pin was older than `max_age`.
+    pub const MAX_AGE: u32 = 6;
+
+    /// The name of a reason, as in `lb events` and the metrics.
+    pub const fn name(r: u32) -> &'static str {
+        match r {
+            BACKEND_DOWN => "backend_down",
+            BACKEND_REMOVED => "backend_removed",
+            DRAIN_FORCE => "drain_force",
+            FLUSHED => "flushed",
+            EXPIRED => "expired",
+            MAX_AGE => "max_age",
+            _ => "unknown",
+        }
+    }
 }
 
 /// `lb agent`'s client key: the client address masked to the agent's prefix.
@@ -765,6 +813,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AgentKey {}
+    unsafe impl aya::Pod for MoveEvent {}
     unsafe impl aya::Pod for AgentPin {}
     unsafe impl aya::Pod for AgentConfig {}
     unsafe impl aya::Pod for AffinityValue {}

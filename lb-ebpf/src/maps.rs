@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     ADDR_FILTER_WORDS, AddrKey, AffinityKey, AffinityValue, Backend, Counters, DEFAULT_AFFINITY_ENTRIES,
@@ -84,6 +84,11 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(
 /// prefix's own pin is gone. Read only when a service splits hot prefixes and has no pin.
 #[map(name = "HOT_PREFIXES")]
 pub static HOT_PREFIXES: HashMap<AffinityKey, u32> = HashMap::with_max_entries(HOT_PREFIX_ENTRIES, 0);
+
+/// Moves of known clients (`lb_common::MoveEvent`), read by the daemon's journal. Written only
+/// when a pin is re-placed onto another backend.
+#[map(name = "MOVES")]
+pub static MOVES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// New TCP connections per client prefix (per CPU), for services that split hot prefixes.
 #[map(name = "PREFIX_NEW")]

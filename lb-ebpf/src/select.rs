@@ -26,7 +26,7 @@ use lb_common::{
 
 use crate::{
     Verdict, bump, count, drop,
-    maps::{AFFINITY, BACKEND_STATS, BACKENDS, FLOWS, HOT_PREFIXES, MAGLEV, PREFIX_NEW, SERVICE_STATS},
+    maps::{AFFINITY, BACKEND_STATS, BACKENDS, FLOWS, HOT_PREFIXES, MAGLEV, MOVES, PREFIX_NEW, SERVICE_STATS},
     parse::Meta,
 };
 
@@ -193,6 +193,20 @@ fn place_pin(
         } else {
             bump(&SERVICE_STATS, svc.id, |c| c.expired += 1);
         }
+        if id != backend_id {
+            use lb_common::{BACKEND_F_FORCED, move_reason};
+            let reason = if usable {
+                if idle > svc.timeout_ns { move_reason::EXPIRED } else { move_reason::MAX_AGE }
+            } else {
+                match BACKENDS.get(backend_id) {
+                    Some(b) if b.service_id == svc.id && b.flags & BACKEND_F_IN_USE != 0 => {
+                        if b.flags & BACKEND_F_FORCED != 0 { move_reason::DRAIN_FORCE } else { move_reason::BACKEND_DOWN }
+                    }
+                    _ => move_reason::BACKEND_REMOVED,
+                }
+            };
+            journal((svc.id as u64) << 32 | reason as u64, key, (backend_id as u64) << 32 | id as u64, now);
+        }
         // Re-placed in place: no new entry, nothing evicted.
         e.backend_id = id;
         e.last_seen_ns = now;
@@ -210,6 +224,21 @@ fn place_pin(
         count_pick(svc.id, id, len, |_| {});
     }
     Ok(id)
+}
+
+/// Reports a move (a pin re-placed onto another backend) to the daemon's journal: `svc_reason`
+/// is service id << 32 | reason, `from_to` the backends. Out of line: only re-placements pay.
+#[inline(never)]
+fn journal(svc_reason: u64, key: &AffinityKey, from_to: u64, now: u64) {
+    let e = lb_common::MoveEvent {
+        at_ns: now,
+        service_id: (svc_reason >> 32) as u32,
+        from: (from_to >> 32) as u32,
+        to: from_to as u32,
+        reason: svc_reason as u32,
+        addr: key.addr,
+    };
+    let _ = MOVES.output::<lb_common::MoveEvent>(&e, 0);
 }
 
 /// `place` out of line, for the rarer TCP paths (a SYN, a connection's first packet, a moved

@@ -417,6 +417,7 @@ pub fn explain(rt: &Runtime, dp: &Datapath, client: IpAddr, service: Option<&str
             maglev_backend: maglev.map(endpoint),
             past_choice,
             reason,
+            history: Vec::new(),
         });
     }
     Ok(out)

@@ -112,6 +112,9 @@ pub struct ServiceReport {
     pub pinned: u64,
     pub new_pins_per_sec: f64,
     pub counters: CountersReport,
+    /// Moves of known clients so far, by reason (the journal's; `lb_client_moves_total`).
+    #[serde(default)]
+    pub moves: BTreeMap<String, u64>,
     /// `[services.balance]`, when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance: Option<ServiceBalanceReport>,
@@ -389,6 +392,9 @@ pub struct Explanation {
     pub past_choice: Option<String>,
     /// One sentence: why this backend.
     pub reason: String,
+    /// The client's last moves in this service (the journal's, newest last).
+    #[serde(default)]
+    pub history: Vec<MoveRecord>,
 }
 
 /// The body of every error answer: 400 (bad request), 404 (unknown service or backend), 409
@@ -529,4 +535,35 @@ pub struct ServiceWhatIf {
 pub struct DryRunQuery {
     #[serde(default)]
     pub dry_run: bool,
+}
+
+/// One move of a known client (`lb events`, `GET /events`): its pin went from one backend to
+/// another, and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MoveRecord {
+    /// Order of arrival in this daemon's journal.
+    pub seq: u64,
+    /// RFC 3339, millisecond precision.
+    pub time: String,
+    pub service: String,
+    /// The client's pin key: an address, or address/prefix.
+    pub client: String,
+    pub from: String,
+    pub to: String,
+    /// backend_down, backend_removed, drain_force, flushed, expired or max_age.
+    pub reason: String,
+}
+
+/// Query of `GET /events`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EventsQuery {
+    /// A client address: its moves (in each service, by the service's prefix).
+    pub client: Option<String>,
+    pub service: Option<String>,
+    /// ADDRESS:PORT: moves from or to this backend.
+    pub backend: Option<String>,
+    /// Only moves newer than this (e.g. "10m").
+    pub since: Option<String>,
+    /// Only moves after this sequence number (`lb events --follow`).
+    pub after: Option<u64>,
 }

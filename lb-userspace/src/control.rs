@@ -173,6 +173,12 @@ async fn drain(State(d): State<Shared>, q: Result<Query<DryRunQuery>, QueryRejec
     set_admin(&d, req, admin).map(IntoResponse::into_response)
 }
 
+/// `GET /events`: the journal of moves, filtered.
+async fn events(State(d): State<Shared>, q: Result<Query<crate::api::EventsQuery>, QueryRejection>) -> Answer<Vec<crate::api::MoveRecord>> {
+    let q = query(q)?;
+    Ok(Json(lock(&d).events(&q)?))
+}
+
 /// `POST /simulate/down`: what the backend's death would do.
 async fn simulate_down(State(d): State<Shared>, req: Result<Json<DrainRequest>, JsonRejection>) -> Result<Response, Failure> {
     let req = body(req)?;
@@ -302,6 +308,7 @@ pub async fn serve(listener: UnixListener, daemon: Shared) -> Result<()> {
         .route("/undrain", post(undrain))
         .route("/down", post(down))
         .route("/simulate/down", post(simulate_down))
+        .route("/events", get(events))
         .route("/explain", get(explain))
         .route("/affinity", get(affinity_list))
         .route("/affinity/flush", post(affinity_flush))

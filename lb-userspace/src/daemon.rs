@@ -118,6 +118,8 @@ pub struct Daemon {
     pub hot: crate::balance::HotPrefixes,
     /// Balance ticks so far (hot prefixes are judged every other one).
     pub ticks: u64,
+    /// The moves of known clients ([`crate::journal`]).
+    pub journal: crate::journal::Journal,
 }
 
 /// How long a NAT backend may take packets without one reply coming back through the balancer
@@ -300,6 +302,13 @@ impl Daemon {
                 pinned: counts.and_then(|c| c.by_service.get(&id).copied()).unwrap_or(0),
                 new_pins_per_sec: self.rates.per_sec((id, None), counters.new_pins, now),
                 counters,
+                moves: self
+                    .journal
+                    .counts
+                    .iter()
+                    .filter(|((svc, _), _)| *svc == s.config.name)
+                    .map(|((_, reason), n)| (reason.clone(), *n))
+                    .collect(),
                 balance: (!s.config.balance.is_off()).then(|| api::ServiceBalanceReport {
                     load_bound: s.config.balance.load_bound,
                     load: s.config.balance.load.to_string(),
@@ -550,6 +559,45 @@ impl Daemon {
         }
     }
 
+    /// Names a move the datapath reported and keeps it in the journal.
+    pub fn record_move(&mut self, e: &lb_common::MoveEvent) {
+        let Some(s) = self.rt.services.iter().find(|s| s.entry.id == e.service_id) else { return };
+        let name = |id: u32| {
+            s.backends.iter().find(|b| b.id == id).map_or_else(|| format!("id {id}"), |b| SocketAddr::new(b.config.address, b.config.port).to_string())
+        };
+        let key = lb_common::AffinityKey { service_id: e.service_id, addr: e.addr };
+        let at = crate::journal::wall_time(e.at_ns);
+        let r = api::MoveRecord {
+            seq: 0,
+            time: humantime::format_rfc3339_millis(at).to_string(),
+            service: s.config.name.clone(),
+            client: affinity::key_string(s, &key),
+            from: name(e.from),
+            to: name(e.to),
+            reason: lb_common::move_reason::name(e.reason).to_string(),
+        };
+        self.journal.push(at, r);
+    }
+
+    /// `GET /events`.
+    pub fn events(&self, q: &api::EventsQuery) -> Result<Vec<api::MoveRecord>> {
+        let keys = match &q.client {
+            Some(c) => {
+                let ip: IpAddr = c.parse().map_err(|_| api::BadRequest(format!("client {c:?}: not an IP address")))?;
+                Some(
+                    self.rt
+                        .services
+                        .iter()
+                        .filter(|s| s.config.vip.is_ipv6() == ip.is_ipv6())
+                        .map(|s| (s.config.name.clone(), affinity::key_string(s, &affinity::client_key(s, ip))))
+                        .collect::<BTreeMap<_, _>>(),
+                )
+            }
+            None => None,
+        };
+        Ok(self.journal.query(q, keys.as_ref()))
+    }
+
     /// Every warning that holds now, each with its fix.
     pub fn warnings(&self) -> Vec<String> {
         let now = Instant::now();
@@ -578,7 +626,11 @@ impl Daemon {
 
     /// `lb explain` (point lookups only).
     pub fn explain(&self, client: IpAddr, service: Option<&str>) -> Result<Vec<api::Explanation>> {
-        affinity::explain(&self.rt, &self.dp, client, service)
+        let mut v = affinity::explain(&self.rt, &self.dp, client, service)?;
+        for e in &mut v {
+            e.history = self.journal.history(&e.service, &e.key, 10);
+        }
+        Ok(v)
     }
 
     /// What `lb affinity list` and `flush` need to scan the table without the lock: the model's

@@ -31,7 +31,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Every map the daemon pins, by name.
 /// Every map pinned under the pin path (not `FIB_CACHE` and `SCRATCH`: each program has its own).
-pub const ALL_MAPS: [&str; 21] = [
+pub const ALL_MAPS: [&str; 22] = [
     maps::CONFIG,
     maps::SERVICES,
     maps::BACKENDS,
@@ -53,6 +53,7 @@ pub const ALL_MAPS: [&str; 21] = [
     maps::FLOWS,
     maps::HOT_PREFIXES,
     maps::PREFIX_NEW,
+    maps::MOVES,
 ];
 
 /// What to do with pinned state this lb cannot adopt.

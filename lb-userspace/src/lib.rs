@@ -15,6 +15,7 @@ pub mod datapath;
 pub mod environment;
 pub mod health;
 pub mod history;
+pub mod journal;
 pub mod maglev;
 pub mod metrics;
 pub mod neighbours;

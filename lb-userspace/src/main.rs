@@ -96,6 +96,26 @@ enum Command {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// The journal of moves: every move of a known client (its pin re-placed onto another
+    /// backend) with its time, service, client, from, to and reason, oldest first.
+    Events {
+        /// Only this client's moves (by each service's prefix).
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long, short)]
+        service: Option<String>,
+        /// Only moves from or to this backend (ADDRESS:PORT).
+        #[arg(long, short)]
+        backend: Option<String>,
+        /// Only moves within this long (e.g. 10m).
+        #[arg(long)]
+        since: Option<String>,
+        /// Keep printing moves as they happen (until interrupted).
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
     /// What-if reports that change nothing.
     Simulate {
         #[command(subcommand)]
@@ -283,6 +303,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Command::Drain { service, backend, force, dry_run: false, opts: ClientOpts { output, config } } => {
             cli::admin(&cli::socket(cli.socket, config)?, service, backend, force, false, out(output))
+        }
+        Command::Events { client, service, backend, since, follow, opts: ClientOpts { output, config } } => {
+            let q = lb::api::EventsQuery { client, service, backend, since, after: None };
+            cli::events(&cli::socket(cli.socket, config)?, q, follow, out(output))
         }
         Command::Simulate { command: SimulateCommand::Down { service, backend, opts: ClientOpts { output, config } } } => {
             let req = lb::api::DrainRequest { service, backend, force: false };

@@ -103,6 +103,7 @@ pub fn render(r: &StatusReport) -> String {
         "Packets the datapath saw, by kind (to a VIP, reply from a backend, later fragment, ICMP error), counted beside their verdict"
             .into(),
     );
+    let moves = counter_family(&mut reg, "lb_client_moves", "Moves of known clients (a pin re-placed onto another backend), by reason".into());
     let past = counter_family(
         &mut reg,
         "lb_placements_past_choice",
@@ -137,6 +138,9 @@ pub fn render(r: &StatusReport) -> String {
         svc_up.get_or_create(&sl).set(s.backends.iter().filter(|b| b.state == "up" || b.state == "draining").count() as i64);
         if let Some(b) = &s.balance {
             past.get_or_create(&sl).inc_by(b.placements_past_choice);
+        }
+        for (reason, n) in &s.moves {
+            moves.get_or_create(&vec![("service", s.name.clone()), ("reason", reason.clone())]).inc_by(*n);
         }
         for b in &s.backends {
             let bl: Labels = vec![("service", s.name.clone()), ("backend", endpoint(&b.address, b.port))];

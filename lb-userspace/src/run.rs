@@ -128,6 +128,56 @@ fn start(cfg: &Config, pins: &PinDir) -> Result<(Datapath, Runtime, bool)> {
     Ok((dp, rt, adopted))
 }
 
+/// Reads the datapath's `MOVES` ring buffer into the daemon's journal.
+fn spawn_journal_reader(daemon: &Arc<Mutex<Daemon>>) {
+    let map = daemon.lock().unwrap_or_else(|p| p.into_inner()).dp.ebpf_mut().take_map(lb_common::maps::MOVES);
+    let Some(map) = map else {
+        tracing::warn!("no MOVES ring buffer: the journal of moves stays empty");
+        return;
+    };
+    let ring = match aya::maps::RingBuf::try_from(map) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "the MOVES ring buffer: the journal of moves stays empty");
+            return;
+        }
+    };
+    // SAFETY: the AsyncFd owns the ring buffer, and with it the fd, for as long as it is polled.
+    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "polling the MOVES ring buffer");
+            return;
+        }
+    };
+    let weak = Arc::downgrade(daemon);
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else { break };
+            let mut batch = Vec::new();
+            {
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if item.len() >= std::mem::size_of::<lb_common::MoveEvent>() {
+                        // SAFETY: the program writes whole MoveEvents; read_unaligned copes with
+                        // the ring's 8-byte alignment.
+                        batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<lb_common::MoveEvent>()) });
+                    }
+                }
+            }
+            guard.clear_ready();
+            if batch.is_empty() {
+                continue;
+            }
+            let Some(d) = weak.upgrade() else { break };
+            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+            for e in &batch {
+                d.record_move(e);
+            }
+        }
+    });
+}
+
 /// Bridges aya-log records from the XDP program into the log stream.
 fn spawn_ebpf_logger(dp: &mut Datapath) {
     match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
@@ -232,6 +282,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         loads: Default::default(),
         hot: Default::default(),
         ticks: 0,
+        journal: Default::default(),
     }));
     {
         let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());
@@ -261,6 +312,8 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         });
         d.neighbours = Some(keeper);
     }
+    // The journal of moves: the datapath's MOVES ring buffer, read as it fills.
+    spawn_journal_reader(&daemon);
     // What would run but lose traffic: said now, and again when it changes.
     let veth = crate::environment::veth_warnings(&daemon.lock().unwrap_or_else(|p| p.into_inner()).config.datapath.interfaces);
     daemon.lock().unwrap_or_else(|p| p.into_inner()).set_veth_warnings(veth);

@@ -123,6 +123,46 @@ pub fn reload(socket: &Path, output: Output) -> Result<ExitCode> {
     answer(output, &changes, render::render_changes)
 }
 
+/// `lb events [--follow]`: the journal (then, with `follow`, its new moves every half second).
+pub fn events(socket: &Path, mut q: crate::api::EventsQuery, follow: bool, output: Output) -> Result<ExitCode> {
+    use std::io::Write as _;
+    loop {
+        let path = client::with_query(
+            "/events",
+            &[
+                ("client", q.client.clone()),
+                ("service", q.service.clone()),
+                ("backend", q.backend.clone()),
+                ("since", q.since.clone()),
+                ("after", q.after.map(|a| a.to_string())),
+            ],
+        );
+        let v: Vec<crate::api::MoveRecord> = block_on(client::get_json(socket, &path))?;
+        let mut out = std::io::stdout().lock();
+        for e in &v {
+            if output == Output::Json {
+                // One object per line: `--follow` streams them.
+                writeln!(out, "{}", serde_json::to_string(e)?)?;
+            } else {
+                writeln!(out, "{}  {}  {}  {} -> {}  {}", e.time, e.service, e.client, e.from, e.to, e.reason)?;
+            }
+        }
+        out.flush()?;
+        if let Some(last) = v.last() {
+            q.after = Some(last.seq);
+        }
+        // Once past the start, `since` no longer narrows anything `after` does not.
+        q.since = None;
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        if q.after.is_none() {
+            q.after = Some(0);
+        }
+    }
+}
+
 /// `lb reload --dry-run`, `lb drain --dry-run`, `lb simulate down`: POST `path` (with `req`).
 pub fn what_if(socket: &Path, path: &str, req: Option<&DrainRequest>, output: Output) -> Result<ExitCode> {
     let body = req.map(serde_json::to_string).transpose()?;

@@ -140,6 +140,12 @@ pub fn render_explanations(v: &[Explanation]) -> String {
                 e.maglev_backend.as_deref().unwrap_or("no backend")
             ));
         }
+        if !e.history.is_empty() {
+            o.push_str("  last moves:\n");
+            for m in &e.history {
+                o.push_str(&format!("    {}  {} -> {}  {}\n", m.time, m.from, m.to, m.reason));
+            }
+        }
     }
     o
 }

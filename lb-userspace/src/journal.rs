@@ -1,0 +1,98 @@
+//! The journal of moves: every move of a known client the datapath reports (`MOVES` ring
+//! buffer: a pin re-placed onto another backend, with why), named (service, client key,
+//! backends) as it arrives and kept in a bounded in-memory ring for `lb events`, `lb explain`'s
+//! history and `lb_client_moves_total`. New pins are counted elsewhere, not journaled.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::{Duration, SystemTime},
+};
+
+use crate::api::{EventsQuery, MoveRecord};
+
+/// Moves kept in memory.
+pub const DEFAULT_EVENTS: usize = 100_000;
+
+pub struct Journal {
+    events: VecDeque<(SystemTime, MoveRecord)>,
+    cap: usize,
+    next: u64,
+    /// Moves so far by (service, reason).
+    pub counts: BTreeMap<(String, String), u64>,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Self { events: VecDeque::new(), cap: DEFAULT_EVENTS, next: 1, counts: BTreeMap::new() }
+    }
+}
+
+impl Journal {
+    /// Adds a move (its `seq` is set here).
+    pub fn push(&mut self, at: SystemTime, mut r: MoveRecord) {
+        r.seq = self.next;
+        self.next += 1;
+        *self.counts.entry((r.service.clone(), r.reason.clone())).or_default() += 1;
+        tracing::debug!(service = %r.service, client = %r.client, from = %r.from, to = %r.to, reason = %r.reason, "client moved");
+        self.events.push_back((at, r));
+        while self.events.len() > self.cap {
+            self.events.pop_front();
+        }
+    }
+
+    /// The moves `q` asks for, oldest first; `keys`: the client's key per service, when `q`
+    /// names a client.
+    pub fn query(&self, q: &EventsQuery, keys: Option<&BTreeMap<String, String>>) -> Vec<MoveRecord> {
+        let since = q.since.as_deref().and_then(|s| humantime::parse_duration(s).ok()).map(|d| SystemTime::now() - d);
+        self.events
+            .iter()
+            .filter(|(at, r)| {
+                since.is_none_or(|t| *at >= t)
+                    && q.after.is_none_or(|a| r.seq > a)
+                    && q.service.as_ref().is_none_or(|s| *s == r.service)
+                    && q.backend.as_ref().is_none_or(|b| *b == r.from || *b == r.to)
+                    && keys.is_none_or(|k| k.get(&r.service).is_some_and(|key| *key == r.client))
+            })
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// The last `n` moves of `client` (its key string) in `service`.
+    pub fn history(&self, service: &str, client: &str, n: usize) -> Vec<MoveRecord> {
+        let mut v: Vec<MoveRecord> =
+            self.events.iter().rev().filter(|(_, r)| r.service == service && r.client == client).take(n).map(|(_, r)| r.clone()).collect();
+        v.reverse();
+        v
+    }
+}
+
+/// Wall-clock time of a CLOCK_MONOTONIC timestamp, as of now.
+pub fn wall_time(at_ns: u64) -> SystemTime {
+    let now = crate::datapath::monotonic_coarse_ns();
+    SystemTime::now() - Duration::from_nanos(now.saturating_sub(at_ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(service: &str, client: &str, reason: &str) -> MoveRecord {
+        MoveRecord { seq: 0, time: String::new(), service: service.into(), client: client.into(), from: "a:1".into(), to: "b:1".into(), reason: reason.into() }
+    }
+
+    #[test]
+    fn a_bounded_journal_answers_queries() {
+        let mut j = Journal { cap: 3, ..Default::default() };
+        for (c, reason) in [("10.0.0.1", "backend_down"), ("10.0.0.2", "expired"), ("10.0.0.1", "drain_force"), ("10.0.0.3", "backend_down")] {
+            j.push(SystemTime::now(), r("web", c, reason));
+        }
+        // The oldest went; counts keep everything.
+        assert_eq!(j.events.len(), 3);
+        assert_eq!(j.counts[&("web".to_string(), "backend_down".to_string())], 2);
+        let q = EventsQuery { after: Some(2), ..Default::default() };
+        assert_eq!(j.query(&q, None).iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+        let keys = BTreeMap::from([("web".to_string(), "10.0.0.1".to_string())]);
+        assert_eq!(j.query(&EventsQuery::default(), Some(&keys)).len(), 1);
+        assert_eq!(j.history("web", "10.0.0.1", 5)[0].reason, "drain_force");
+    }
+}
