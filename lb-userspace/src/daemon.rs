@@ -735,6 +735,7 @@ impl Daemon {
             }
         }
         self.config = cfg;
+        self.journal.configure(&self.config.control.journal);
         self.health.set_targets(self.rt.health_targets());
         self.update_announcements();
         if let Some(k) = &self.neighbours {

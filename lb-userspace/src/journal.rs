@@ -19,21 +19,95 @@ pub struct Journal {
     next: u64,
     /// Moves so far by (service, reason).
     pub counts: BTreeMap<(String, String), u64>,
+    /// `control.journal`: the file moves are appended to, as JSON lines.
+    file: Option<JournalFile>,
+}
+
+struct JournalFile {
+    path: std::path::PathBuf,
+    max: u64,
+    size: u64,
+    out: Option<std::fs::File>,
+    /// A write failed: said once, not per move.
+    failed: bool,
+}
+
+impl JournalFile {
+    fn open(&mut self) -> std::io::Result<&mut std::fs::File> {
+        if self.out.is_none() {
+            if let Some(d) = self.path.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+            self.size = f.metadata()?.len();
+            self.out = Some(f);
+        }
+        Ok(self.out.as_mut().expect("opened above"))
+    }
+
+    /// Appends one line; a file that would pass `max` is first renamed to `<path>.1` (replacing
+    /// the one before) and started anew.
+    fn append(&mut self, line: &str) -> std::io::Result<()> {
+        use std::io::Write as _;
+        self.open()?;
+        if self.size > 0 && self.size + line.len() as u64 + 1 > self.max {
+            self.out = None;
+            let mut old = self.path.clone().into_os_string();
+            old.push(".1");
+            std::fs::rename(&self.path, old)?;
+            self.open()?;
+        }
+        let f = self.open()?;
+        f.write_all(line.as_bytes())?;
+        f.write_all(b"\n")?;
+        self.size += line.len() as u64 + 1;
+        Ok(())
+    }
 }
 
 impl Default for Journal {
     fn default() -> Self {
-        Self { events: VecDeque::new(), cap: DEFAULT_EVENTS, next: 1, counts: BTreeMap::new() }
+        Self { events: VecDeque::new(), cap: DEFAULT_EVENTS, next: 1, counts: BTreeMap::new(), file: None }
     }
 }
 
 impl Journal {
+    /// Applies `control.journal*` (at start and on reload).
+    pub fn configure(&mut self, c: &crate::config::JournalConfig) {
+        self.cap = c.events.max(1);
+        while self.events.len() > self.cap {
+            self.events.pop_front();
+        }
+        match &c.path {
+            None => self.file = None,
+            Some(p) => {
+                if self.file.as_ref().is_none_or(|f| f.path != *p) {
+                    self.file = Some(JournalFile { path: p.clone(), max: c.max_size, size: 0, out: None, failed: false });
+                } else if let Some(f) = &mut self.file {
+                    f.max = c.max_size;
+                }
+            }
+        }
+    }
+
     /// Adds a move (its `seq` is set here).
     pub fn push(&mut self, at: SystemTime, mut r: MoveRecord) {
         r.seq = self.next;
         self.next += 1;
         *self.counts.entry((r.service.clone(), r.reason.clone())).or_default() += 1;
         tracing::debug!(service = %r.service, client = %r.client, from = %r.from, to = %r.to, reason = %r.reason, "client moved");
+        if let Some(f) = &mut self.file {
+            let line = serde_json::to_string(&r).unwrap_or_default();
+            match f.append(&line) {
+                Ok(()) => f.failed = false,
+                Err(e) if !f.failed => {
+                    tracing::warn!(file = %f.path.display(), error = %e, "writing the journal of moves (moves stay in memory)");
+                    f.failed = true;
+                    f.out = None;
+                }
+                Err(_) => f.out = None,
+            }
+        }
         self.events.push_back((at, r));
         while self.events.len() > self.cap {
             self.events.pop_front();
@@ -94,5 +168,27 @@ mod tests {
         let keys = BTreeMap::from([("web".to_string(), "10.0.0.1".to_string())]);
         assert_eq!(j.query(&EventsQuery::default(), Some(&keys)).len(), 1);
         assert_eq!(j.history("web", "10.0.0.1", 5)[0].reason, "drain_force");
+    }
+
+    #[test]
+    fn the_journal_file_is_capped_and_rotated() {
+        let dir = std::env::temp_dir().join(format!("lb-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("moves.jsonl");
+        let mut j = Journal::default();
+        j.configure(&crate::config::JournalConfig { path: Some(path.clone()), max_size: 600, events: 10 });
+        for i in 0..20 {
+            j.push(SystemTime::now(), r("web", &format!("10.0.0.{i}"), "backend_down"));
+        }
+        let now = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(dir.join("moves.jsonl.1")).unwrap();
+        assert!(now.len() <= 600 && old.len() <= 600, "{} {}", now.len(), old.len());
+        for l in now.lines().chain(old.lines()) {
+            let m: MoveRecord = serde_json::from_str(l).unwrap();
+            assert_eq!(m.reason, "backend_down");
+        }
+        assert!(now.contains("\"seq\":20"), "the newest is in the current file: {now}");
+        assert_eq!(j.events.len(), 10, "the ring keeps journal_events");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -313,6 +313,11 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         d.neighbours = Some(keeper);
     }
     // The journal of moves: the datapath's MOVES ring buffer, read as it fills.
+    {
+        let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());
+        let c = d.config.control.journal.clone();
+        d.journal.configure(&c);
+    }
     spawn_journal_reader(&daemon);
     // What would run but lose traffic: said now, and again when it changes.
     let veth = crate::environment::veth_warnings(&daemon.lock().unwrap_or_else(|p| p.into_inner()).config.datapath.interfaces);

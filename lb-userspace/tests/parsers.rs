@@ -634,7 +634,7 @@ fn valid_config() -> impl Strategy<Value = Config> {
                         maglev_table_size: m,
                         hash_seed,
                     },
-                    control: ControlConfig { socket: PathBuf::from(socket), metrics },
+                    control: ControlConfig { socket: PathBuf::from(socket), metrics, journal: Default::default() },
                     services,
                     announce,
                 }

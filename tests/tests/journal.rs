@@ -28,6 +28,12 @@ fn events(lab: &Lab, bin: &Path) -> Vec<MoveRecord> {
 fn a_failover_journals_exactly_the_dead_backends_clients() {
     let bin = lb_bin();
     let mut lab = Lab::create(LabSpec { clients: 30, backends: 3 }).unwrap_or_else(|e| panic!("{e:#}"));
+    // The journal also goes to a file (JSON lines, capped).
+    let file = lab.dir().join("moves.jsonl");
+    let cfg = lab.render_config_with(&lab.interfaces(), lab.options());
+    let cfg = cfg.replacen("[control]\n", &format!("[control]\njournal = \"{}\"\njournal_max_size = 65536\n", file.display()), 1);
+    assert!(cfg.contains("journal_max_size"), "the lab's config has a [control] table");
+    lab.write_config(&cfg).unwrap();
     lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
     let vip = SocketAddrV4::new(lab.vip(), VIP_HTTP_PORT);
     let clients = lab.client_addrs();
@@ -70,6 +76,13 @@ fn a_failover_journals_exactly_the_dead_backends_clients() {
     let moved: BTreeSet<String> = journal.iter().map(|e| e.client.clone()).collect();
     assert_eq!(moved, of_b1, "exactly b1's clients moved: {journal:?}");
     assert!(journal.iter().all(|e| e.reason == "backend_down" && e.from == b1 && e.to != b1), "{journal:?}");
+    let written: Vec<MoveRecord> = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|m: &MoveRecord| m.service == "web")
+        .collect();
+    assert_eq!(written, journal, "the file holds the same moves");
     let text = out(&lab, &bin, &["events", "--service", "web"]);
     assert!(text.contains("backend_down") && text.contains(&format!("{b1} -> ")), "{text}");
     // explain shows a moved client's history; status and metrics count the moves.

@@ -28,7 +28,7 @@ mod validate;
 
 pub use model::{
     AffinityConfig, AnnounceConfig, BackendConfig, BalanceConfig, LoadKind, BackendState, Config, ControlConfig, DEFAULT_ANNOUNCE_GRACE,
-    DEFAULT_METRICS, DEFAULT_PIN_PATH, DEFAULT_SOCKET, DatapathConfig, HealthConfig, HealthKind, Mode, Protocol,
+    DEFAULT_METRICS, DEFAULT_PIN_PATH, DEFAULT_SOCKET, DatapathConfig, HealthConfig, JournalConfig, HealthKind, Mode, Protocol,
     ServiceConfig, XdpMode,
 };
 pub use validate::{ConfigErrors, FieldError};

@@ -99,6 +99,25 @@ pub struct ControlConfig {
     pub socket: PathBuf,
     /// Prometheus listener (`DEFAULT_METRICS`, on loopback, unless set; `"off"`: none).
     pub metrics: Option<SocketAddr>,
+    /// The journal of moves: `control.journal`, `control.journal_max_size`, `control.journal_events`.
+    pub journal: JournalConfig,
+}
+
+/// Where the journal of moves goes besides memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JournalConfig {
+    /// A file the moves are appended to as JSON lines (none by default).
+    pub path: Option<PathBuf>,
+    /// Past this size the file is rotated (renamed to `<path>.1`, replacing an older one).
+    pub max_size: u64,
+    /// Moves kept in memory (`lb events`).
+    pub events: usize,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self { path: None, max_size: 10 << 20, events: 100_000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -81,6 +81,9 @@ pub(super) struct RawDatapath {
 pub(super) struct RawControl {
     pub(super) socket: Field<String>,
     pub(super) metrics: Field<String>,
+    pub(super) journal: Field<String>,
+    pub(super) journal_max_size: Field<i64>,
+    pub(super) journal_events: Field<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -164,7 +167,13 @@ fn read_datapath(t: &mut Fields) -> RawDatapath {
 }
 
 fn read_control(t: &mut Fields) -> RawControl {
-    RawControl { socket: t.string("socket"), metrics: t.string("metrics") }
+    RawControl {
+        socket: t.string("socket"),
+        metrics: t.string("metrics"),
+        journal: t.string("journal"),
+        journal_max_size: t.int("journal_max_size"),
+        journal_events: t.int("journal_events"),
+    }
 }
 
 fn read_announce(t: &mut Fields) -> RawAnnounce {

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::{
     model::{
-        AffinityConfig, AnnounceConfig, BackendConfig, BackendState, BalanceConfig, LoadKind, Config, ControlConfig, DEFAULT_ANNOUNCE_GRACE,
+        AffinityConfig, AnnounceConfig, BackendConfig, BackendState, BalanceConfig, JournalConfig, LoadKind, Config, ControlConfig, DEFAULT_ANNOUNCE_GRACE,
         DEFAULT_METRICS, DEFAULT_PIN_PATH, DEFAULT_SOCKET, DEFAULT_WEIGHT, DatapathConfig, HealthConfig, HealthKind,
         Mode, Protocol, ServiceConfig, XdpMode,
     },
@@ -412,7 +412,19 @@ fn validate_control(e: &mut Errors, r: RawControl) -> Option<ControlConfig> {
             }
         },
     };
-    Some(ControlConfig { socket: socket?, metrics: metrics? })
+    let d = JournalConfig::default();
+    let path = match r.journal.as_deref() {
+        Field::Absent => Some(None),
+        Field::Wrong => None,
+        Field::Given(v) => e.absolute_path("control.journal", Field::Given(v), "").map(Some),
+    };
+    let max_size = e.int("control.journal_max_size", r.journal_max_size, d.max_size, 4096, 1 << 40);
+    let events = e.int("control.journal_events", r.journal_events, d.events, 1, 10_000_000);
+    Some(ControlConfig {
+        socket: socket?,
+        metrics: metrics?,
+        journal: JournalConfig { path: path?, max_size: max_size?, events: events? },
+    })
 }
 
 /// What validated of one service: each field that passed its own checks (`None`: it failed and
@@ -881,6 +893,7 @@ mod tests {
                 control: ControlConfig {
                     socket: "/run/lb/lb.sock".into(),
                     metrics: Some("127.0.0.1:9940".parse().unwrap()),
+                    journal: Default::default(),
                 },
                 services: vec![ServiceConfig {
                     name: "web".into(),
@@ -925,7 +938,10 @@ mod tests {
         assert_eq!(d.affinity_entries, 1 << 20);
         assert_eq!(d.pin_path, Path::new(DEFAULT_PIN_PATH));
         assert_eq!((d.max_services, d.max_backends, d.maglev_table_size, d.hash_seed), (64, 1024, 65537, 0));
-        assert_eq!(c.control, ControlConfig { socket: DEFAULT_SOCKET.into(), metrics: Some(DEFAULT_METRICS.parse().unwrap()) });
+        assert_eq!(
+            c.control,
+            ControlConfig { socket: DEFAULT_SOCKET.into(), metrics: Some(DEFAULT_METRICS.parse().unwrap()), journal: Default::default() }
+        );
         let s = &c.services[0];
         assert_eq!(s.protocol, Protocol::Tcp);
         assert_eq!(
