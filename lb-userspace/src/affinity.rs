@@ -286,19 +286,38 @@ pub fn list(view: &View, table: &PinTable, q: &ListQuery) -> Result<AffinityList
 
 /// `lb affinity flush`.
 pub fn flush(view: &View, table: &PinTable, req: &FlushRequest) -> Result<FlushReport> {
+    Ok(flush_pins(view, table, req)?.0)
+}
+
+/// `flush`, and the live pins it deleted (key, backend id), for the journal of moves.
+pub fn flush_pins(view: &View, table: &PinTable, req: &FlushRequest) -> Result<(FlushReport, Vec<(AffinityKey, u32)>)> {
     let svcs = view.by_name(req.service.as_deref())?;
+    let now = monotonic_coarse_ns();
+    let by_id: BTreeMap<u32, &ServiceRt> = view.services.iter().map(|s| (s.entry.id, s)).collect();
+    let live = |k: &AffinityKey, v: &AffinityValue| by_id.get(&k.service_id).is_some_and(|s| staleness(s, v, now).is_none());
+    let mut moved = Vec::new();
     let doomed: Vec<AffinityKey> = match (req.client, req.backend.as_deref(), req.all) {
-        (Some(client), None, false) => svcs
-            .iter()
-            .filter(|s| s.config.vip.is_ipv6() == client.is_ipv6())
-            .map(|s| client_key(s, client))
-            .collect(),
+        (Some(client), None, false) => {
+            let keys: Vec<AffinityKey> =
+                svcs.iter().filter(|s| s.config.vip.is_ipv6() == client.is_ipv6()).map(|s| client_key(s, client)).collect();
+            for k in &keys {
+                if let Some(v) = table.get(k)?
+                    && live(k, &v)
+                {
+                    moved.push((*k, v.backend_id));
+                }
+            }
+            keys
+        }
         (None, Some(backend), false) => {
             let ids = backend_ids(&svcs, backend)?;
             let mut keys = Vec::new();
             table.scan(|k, v| {
                 if ids.contains(&(k.service_id, v.backend_id)) {
                     keys.push(*k);
+                    if live(k, v) {
+                        moved.push((*k, v.backend_id));
+                    }
                 }
             })?;
             keys
@@ -306,16 +325,19 @@ pub fn flush(view: &View, table: &PinTable, req: &FlushRequest) -> Result<FlushR
         (None, None, true) => {
             let ids: Vec<u32> = svcs.iter().map(|s| s.entry.id).collect();
             let mut keys = Vec::new();
-            table.scan(|k, _| {
+            table.scan(|k, v| {
                 if ids.contains(&k.service_id) {
                     keys.push(*k);
+                    if live(k, v) {
+                        moved.push((*k, v.backend_id));
+                    }
                 }
             })?;
             keys
         }
         _ => return Err(BadRequest("name exactly one of: a client address, --backend ADDRESS:PORT, --all".into()).into()),
     };
-    Ok(FlushReport { flushed: table.delete(&doomed)? })
+    Ok((FlushReport { flushed: table.delete(&doomed)? }, moved))
 }
 
 /// `lb explain`: for each service of the client's family (or the one named).

@@ -212,8 +212,8 @@ async fn affinity_flush(State(d): State<Shared>, req: Result<Json<FlushRequest>,
         let (view, table) = d.scan_handles()?;
         (view, table, d.pins.clone())
     };
-    let r = blocking(move || {
-        let r = affinity::flush(&view, &table, &req)?;
+    let (r, moved) = blocking(move || {
+        let (r, moved) = affinity::flush_pins(&view, &table, &req)?;
         tracing::info!(
             flushed = r.flushed,
             client = %req.client.map(|c| c.to_string()).unwrap_or_default(),
@@ -222,9 +222,24 @@ async fn affinity_flush(State(d): State<Shared>, req: Result<Json<FlushRequest>,
             service = %req.service.clone().unwrap_or_default(),
             "affinity pins flushed: those clients are placed afresh at their next packet"
         );
-        Ok(r)
+        Ok((r, moved))
     })
     .await?;
+    // Journaled as moves: the clients go where Maglev says at their next packet.
+    {
+        let mut d = lock(&d);
+        let now = crate::datapath::monotonic_coarse_ns();
+        for (k, from) in moved {
+            d.record_move(&lb_common::MoveEvent {
+                at_ns: now,
+                service_id: k.service_id,
+                from,
+                to: u32::MAX,
+                reason: lb_common::move_reason::FLUSHED,
+                addr: k.addr,
+            });
+        }
+    }
     pins.wake();
     Ok(Json(r))
 }

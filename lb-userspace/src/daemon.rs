@@ -563,6 +563,10 @@ impl Daemon {
     pub fn record_move(&mut self, e: &lb_common::MoveEvent) {
         let Some(s) = self.rt.services.iter().find(|s| s.entry.id == e.service_id) else { return };
         let name = |id: u32| {
+            if id == u32::MAX {
+                // A flush: the client's next packet places it.
+                return "(placed afresh)".to_string();
+            }
             s.backends.iter().find(|b| b.id == id).map_or_else(|| format!("id {id}"), |b| SocketAddr::new(b.config.address, b.config.port).to_string())
         };
         let key = lb_common::AffinityKey { service_id: e.service_id, addr: e.addr };

@@ -918,6 +918,25 @@ impl PinTable {
         self.capacity
     }
 
+    /// One pin, if there is one (a point lookup).
+    pub fn get(&self, k: &AffinityKey) -> Result<Option<AffinityValue>> {
+        let mut v = AffinityValue::default();
+        // SAFETY: BPF_MAP_LOOKUP_ELEM with pointers to a key and a value of the map's sizes.
+        let r = unsafe {
+            // union bpf_attr for MAP_LOOKUP_ELEM: map_fd (u32, padded), key, value, flags.
+            let mut a = [0u64; 4];
+            a[0] = self.fd() as u64;
+            a[1] = k as *const AffinityKey as u64;
+            a[2] = &mut v as *mut AffinityValue as u64;
+            libc::syscall(libc::SYS_bpf, 1 /* BPF_MAP_LOOKUP_ELEM */, a.as_mut_ptr(), std::mem::size_of_val(&a) as u32)
+        };
+        if r == 0 {
+            return Ok(Some(v));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e).context("looking a pin up in AFFINITY") }
+    }
+
     /// The AFFINITY map a daemon pinned under `pin_dir` (benchmarks and tests fill it).
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
         let path = pin_dir.join(maps::AFFINITY);

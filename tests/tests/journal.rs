@@ -147,4 +147,14 @@ fn a_failover_journals_exactly_the_dead_backends_clients() {
     assert_eq!(streamed.from, b2, "{streamed:?}");
     let _ = follow.kill();
     let _ = follow.wait();
+
+    // A flushed client's pin is a move too: from its backend, placed afresh at its next packet.
+    let c = clients[0].to_string();
+    let e: Vec<Explanation> = serde_json::from_str(&out(&lab, &bin, &["explain", &c, "--service", "web", "--output", "json"])).unwrap();
+    let from = e[0].backend.clone().expect("pinned");
+    assert!(out(&lab, &bin, &["affinity", "flush", &c, "--service", "web"]).contains("flushed 1 pin"));
+    let mine: Vec<MoveRecord> = out(&lab, &bin, &["events", "--client", &c, "--output", "json"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let last = mine.last().expect("the flush is journaled");
+    assert_eq!((last.reason.as_str(), last.from.as_str(), last.to.as_str()), ("flushed", from.as_str(), "(placed afresh)"), "{mine:?}");
+    assert!(mine.iter().all(|m| m.client == c), "--client filters: {mine:?}");
 }
