@@ -1154,3 +1154,20 @@ pub fn from_backend(p: Pkt) -> Pkt {
 pub fn from_backend6(p: Pkt6) -> Pkt6 {
     Pkt6 { eth_dst: MAC_LB_BACKEND_SIDE, eth_src: MAC_BACKEND1, ..p }
 }
+
+/// A lab config text without its `[[services.backends]]` entries at `addr` (every service): each
+/// backend's body runs up to the next table header.
+pub fn config_without_backend(cfg: &str, addr: &str) -> String {
+    let mut parts = cfg.split("\n[[services.backends]]");
+    let mut kept = parts.next().unwrap_or_default().to_owned();
+    for block in parts {
+        let end = block.find("\n[").unwrap_or(block.len());
+        if block[..end].contains(&format!("address = \"{addr}\"")) {
+            kept.push_str(&block[end..]);
+        } else {
+            kept.push_str("\n[[services.backends]]");
+            kept.push_str(block);
+        }
+    }
+    kept
+}

@@ -312,7 +312,7 @@ fn messages_tell_the_truth() {
     let opts = lab.options().clone();
     let mut text_cfg = lab.render_config_with(&lab.interfaces(), &opts);
     let b3 = lab.backend_addr(3).to_string();
-    text_cfg = remove_backend(&text_cfg, &b3);
+    text_cfg = tests::config_without_backend(&text_cfg, &b3);
     assert!(!text_cfg.contains(&b3), "{text_cfg}");
     lab.write_config(&text_cfg).unwrap_or_else(|e| panic!("{e:#}"));
     lab.restart_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
@@ -350,21 +350,4 @@ fn messages_tell_the_truth() {
     let said = text(&out);
     assert!(out.status.success() && said.contains("stopped the running lb") && !said.contains("nothing pinned"), "{said}");
     assert!(!Path::new(&format!("/proc/{pid}")).exists() || lab.lb_exit_status().ok().flatten().is_some(), "lb down returned with the daemon alive");
-}
-
-/// The config text without the `[[services.backends]]` entries at `addr` (every service).
-fn remove_backend(cfg: &str, addr: &str) -> String {
-    let mut parts = cfg.split("\n[[services.backends]]");
-    let mut kept = parts.next().unwrap_or_default().to_owned();
-    for block in parts {
-        // A backend's body runs up to the next table header.
-        let end = block.find("\n[").unwrap_or(block.len());
-        if block[..end].contains(&format!("address = \"{addr}\"")) {
-            kept.push_str(&block[end..]);
-        } else {
-            kept.push_str("\n[[services.backends]]");
-            kept.push_str(block);
-        }
-    }
-    kept
 }

@@ -63,16 +63,21 @@ fn systemd_analyze_verifies_the_unit() {
         skip("systemd_analyze_verifies_the_unit", "systemd-analyze not installed");
         return;
     }
-    let unit = read("packaging/lb.service");
+    verify_unit("lb.service");
+}
+
+/// `systemd-analyze verify` of `packaging/<name>`, with the binary where the test can point at it.
+fn verify_unit(name: &str) {
+    let unit = read(&format!("packaging/{name}"));
     let bin = tests::lb_bin();
-    let dir = std::env::temp_dir().join(format!("lb-unit-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("lb-unit-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let copy = dir.join("lb.service");
+    let copy = dir.join(name);
     std::fs::write(&copy, unit.replace("/usr/local/bin/lb", &bin.to_string_lossy())).unwrap();
     let out = Command::new("systemd-analyze").arg("verify").arg(&copy).output().expect("systemd-analyze");
     let _ = std::fs::remove_dir_all(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !err.contains("lb.service"), "systemd-analyze verify lb.service:\n{err}");
+    assert!(out.status.success() && !err.contains(name), "systemd-analyze verify {name}:\n{err}");
 }
 
 /// The agent's unit: `lb agent` in the foreground, stopped by SIGTERM (which detaches it), and
@@ -88,15 +93,7 @@ fn the_agent_unit_runs_lb_agent_and_verifies() {
         skip("the_agent_unit_runs_lb_agent_and_verifies", "systemd-analyze not installed");
         return;
     }
-    let bin = tests::lb_bin();
-    let dir = std::env::temp_dir().join(format!("lb-agent-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let copy = dir.join("lb-agent.service");
-    std::fs::write(&copy, unit.replace("/usr/local/bin/lb", &bin.to_string_lossy())).unwrap();
-    let out = Command::new("systemd-analyze").arg("verify").arg(&copy).output().expect("systemd-analyze");
-    let _ = std::fs::remove_dir_all(&dir);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !err.contains("lb-agent.service"), "systemd-analyze verify lb-agent.service:\n{err}");
+    verify_unit("lb-agent.service");
     // And the README shows it.
     assert!(read("README.md").contains("packaging/lb-agent.service"));
 }

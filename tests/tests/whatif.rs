@@ -63,18 +63,7 @@ fn dry_runs_change_nothing_and_predict_the_moves() {
 
     // A reload without b3, dry first.
     let cfg = lab.render_config_with(&lab.interfaces(), lab.options());
-    let mut cut = String::new();
-    let mut parts = cfg.split("\n[[services.backends]]");
-    cut.push_str(parts.next().unwrap());
-    for block in parts {
-        let end = block.find("\n[").unwrap_or(block.len());
-        if block[..end].contains(&format!("address = \"{}\"", lab.backend_addr(3))) {
-            cut.push_str(&block[end..]);
-        } else {
-            cut.push_str("\n[[services.backends]]");
-            cut.push_str(block);
-        }
-    }
+    let cut = tests::config_without_backend(&cfg, &lab.backend_addr(3).to_string());
     lab.write_config(&cut).unwrap();
     let dry: WhatIf = json(&lab, &bin, &["reload", "--dry-run", "--output", "json"]);
     let web = dry.services.iter().find(|s| s.service == "web").expect("web in the dry run");
