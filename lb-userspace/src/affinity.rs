@@ -131,19 +131,28 @@ pub struct View {
 }
 
 impl View {
+    /// The model without tables (list, flush, dry runs).
     pub fn of(rt: &Runtime) -> Self {
-        let m = rt.global.maglev_m;
         Self {
             services: rt.services.iter().map(ServiceRt::without_table).collect(),
-            plain: rt
-                .services
-                .iter()
-                .filter(|s| !s.config.balance.is_off())
-                .map(|s| (s.entry.id, std::sync::Arc::new(s.plain_table(m))))
-                .collect(),
+            plain: BTreeMap::new(),
             hash_seed: rt.global.hash_seed,
-            maglev_m: m,
+            maglev_m: rt.global.maglev_m,
         }
+    }
+
+    /// `of`, plus the plain tables of balanced services (a Maglev build each), for the pin
+    /// counter's count of placements past the plain choice.
+    pub fn for_counting(rt: &Runtime) -> Self {
+        let m = rt.global.maglev_m;
+        let mut v = Self::of(rt);
+        v.plain = rt
+            .services
+            .iter()
+            .filter(|s| !s.config.balance.is_off())
+            .map(|s| (s.entry.id, std::sync::Arc::new(s.plain_table(m))))
+            .collect();
+        v
     }
 
     fn by_name(&self, name: Option<&str>) -> Result<Vec<&ServiceRt>> {

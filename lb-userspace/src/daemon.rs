@@ -263,9 +263,10 @@ fn differs_from_config(b: &BackendRt) -> Option<String> {
 }
 
 impl Daemon {
-    /// What the pin counter needs of the model (taken under the lock, cheap).
+    /// What the pin counter needs of the model (taken under the lock: cheap, plus a Maglev build
+    /// per balanced service for the plain tables).
     pub fn pin_view(&self) -> affinity::View {
-        affinity::View::of(&self.rt)
+        affinity::View::for_counting(&self.rt)
     }
 
     /// `lb status` (and the metrics): no table scan; pin counts are the counter's latest.
@@ -640,7 +641,7 @@ impl Daemon {
     /// What `lb affinity list` and `flush` need to scan the table without the lock: the model's
     /// view and a handle of the table of their own.
     pub fn scan_handles(&self) -> Result<(affinity::View, crate::datapath::PinTable)> {
-        Ok((self.pin_view(), self.dp.pin_table()?))
+        Ok((affinity::View::of(&self.rt), self.dp.pin_table()?))
     }
 
     /// The config file as a reload would apply it: valid, changing nothing that cannot change
