@@ -42,6 +42,9 @@ pub struct BackendReport {
     pub pinned: u64,
     /// Pins made per second, over the last minute (or since the daemon started).
     pub new_pins_per_sec: f64,
+    /// Clients moved off it in the last minute (the journal's).
+    #[serde(default)]
+    pub moves_per_min: u64,
     pub counters: CountersReport,
     /// The backend's `state` in the config file (`active` or `draining`).
     #[serde(default)]
@@ -115,6 +118,9 @@ pub struct ServiceReport {
     /// Moves of known clients so far, by reason (the journal's; `lb_client_moves_total`).
     #[serde(default)]
     pub moves: BTreeMap<String, u64>,
+    /// Moves of its clients in the last minute.
+    #[serde(default)]
+    pub moves_per_min: u64,
     /// `[services.balance]`, when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance: Option<ServiceBalanceReport>,
@@ -566,4 +572,47 @@ pub struct EventsQuery {
     pub since: Option<String>,
     /// Only moves after this sequence number (`lb events --follow`).
     pub after: Option<u64>,
+}
+
+/// `GET /live.json` on the metrics listener: what the status page shows, refreshed each second.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LiveReport {
+    pub status: StatusReport,
+    /// The latest moves, newest first (at most [`LIVE_MOVES`]).
+    pub recent_moves: Vec<MoveRecord>,
+}
+
+/// Moves `GET /live.json` carries.
+pub const LIVE_MOVES: usize = 50;
+
+/// `GET /trend.json` on the metrics listener: the last minutes, one point per sample
+/// ([`TrendReport::every_secs`] apart), oldest first.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrendReport {
+    pub every_secs: f64,
+    pub points: Vec<TrendPoint>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrendPoint {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub services: BTreeMap<String, ServicePoint>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServicePoint {
+    /// Moves of the service's clients since the point before.
+    pub moves: u64,
+    /// By backend `address:port`.
+    pub backends: BTreeMap<String, BackendPoint>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BackendPoint {
+    pub state: String,
+    pub pinned: u64,
+    /// Over the time since the point before.
+    pub new_pins_per_sec: f64,
+    pub packets_per_sec: f64,
 }

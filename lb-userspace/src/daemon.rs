@@ -120,7 +120,12 @@ pub struct Daemon {
     pub ticks: u64,
     /// The moves of known clients ([`crate::journal`]).
     pub journal: crate::journal::Journal,
+    /// The last minutes, for the status page's charts ([`crate::trend`]).
+    pub trend: crate::trend::Trend,
 }
+
+/// The `to` of a move whose pin was deleted: the client's next packet places it.
+pub const PLACED_AFRESH: &str = "(placed afresh)";
 
 /// How long a NAT backend may take packets without one reply coming back through the balancer
 /// before lb warns (its route back to the clients bypasses the balancer).
@@ -228,6 +233,7 @@ fn backend_report(
         slots,
         pinned,
         new_pins_per_sec,
+        moves_per_min: 0,
         counters,
         config_state: b.config.state.to_string(),
         differs_from_config: differs_from_config(b),
@@ -274,6 +280,7 @@ impl Daemon {
         let snap = self.pins.snapshot();
         let counts = snap.latest.as_ref().map(|c| &c.counts);
         let now = Instant::now();
+        let recent = self.journal.since(SystemTime::now() - Duration::from_secs(60));
         let mut services = Vec::new();
         for s in &self.rt.services {
             let id = s.entry.id;
@@ -283,7 +290,9 @@ impl Daemon {
                 let pinned = counts.and_then(|c| c.by_backend.get(&(id, b.id)).copied()).unwrap_or(0);
                 let counters = self.dp.backend_counters(b.id)?;
                 let rate = self.rates.per_sec((id, Some(b.id)), counters.new_pins, now);
-                backends.push(backend_report(b, &s.config.balance, slots.get(&b.id).copied().unwrap_or(0), counters, pinned, rate));
+                let mut r = backend_report(b, &s.config.balance, slots.get(&b.id).copied().unwrap_or(0), counters, pinned, rate);
+                r.moves_per_min = recent.by_backend.get(&(s.config.name.clone(), SocketAddr::new(b.config.address, b.config.port).to_string())).copied().unwrap_or(0);
+                backends.push(r);
             }
             let counters = self.dp.service_counters(id)?;
             services.push(ServiceReport {
@@ -310,6 +319,7 @@ impl Daemon {
                     .filter(|((svc, _), _)| *svc == s.config.name)
                     .map(|((_, reason), n)| (reason.clone(), *n))
                     .collect(),
+                moves_per_min: recent.by_service.get(&s.config.name).copied().unwrap_or(0),
                 balance: (!s.config.balance.is_off()).then(|| api::ServiceBalanceReport {
                     load_bound: s.config.balance.load_bound,
                     load: s.config.balance.load.to_string(),
@@ -406,6 +416,32 @@ impl Daemon {
         }
         self.replies.retain(&live);
         self.rates.add(now, counts);
+        self.sample_trend(now);
+    }
+
+    /// A point of the status page's charts.
+    fn sample_trend(&mut self, now: Instant) {
+        let snap = self.pins.snapshot();
+        let counts = snap.latest.as_ref().map(|c| &c.counts);
+        let mut seen = Vec::new();
+        for s in &self.rt.services {
+            for b in &s.backends {
+                let Ok(c) = self.dp.backend_counters(b.id) else { continue };
+                seen.push(crate::trend::Seen {
+                    service_id: s.entry.id,
+                    backend_id: b.id,
+                    service: s.config.name.clone(),
+                    backend: SocketAddr::new(b.config.address, b.config.port).to_string(),
+                    state: b.state_name().into(),
+                    pinned: counts.and_then(|c| c.by_backend.get(&(s.entry.id, b.id)).copied()).unwrap_or(0),
+                    new_pins: c.new_pins,
+                    packets: c.packets,
+                });
+            }
+        }
+        let moves = self.journal.after(self.trend.last_seq.saturating_sub(1));
+        self.trend.last_seq = self.journal.next_seq();
+        self.trend.add(now, SystemTime::now(), seen, moves);
     }
 
     /// Splits the hot client prefixes of the services that split them (every second), and joins
@@ -566,20 +602,28 @@ impl Daemon {
         let name = |id: u32| {
             if id == u32::MAX {
                 // A flush: the client's next packet places it.
-                return "(placed afresh)".to_string();
+                return PLACED_AFRESH.to_string();
             }
             s.backends.iter().find(|b| b.id == id).map_or_else(|| format!("id {id}"), |b| SocketAddr::new(b.config.address, b.config.port).to_string())
         };
+        let (from, to) = (name(e.from), name(e.to));
         let key = lb_common::AffinityKey { service_id: e.service_id, addr: e.addr };
-        let at = crate::journal::wall_time(e.at_ns);
+        self.journal_move(e.at_ns, &key, from, to, e.reason);
+    }
+
+    /// Journals a move of the client `key` of a service that is still here, at `at_ns`
+    /// (CLOCK_MONOTONIC_COARSE).
+    pub fn journal_move(&mut self, at_ns: u64, key: &lb_common::AffinityKey, from: String, to: String, reason: u32) {
+        let Some(s) = self.rt.services.iter().find(|s| s.entry.id == key.service_id) else { return };
+        let at = crate::journal::wall_time(at_ns);
         let r = api::MoveRecord {
             seq: 0,
             time: humantime::format_rfc3339_millis(at).to_string(),
             service: s.config.name.clone(),
-            client: affinity::key_string(s, &key),
-            from: name(e.from),
-            to: name(e.to),
-            reason: lb_common::move_reason::name(e.reason).to_string(),
+            client: affinity::key_string(s, key),
+            from,
+            to,
+            reason: lb_common::move_reason::name(reason).to_string(),
         };
         self.journal.push(at, r);
     }
@@ -762,10 +806,15 @@ impl Daemon {
         let pins = self.pins.clone();
         let spawned = std::thread::Builder::new().name("lb-retire".into()).spawn(move || {
             let t = Instant::now();
+            let now = crate::datapath::monotonic_coarse_ns();
             let mut doomed = Vec::new();
+            let mut moved = Vec::new();
             let r = table.scan(|k, v| {
                 if retired.doomed(k, v) {
                     doomed.push(*k);
+                    if let Some(from) = retired.moved_from(k, v, now) {
+                        moved.push((*k, from.to_string()));
+                    }
                 }
             });
             let r = r.and_then(|_| table.delete(&doomed));
@@ -782,7 +831,12 @@ impl Daemon {
                 }
             }
             if let Some(d) = me.upgrade() {
-                d.lock().unwrap_or_else(|p| p.into_inner()).rt.release(retired);
+                let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+                d.rt.release(retired);
+                // Their clients move: journaled, to where their next packet places them.
+                for (k, from) in moved {
+                    d.journal_move(now, &k, from, PLACED_AFRESH.into(), lb_common::move_reason::BACKEND_REMOVED);
+                }
             }
             pins.wake();
         });

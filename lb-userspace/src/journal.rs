@@ -13,6 +13,14 @@ use crate::api::{EventsQuery, MoveRecord};
 /// Moves kept in memory.
 pub const DEFAULT_EVENTS: usize = 100_000;
 
+/// Counts of recent moves ([`Journal::since`]).
+#[derive(Default)]
+pub struct RecentMoves {
+    pub by_service: BTreeMap<String, u64>,
+    /// By (service, backend `address:port` the client left).
+    pub by_backend: BTreeMap<(String, String), u64>,
+}
+
 pub struct Journal {
     events: VecDeque<(SystemTime, MoveRecord)>,
     cap: usize,
@@ -131,6 +139,36 @@ impl Journal {
             .collect()
     }
 
+    /// The newest `n` moves, newest first.
+    pub fn recent(&self, n: usize) -> Vec<MoveRecord> {
+        self.events.iter().rev().take(n).map(|(_, r)| r.clone()).collect()
+    }
+
+    /// Moves since `since`, by service and by (service, backend moved off): read from the
+    /// newest back, so it costs what the window holds, not the ring.
+    pub fn since(&self, since: SystemTime) -> RecentMoves {
+        let mut m = RecentMoves::default();
+        for (_, r) in self.events.iter().rev().take_while(|(at, _)| *at >= since) {
+            *m.by_service.entry(r.service.clone()).or_default() += 1;
+            *m.by_backend.entry((r.service.clone(), r.from.clone())).or_default() += 1;
+        }
+        m
+    }
+
+    /// Moves pushed after the one numbered `seq`, by service.
+    pub fn after(&self, seq: u64) -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::new();
+        for (_, r) in self.events.iter().rev().take_while(|(_, r)| r.seq > seq) {
+            *m.entry(r.service.clone()).or_default() += 1;
+        }
+        m
+    }
+
+    /// The number the next move gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next
+    }
+
     /// The last `n` moves of `client` (its key string) in `service`.
     pub fn history(&self, service: &str, client: &str, n: usize) -> Vec<MoveRecord> {
         let mut v: Vec<MoveRecord> =
@@ -168,6 +206,25 @@ mod tests {
         let keys = BTreeMap::from([("web".to_string(), "10.0.0.1".to_string())]);
         assert_eq!(j.query(&EventsQuery::default(), Some(&keys)).len(), 1);
         assert_eq!(j.history("web", "10.0.0.1", 5)[0].reason, "drain_force");
+        assert_eq!(j.recent(2).iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 3]);
+        assert_eq!(j.after(2)["web"], 2);
+    }
+
+    #[test]
+    fn recent_moves_count_only_the_window() {
+        let mut j = Journal::default();
+        let now = SystemTime::now();
+        j.push(now - Duration::from_secs(120), r("web", "10.0.0.1", "backend_down"));
+        j.push(now - Duration::from_secs(30), r("web", "10.0.0.2", "backend_down"));
+        let mut other = r("web", "10.0.0.3", "expired");
+        other.from = "c:1".into();
+        j.push(now, other);
+        j.push(now, r("api", "10.0.0.4", "flushed"));
+        let m = j.since(now - Duration::from_secs(60));
+        assert_eq!(m.by_service["web"], 2);
+        assert_eq!(m.by_service["api"], 1);
+        assert_eq!(m.by_backend[&("web".to_string(), "a:1".to_string())], 1);
+        assert_eq!(m.by_backend[&("web".to_string(), "c:1".to_string())], 1);
     }
 
     #[test]

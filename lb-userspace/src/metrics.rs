@@ -213,8 +213,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
-/// Serves `GET /metrics` until the task is dropped.
+/// Serves `GET /metrics` and the status page ([`crate::page`]) until the task is dropped.
 pub async fn serve(listener: TcpListener, daemon: Shared) -> Result<()> {
-    let app = Router::new().route("/metrics", get(metrics)).with_state(daemon);
+    let app = Router::new().route("/metrics", get(metrics)).merge(crate::page::routes()).with_state(daemon);
     axum::serve(listener, app).await.context("metrics server")
 }

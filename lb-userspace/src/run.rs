@@ -283,6 +283,7 @@ pub async fn run(config_path: &Path, socket_override: Option<PathBuf>) -> Result
         hot: Default::default(),
         ticks: 0,
         journal: Default::default(),
+        trend: Default::default(),
     }));
     {
         let mut d = daemon.lock().unwrap_or_else(|p| p.into_inner());

@@ -324,6 +324,11 @@ impl IdPool {
 pub struct Retired {
     services: Vec<(u32, Vec<u32>)>,
     backends: Vec<(u32, Vec<u32>)>,
+    /// The removed backends of services that stay, for the journal: (service id, backend id)
+    /// to `address:port`, and each such service's (timeout, max_age) in ns, to tell the live
+    /// pins (clients that move) from the stale ones.
+    names: BTreeMap<(u32, u32), String>,
+    limits: BTreeMap<u32, (u64, u64)>,
 }
 
 impl Retired {
@@ -335,6 +340,16 @@ impl Retired {
     pub fn doomed(&self, k: &lb_common::AffinityKey, v: &lb_common::AffinityValue) -> bool {
         self.services.iter().any(|(id, _)| *id == k.service_id)
             || self.backends.iter().any(|(s, ids)| *s == k.service_id && ids.contains(&v.backend_id))
+    }
+
+    /// For a doomed pin whose service stays and whose client is live at `now` (by idle
+    /// timeout and max age): the address of the removed backend it names. Deleting it moves
+    /// that client (`backend_removed`).
+    pub fn moved_from(&self, k: &lb_common::AffinityKey, v: &lb_common::AffinityValue, now: u64) -> Option<&str> {
+        let name = self.names.get(&(k.service_id, v.backend_id))?;
+        let &(timeout, max_age) = self.limits.get(&k.service_id)?;
+        let live = now.saturating_sub(v.last_seen_ns) <= timeout && (max_age == 0 || now.saturating_sub(v.created_ns) <= max_age);
+        live.then_some(name.as_str())
     }
 }
 
@@ -567,6 +582,10 @@ impl Runtime {
             self.write_service(dp, s, &removed, table)?;
             if !removed.is_empty() {
                 retired.backends.push((s.entry.id, removed.iter().map(|b| b.id).collect()));
+                for b in &removed {
+                    retired.names.insert((s.entry.id, b.id), std::net::SocketAddr::new(b.config.address, b.config.port).to_string());
+                }
+                retired.limits.insert(s.entry.id, (s.entry.timeout_ns, s.entry.max_age_ns));
             }
         }
         self.services = ordered;

@@ -9,6 +9,8 @@ use std::{
 
 use lb_common::csum;
 
+pub mod browser;
+
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 

@@ -1,14 +1,14 @@
 //! What-if end to end against the real `lb` in the namespace lab: `lb reload --dry-run`, `lb
 //! drain --dry-run` and `lb simulate down` change nothing, and the dry run's `pins_moved` is what
-//! the real reload then moves (compared through `lb affinity list` before and after). Run as
-//! root by `cargo xtask test`.
+//! the real reload then moves (compared through `lb affinity list` before and after), and the
+//! journal names those clients (`backend_removed`). Run as root by `cargo xtask test`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::path::Path;
 use std::time::Duration;
 
-use lb::api::{AffinityList, StatusReport, WhatIf};
+use lb::api::{AffinityList, MoveRecord, StatusReport, WhatIf};
 use tests::lb_bin;
 use xtask::lab::{Lab, LabSpec, VIP_HTTP_PORT};
 
@@ -89,4 +89,17 @@ fn dry_runs_change_nothing_and_predict_the_moves() {
     let moved = before.iter().filter(|(c, b)| after.get(*c) != Some(*b)).count() as u64;
     assert_eq!(moved, web.pins_moved, "the dry run said {} would move; {moved} did", web.pins_moved);
     assert!(moved > 0, "b3 held pins: {before:?}");
+    // And the journal names each of those clients, moved off b3 by its removal.
+    let gone: std::collections::BTreeSet<String> = before.iter().filter(|(c, b)| after.get(*c) != Some(*b)).map(|(c, _)| c.clone()).collect();
+    let t = std::time::Instant::now();
+    let journal = loop {
+        let out = lab.lb_cli(&bin, &["events", "--service", "web", "--output", "json"]).unwrap();
+        let j: Vec<MoveRecord> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+        if j.len() >= gone.len() || t.elapsed() > Duration::from_secs(5) {
+            break j;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(journal.iter().map(|e| e.client.clone()).collect::<std::collections::BTreeSet<_>>(), gone, "{journal:?}");
+    assert!(journal.iter().all(|e| e.reason == "backend_removed" && e.from == b3 && e.to == "(placed afresh)"), "{journal:?}");
 }

@@ -32,6 +32,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // `reuseport` and four workers.
     ("python3", "/usr/bin/python3"),
     ("nginx-light", "/usr/sbin/nginx"),
+    // tests/status_page.rs: the status page in a real headless browser (DevTools over a pipe).
+    ("chromium", "/usr/bin/chromium"),
 ];
 
 #[derive(Parser)]
@@ -337,7 +339,7 @@ fn test(filter: Option<&str>) -> Result<ExitCode> {
         (
             "e2e",
             "end-to-end tests (network namespaces, real servers)",
-            &["-p", "tests", "--test", "e2e", "--test", "control", "--test", "breadth_e2e", "--test", "operator", "--test", "safe_e2e", "--test", "hardening", "--test", "first_hour", "--test", "fairness", "--test", "agent", "--test", "whatif", "--test", "journal", "--", "--test-threads=1"],
+            &["-p", "tests", "--test", "e2e", "--test", "control", "--test", "breadth_e2e", "--test", "operator", "--test", "safe_e2e", "--test", "hardening", "--test", "first_hour", "--test", "fairness", "--test", "agent", "--test", "whatif", "--test", "journal", "--test", "status_page", "--", "--test-threads=1"],
         ),
         ("cluster", "scale-out (two nodes with BIRD behind an ECMP router; figures printed)", &["-p", "tests", "--test", "cluster", "--", "--test-threads=1", "--nocapture"]),
         ("container", "container image (the balancer run from it against a namespace lab)", &["-p", "tests", "--test", "container", "--"]),

@@ -39,10 +39,10 @@ pub fn render_status(r: &StatusReport) -> String {
         let prefix = if s.vip.contains(':') { s.ipv6_prefix } else { s.ipv4_prefix };
         let _ = writeln!(
             o,
-            "\nservice {} {}/{}  affinity {} /{}  table {}  pinned {} ({:.1} new/s)  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {} connections {} moved {}",
+            "\nservice {} {}/{}  affinity {} /{}  table {}  pinned {} ({:.1} new/s)  packets {} bytes {} pins {} hits {} expired {} failovers {} replies {} connections {} moved {}  client moves {}/min",
             s.name, endpoint(&s.vip, s.port), s.protocol, s.affinity_timeout, prefix, s.table_fingerprint, s.pinned,
             s.new_pins_per_sec, c.packets, c.bytes, c.new_pins, c.hits, c.expired, c.failovers, c.reply_packets, c.conns,
-            c.moved
+            c.moved, s.moves_per_min
         );
         if s.fail_open {
             let _ = writeln!(o, "  !! every backend is down: FAILING OPEN (routing as if all were up)");
@@ -273,6 +273,7 @@ mod tests {
             slots: 0,
             pinned: 0,
             new_pins_per_sec: 0.0,
+            moves_per_min: 0,
             counters: Default::default(),
             config_state: "active".into(),
             differs_from_config: None,
