@@ -81,6 +81,12 @@ const NOT_A_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
 const SYNTH_BASE: u32 = 0x6440_0000;
 /// Affinity capacity of the fixtures that need room (the scale fixtures, the roomy miss).
 const BIG_AFFINITY: u32 = 2_097_152;
+/// hit_many: pinned clients cycled through, and the table that holds them (half full, as the
+/// Katran peer's `hit_65k` LRU of 131,072 entries holding 65,536 flows).
+const MANY_CLIENTS: u32 = 65_536;
+const MANY_AFFINITY: u32 = 131_072;
+/// hit_many's clients are 100.96.0.0 + n (a /16 of their own, as the peer's).
+const MANY_BASE: u32 = 0x6460_0000;
 
 // ---------------------------------------------------------------------------------------------
 // Settings, statistics, cleanup
@@ -802,6 +808,8 @@ struct PerPacket {
     other: Case,
     loop_baseline: Vec<f64>,
     loop_other: Vec<f64>,
+    /// A different one of [`MANY_CLIENTS`] pinned clients each run, in a fixed shuffled cycle.
+    hit_many: Case,
     hit_1k: Case,
     hit_1m: Case,
     spread_1k: Case,
@@ -843,6 +851,36 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
             let Loaded { rt, dp } = &mut bounded;
             assert!(rt.rebalance(dp, i).expect("rebalancing multi"), "the bounded table differs from the plain one");
         }
+        // hit_many: 65,536 clients with an established connection each (a pin and a connection
+        // entry, in tables of 131,072), visited in a fixed shuffled cycle (seeded Fisher-Yates)
+        // that continues across batches: the tables are no longer in the CPU's caches. As the
+        // peer's hit_65k (Katran's flow LRU holding 65,536 flows).
+        let many_cfg = FIXTURE_CONFIG.replace(
+            "affinity_entries = 1024",
+            &format!("affinity_entries = {MANY_AFFINITY}\nflow_entries = {MANY_AFFINITY}"),
+        );
+        let mut many = Loaded::new(&many_cfg);
+        let many_clients: Vec<Ipv4Addr> = {
+            let web_many = many.service("web").entry.id;
+            let b1 = many.backend_id("web", IpAddr::V4(BACKEND1));
+            let all: Vec<Ipv4Addr> = (0..MANY_CLIENTS).map(|n| Ipv4Addr::from(MANY_BASE + n)).collect();
+            let n = fill_affinity(&mut many.dp, web_many, b1, all.iter().copied());
+            assert_eq!(n, MANY_CLIENTS as usize);
+            // Each client's connection: its first PSH|ACK through the program writes the entry.
+            let mut out = vec![0u8; 512];
+            for c in &all {
+                let (v, _) = run_once(Prog::Lb(many.dp.program()), &tcp4(*c, VIP), cl, &mut out, 1);
+                assert_eq!(v, XDP_REDIRECT, "hit_many: a client's first packet");
+            }
+            let c = many.dp.service_counters(web_many).expect("service counters");
+            assert_eq!((c.conns, c.new_pins), (MANY_CLIENTS as u64, 0), "hit_many: a connection entry per client, no new pin");
+            let mut order = all;
+            let mut shuffle = Rng(0x6553_6000_5eed_f00d);
+            for i in (1..order.len()).rev() {
+                order.swap(i, shuffle.below(i as u32 + 1) as usize);
+            }
+            order
+        };
         // The scale fixtures: the big table filled to 1,000 and to 1,000,000 pins.
         let mut s1k = Loaded::new(&big);
         let mut s1m = Loaded::new(&big);
@@ -945,6 +983,27 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
                 (s.runs as u64, s.runs as u64),
                 "handshake_v4: every run a new pin and a new connection entry"
             );
+            // hit, many clients: the whole cycle, once unmeasured (so that every connection's
+            // stamp is fresh: a real client sending 20 packets/s refreshes its entries on one
+            // packet in 20; here the cycle comes round only every few seconds, and every packet
+            // would refresh), then measured.
+            {
+                let frames: Vec<Vec<u8>> = many_clients.iter().map(|c| tcp4(*c, VIP)).collect();
+                let mut out = vec![0u8; 512];
+                for f in &frames {
+                    let (v, _) = run_once(Prog::Lb(many.dp.program()), f, cl, &mut out, 1);
+                    assert_eq!(v, XDP_REDIRECT, "hit_many: warm-up pass");
+                }
+                let id = many.service("web").entry.id;
+                let (before, conns) = (hits(&many, id), many.stat("conn_new"));
+                r.hit_many.push(batch(Prog::Lb(many.dp.program()), b, &frames, frames.len(), cl, XDP_REDIRECT, "hit_many"), bl);
+                let after = hits(&many, id);
+                assert_eq!(
+                    (after.0 - before.0, after.1 - before.1, many.stat("conn_new") - conns),
+                    (frames.len() as u64, 0, 0),
+                    "hit_many: every run a hit of an established connection"
+                );
+            }
             // not for a VIP
             r.other.push(batch(Prog::Lb(fx.dp.program()), b, &other, s.runs, cl, XDP_PASS, "other"), bl);
             // scale: the same hit with 1k and 1M pins in the table
@@ -1354,6 +1413,41 @@ fn veth(s: &Settings, cpus: &[usize]) -> Result<Veth> {
 // Report
 // ---------------------------------------------------------------------------------------------
 
+/// The Katran peer (`../shared/peers/katran/run.sh --json`, or `LB_KATRAN_PEER`): Katran's own
+/// XDP program timed by the same method on the same CPU, in this run. Its JSON object as it
+/// printed it, or `{"error": why}` when it could not build or run.
+fn katran_peer(cpu: usize, quick: bool) -> serde_json::Value {
+    let script = std::env::var_os("LB_KATRAN_PEER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/katran/run.sh"));
+    let fail = |why: String| {
+        println!("Katran peer: not measured: {why}");
+        serde_json::json!({ "error": why })
+    };
+    if !script.exists() {
+        return fail(format!("{} not found (set LB_KATRAN_PEER to its run.sh)", script.display()));
+    }
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).arg("--json").env("CPU", cpu.to_string());
+    if quick {
+        cmd.env("QUICK", "1");
+    }
+    let out = match cmd.output() {
+        Ok(o) => o,
+        Err(e) => return fail(format!("running {}: {e}", script.display())),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
+    if !out.status.success() {
+        return fail(format!("{} exited with {}: {}", script.display(), out.status, tail.join(" | ")));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match serde_json::from_str::<serde_json::Value>(stdout.trim()) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        _ => fail(format!("{} printed no JSON object: {:?}", script.display(), stdout.trim())),
+    }
+}
+
 fn machine() -> serde_json::Value {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
@@ -1421,14 +1515,17 @@ fn main() -> io::Result<()> {
     let t = Instant::now();
     let pp = per_packet_and_scale(&s, pp_cpu);
     let pp_secs = t.elapsed().as_secs_f64();
+    // The peer, right after, on the same CPU.
+    eprintln!("Katran peer (its XDP program, same method, CPU {pp_cpu})");
+    let katran = katran_peer(pp_cpu, s.quick);
 
     let per_packet_only = std::env::var("LB_BENCH_ONLY").is_ok_and(|v| v == "per_packet");
     // veth.
-    eprint!("veth (live frames) ");
     let t = Instant::now();
     let veth = if per_packet_only {
         None
     } else {
+        eprint!("veth (live frames) ");
         veth(&s, &cpus).map_err(|e| eprintln!("\nveth: {e:#}")).ok()
     };
     let veth_secs = t.elapsed().as_secs_f64();
@@ -1464,6 +1561,12 @@ fn main() -> io::Result<()> {
     line("handshake_v4", "its first ACK", &pp.handshake_v4, 15.0);
     line("other", "not for a VIP", &pp.other, 1.5);
     println!(
+        "  hit_many     {MANY_CLIENTS} clients cycled {:7.1} ns  {:<16} {:>8.2}x  (a different established client each run, shuffled; tables of {MANY_AFFINITY})",
+        med(&pp.hit_many.ns),
+        spread(&pp.hit_many.ns),
+        ratio(&pp.hit_many)
+    );
+    println!(
         "  info: miss_v4 into a table with room (2M entries, no eviction) {miss_room:.1} ns {} = {:.2}x baseline",
         spread(&pp.miss_v4_room.ns),
         ratio(&pp.miss_v4_room)
@@ -1487,6 +1590,7 @@ fn main() -> io::Result<()> {
         "  info: a different random pinned client each run (cold table lines): 1k {sp1k:.1} ns, 1M {sp1m:.1} ns, 1M/1k {:.2}x",
         ratio(&pp.spread_1m) / ratio(&pp.spread_1k)
     );
+    print_peer(&pp, &katran);
     if per_packet_only {
         return Ok(());
     }
@@ -1519,7 +1623,12 @@ fn main() -> io::Result<()> {
             "syn_v4_ratio": round(ratio(&pp.syn_v4), 2),
             "handshake_v4_ns": round(med(&pp.handshake_v4.ns), 1),
             "handshake_v4_ratio": round(ratio(&pp.handshake_v4), 2),
+            "hit_many_ns": round(med(&pp.hit_many.ns), 1),
+            "hit_many_ratio": round(ratio(&pp.hit_many), 2),
+            "miss_v4_room_ns": round(miss_room, 1),
+            "miss_v4_room_ratio": round(ratio(&pp.miss_v4_room), 2),
         },
+        "peers": { "katran": katran },
         "scale": { "hit_ns_1k": round(h1k, 1), "hit_ns_1m": round(h1m, 1), "ratio_1m_1k": round(scale_ratio, 2) },
         "veth": {
             "baseline_mpps": vb,
@@ -1530,6 +1639,48 @@ fn main() -> io::Result<()> {
     });
     write_report(&json);
     Ok(())
+}
+
+/// lb's per-packet cases beside the Katran peer's matching ones (ratios to each one's own
+/// interleaved baseline, so that the two harnesses' fixed costs cancel).
+fn print_peer(pp: &PerPacket, k: &serde_json::Value) {
+    if k.get("error").is_some() {
+        return;
+    }
+    let med = |v: &[f64]| median(v.to_vec());
+    let ratio = |c: &Case| med(&c.ratio);
+    let num = |key: &str| k.get(key).and_then(serde_json::Value::as_f64);
+    println!(
+        "lb beside Katran (its XDP program, commit {}, same method, same CPU, this run; ratio = case / its own interleaved baseline; lower is better)",
+        k.get("katran_commit").and_then(serde_json::Value::as_str).map_or("?", |c| &c[..c.len().min(12)])
+    );
+    println!("  {:<34} {:>10} {:>8}   {:>10} {:>8}   {}", "case (lb / Katran)", "lb ns", "lb x", "Katran ns", "Katran x", "lb/Katran");
+    println!(
+        "  {:<34} {:>10.1} {:>8}   {:>10.1} {:>8}",
+        "baseline (XDP_PASS)",
+        med(&pp.baseline),
+        "1.00",
+        num("baseline_ns").unwrap_or(f64::NAN),
+        "1.00"
+    );
+    let rows: [(&str, &Case, &str); 6] = [
+        ("hit / hit", &pp.hit_v4, "hit"),
+        ("miss, full LRU / miss", &pp.miss_v4, "miss"),
+        ("miss, room / miss_room", &pp.miss_v4_room, "miss_room"),
+        ("new client's SYN / miss_syn", &pp.syn_v4, "miss_syn"),
+        ("not for a VIP / other", &pp.other, "other"),
+        ("hit_many / hit_65k (65,536 clients)", &pp.hit_many, "hit_65k"),
+    ];
+    for (name, c, key) in rows {
+        let (kn, kr) = (num(&format!("{key}_ns")), num(&format!("{key}_ratio")));
+        let (ln, lr) = (med(&c.ns), ratio(c));
+        println!(
+            "  {name:<34} {ln:>10.1} {lr:>8.2}   {:>10} {:>8}   {}",
+            kn.map_or("-".into(), |x| format!("{x:.1}")),
+            kr.map_or("-".into(), |x| format!("{x:.2}")),
+            kr.map_or("-".into(), |x| format!("{:.2}{}", lr / x, if lr <= x { " ahead" } else { " BEHIND" }))
+        );
+    }
 }
 
 fn print_veth(v: &Veth, s: &Settings) -> (Option<f64>, Option<f64>) {
