@@ -1654,7 +1654,7 @@ fn print_peer(pp: &PerPacket, k: &serde_json::Value) {
         "lb beside Katran (its XDP program, commit {}, same method, same CPU, this run; ratio = case / its own interleaved baseline; lower is better)",
         k.get("katran_commit").and_then(serde_json::Value::as_str).map_or("?", |c| &c[..c.len().min(12)])
     );
-    println!("  {:<34} {:>10} {:>8}   {:>10} {:>8}   {}", "case (lb / Katran)", "lb ns", "lb x", "Katran ns", "Katran x", "lb/Katran");
+    println!("  {:<34} {:>10} {:>8}   {:>10} {:>8}   lb/Katran", "case (lb / Katran)", "lb ns", "lb x", "Katran ns", "Katran x");
     println!(
         "  {:<34} {:>10.1} {:>8}   {:>10.1} {:>8}",
         "baseline (XDP_PASS)",
