@@ -10,6 +10,8 @@
 
 pub mod csum;
 pub mod hash;
+#[cfg(feature = "sys")]
+pub mod sys;
 
 /// Bumped whenever a map's key or value layout, a map's meaning, or a map name changes. Stored in
 /// `CONFIG[0].layout_version`; a daemon refuses to adopt pinned state of another version.

@@ -19,6 +19,7 @@ use aya::{
     },
 };
 use lb_common::{
+    sys,
     AddrKey, AffinityKey, AffinityValue, Backend, Counters, FlowKey, FlowValue, GlobalConfig, LAYOUT_VERSION, LINK_PIN_PREFIX,
     PROGRAM_NAME, Reverse, Reverse6, Service, ServiceKey, ServiceKey6, TxPort, maps, stat,
 };
@@ -921,20 +922,10 @@ impl PinTable {
     /// One pin, if there is one (a point lookup).
     pub fn get(&self, k: &AffinityKey) -> Result<Option<AffinityValue>> {
         let mut v = AffinityValue::default();
-        // SAFETY: BPF_MAP_LOOKUP_ELEM with pointers to a key and a value of the map's sizes.
-        let r = unsafe {
-            // union bpf_attr for MAP_LOOKUP_ELEM: map_fd (u32, padded), key, value, flags.
-            let mut a = [0u64; 4];
-            a[0] = self.fd() as u64;
-            a[1] = k as *const AffinityKey as u64;
-            a[2] = &mut v as *mut AffinityValue as u64;
-            libc::syscall(libc::SYS_bpf, 1 /* BPF_MAP_LOOKUP_ELEM */, a.as_mut_ptr(), std::mem::size_of_val(&a) as u32)
-        };
-        if r == 0 {
-            return Ok(Some(v));
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e).context("looking a pin up in AFFINITY") }
+        // SAFETY: a key and a value of AFFINITY's sizes.
+        let found = unsafe { sys::lookup_elem(self.fd(), (k as *const AffinityKey).cast(), (&mut v as *mut AffinityValue).cast()) }
+            .context("looking a pin up in AFFINITY")?;
+        Ok(found.then_some(v))
     }
 
     /// The AFFINITY map a daemon pinned under `pin_dir` (benchmarks and tests fill it).
@@ -997,21 +988,8 @@ fn delete_keys<K: aya::Pod>(fd: RawFd, name: &str, keys: &[K]) -> Result<usize> 
 
 /// BPF_MAP_DELETE_ELEM of one key; whether it was there.
 fn delete_elem<K: aya::Pod>(fd: RawFd, key: &K) -> bool {
-    #[repr(C)]
-    struct ElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    let mut attr = ElemAttr { map_fd: fd as u32, _pad: 0, key: key as *const K as u64, value: 0, flags: 0 };
-    // SAFETY: `attr` points at a live key of the map's key size for the duration of the call.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &mut attr as *mut ElemAttr, std::mem::size_of::<ElemAttr>() as libc::c_uint)
-    };
-    rc == 0
+    // SAFETY: a key of the map's key size.
+    unsafe { sys::delete_elem(fd, (key as *const K).cast()) }.unwrap_or(false)
 }
 
 /// The MAC address of `iface` in this network namespace.
@@ -1037,35 +1015,13 @@ pub fn monotonic_coarse_ns() -> u64 {
 mod batch {
     use std::{io, mem::size_of, os::fd::RawFd};
 
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+    use lb_common::sys::{BPF_MAP_DELETE_BATCH, BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH, BatchAttr};
+    pub use lb_common::sys::batch_unsupported as unsupported;
 
-    /// The `batch` member of `union bpf_attr`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-
+    /// Every attribute here holds buffers that outlive the call, of `count` keys (and values)
+    /// of the map's sizes.
     fn sys(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-        // SAFETY: `attr` is a live batch attribute whose buffers outlive the call and hold
-        // `count` keys (and values) of the map's sizes.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut BatchAttr, size_of::<BatchAttr>() as libc::c_uint) };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-    }
-
-    /// The kernel has no batch operations for this map.
-    pub fn unsupported(e: &io::Error) -> bool {
-        // 524: the kernel's ENOTSUPP, which libc does not name.
-        matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(524) | Some(libc::EOPNOTSUPP))
+        lb_common::sys::bpf(cmd, attr).map(|_| ())
     }
 
     /// Every (key, value) of a hash map, `chunk` at a time (more when one bucket needs it).

@@ -289,211 +289,32 @@ fn pin_to(pid: i32, cpu: usize) -> nix::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Raw bpf(2): program load, test run, maps, XDP links
+// Raw bpf(2): program load, test run, maps, XDP links (lb_common::sys, the project's one layer)
 // ---------------------------------------------------------------------------------------------
 
 mod raw {
     use std::{
         io,
-        os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+        os::fd::{AsRawFd as _, BorrowedFd, OwnedFd},
     };
 
-    use anyhow::{Result, bail};
+    use anyhow::Result;
+    pub use lb_common::sys::{
+        FUNC_GET_PRANDOM_U32, FUNC_MAP_LOOKUP_ELEM, Insn, R0, R1, R2, R3, R4, R6, R10, add_imm, add_reg, and_imm, call, exit,
+        jeq_imm, jgt_reg, ld_map_fd, ldx_dw, ldx_w, link_update as replace_prog, mov_imm, mov_reg, rsh_imm, st_h, st_w,
+        stx_dw, stx_h, test_run, xor_imm,
+    };
+    use lb_common::sys::{self, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_PROG_TYPE_XDP, BPF_XDP};
 
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    const BPF_PROG_TYPE_XDP: u32 = 6;
-    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-    const BPF_XDP: u32 = 37;
-    const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-    pub const FUNC_MAP_LOOKUP_ELEM: i32 = 1;
-    pub const FUNC_GET_PRANDOM_U32: i32 = 7;
-
-    /// One eBPF instruction.
-    #[derive(Clone, Copy, Debug)]
-    #[repr(C)]
-    pub struct Insn {
-        pub code: u8,
-        /// dst register in the low nibble, src register in the high one.
-        pub regs: u8,
-        pub off: i16,
-        pub imm: i32,
-    }
-
-    pub const R0: u8 = 0;
-    pub const R1: u8 = 1;
-    pub const R2: u8 = 2;
-    pub const R3: u8 = 3;
-    pub const R4: u8 = 4;
-    pub const R6: u8 = 6;
-    pub const R10: u8 = 10;
-
-    const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-        Insn { code, regs: dst | (src << 4), off, imm }
-    }
-    pub const fn mov_imm(dst: u8, imm: i32) -> Insn {
-        insn(0xb7, dst, 0, 0, imm)
-    }
-    pub const fn mov_reg(dst: u8, src: u8) -> Insn {
-        insn(0xbf, dst, src, 0, 0)
-    }
-    pub const fn add_imm(dst: u8, imm: i32) -> Insn {
-        insn(0x07, dst, 0, 0, imm)
-    }
-    pub const fn add_reg(dst: u8, src: u8) -> Insn {
-        insn(0x0f, dst, src, 0, 0)
-    }
-    pub const fn and_imm(dst: u8, imm: i32) -> Insn {
-        insn(0x57, dst, 0, 0, imm)
-    }
-    pub const fn rsh_imm(dst: u8, imm: i32) -> Insn {
-        insn(0x77, dst, 0, 0, imm)
-    }
-    pub const fn xor_imm(dst: u8, imm: i32) -> Insn {
-        insn(0xa7, dst, 0, 0, imm)
-    }
-    /// `dst = *(u32 *)(src + off)`
-    pub const fn ldx_w(dst: u8, src: u8, off: i16) -> Insn {
-        insn(0x61, dst, src, off, 0)
-    }
-    /// `dst = *(u64 *)(src + off)`
-    pub const fn ldx_dw(dst: u8, src: u8, off: i16) -> Insn {
-        insn(0x79, dst, src, off, 0)
-    }
-    /// `*(u32 *)(dst + off) = imm`
-    pub const fn st_w(dst: u8, off: i16, imm: i32) -> Insn {
-        insn(0x62, dst, 0, off, imm)
-    }
-    /// `*(u16 *)(dst + off) = imm`
-    pub const fn st_h(dst: u8, off: i16, imm: i32) -> Insn {
-        insn(0x6a, dst, 0, off, imm)
-    }
-    /// `*(u16 *)(dst + off) = src`
-    pub const fn stx_h(dst: u8, src: u8, off: i16) -> Insn {
-        insn(0x6b, dst, src, off, 0)
-    }
-    /// `*(u64 *)(dst + off) = src`
-    pub const fn stx_dw(dst: u8, src: u8, off: i16) -> Insn {
-        insn(0x7b, dst, src, off, 0)
-    }
-    /// `if dst > src goto +off`
-    pub const fn jgt_reg(dst: u8, src: u8, off: i16) -> Insn {
-        insn(0x2d, dst, src, off, 0)
-    }
-    /// `if dst == imm goto +off`
-    pub const fn jeq_imm(dst: u8, imm: i32, off: i16) -> Insn {
-        insn(0x15, dst, 0, off, imm)
-    }
-    pub const fn call(helper: i32) -> Insn {
-        insn(0x85, 0, 0, 0, helper)
-    }
-    pub const fn exit() -> Insn {
-        insn(0x95, 0, 0, 0, 0)
-    }
-    /// `dst = map` (BPF_LD_IMM64 with BPF_PSEUDO_MAP_FD): two instruction slots.
-    pub const fn ld_map_fd(dst: u8, fd: RawFd) -> [Insn; 2] {
-        [insn(0x18, dst, 1, 0, fd), insn(0, 0, 0, 0, 0)]
-    }
-
-    fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-        // SAFETY: `attr` is a live, initialised bpf_attr prefix of size_of::<T>() bytes whose
-        // pointers (instructions, buffers) outlive the call.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>() as libc::c_uint) };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
-    }
-
-    fn new_fd(rc: libc::c_long) -> OwnedFd {
-        // SAFETY: the call returned a new file descriptor that nothing else owns.
-        unsafe { OwnedFd::from_raw_fd(rc as RawFd) }
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct ProgLoadAttr {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        prog_ifindex: u32,
-        expected_attach_type: u32,
-    }
-
-    /// Loads an XDP program; a rejection carries the verifier log.
+    /// Loads an XDP program (expected attach type XDP, as aya loads lb's: a link swaps only
+    /// programs of the same attach type); a rejection carries the verifier log.
     pub fn load_xdp(name: &str, insns: &[Insn]) -> Result<OwnedFd> {
-        let license = c"Dual MIT/GPL";
-        let mut log = vec![0u8; 64 * 1024];
-        let mut prog_name = [0u8; 16];
-        for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
-            *d = s;
-        }
-        let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_XDP,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            log_level: 1,
-            log_size: log.len() as u32,
-            log_buf: log.as_mut_ptr() as u64,
-            prog_name,
-            // As aya loads lb's program: a link may only swap programs of the same attach type.
-            expected_attach_type: BPF_XDP,
-            ..Default::default()
-        };
-        match sys_bpf(BPF_PROG_LOAD, &mut attr) {
-            Ok(rc) => Ok(new_fd(rc)),
-            Err(e) => {
-                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                bail!("loading {name}: {e}; verifier log:\n{}", String::from_utf8_lossy(&log[..end]))
-            }
-        }
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct MapCreateAttr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-        inner_map_fd: u32,
-        numa_node: u32,
-        map_name: [u8; 16],
+        sys::load_program(name, BPF_PROG_TYPE_XDP, BPF_XDP, insns).map_err(|e| anyhow::anyhow!("loading {name}: {e}"))
     }
 
     /// A one-slot per-CPU array of u64 (a packet counter).
     pub fn percpu_counter() -> io::Result<OwnedFd> {
-        let mut map_name = [0u8; 16];
-        map_name[..11].copy_from_slice(b"bench_count");
-        let mut attr = MapCreateAttr {
-            map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
-            key_size: 4,
-            value_size: 8,
-            max_entries: 1,
-            map_name,
-            ..Default::default()
-        };
-        sys_bpf(BPF_MAP_CREATE, &mut attr).map(new_fd)
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct MapElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
+        sys::create_map("bench_count", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 1)
     }
 
     /// The sum over CPUs of the per-CPU counter.
@@ -501,107 +322,15 @@ mod raw {
         let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let key = 0u32;
         let mut vals = vec![0u64; ncpus];
-        let mut attr = MapElemAttr {
-            map_fd: map.as_raw_fd() as u32,
-            key: &raw const key as u64,
-            value: vals.as_mut_ptr() as u64,
-            ..Default::default()
-        };
-        sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+        // SAFETY: a u32 key and one u64 per possible CPU, the map's sizes.
+        unsafe { sys::lookup_elem(map.as_raw_fd(), (&raw const key).cast(), vals.as_mut_ptr().cast()) }?;
         Ok(vals.iter().sum())
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestRunAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-
-    /// BPF_PROG_TEST_RUN: (return value, kernel-measured ns per run). `live_batch`: run with
-    /// BPF_F_TEST_XDP_LIVE_FRAMES in batches of that size (no output then).
-    pub fn test_run(
-        prog: BorrowedFd<'_>,
-        data: &[u8],
-        out: Option<&mut [u8]>,
-        ctx: &[u8],
-        repeat: u32,
-        live_batch: Option<u32>,
-    ) -> io::Result<(u32, u32)> {
-        let (data_out, data_size_out) = match out {
-            Some(o) => (o.as_mut_ptr() as u64, o.len() as u32),
-            None => (0, 0),
-        };
-        let mut attr = TestRunAttr {
-            prog_fd: prog.as_raw_fd() as u32,
-            data_size_in: data.len() as u32,
-            data_size_out,
-            data_in: data.as_ptr() as u64,
-            data_out,
-            repeat,
-            ctx_size_in: ctx.len() as u32,
-            ctx_in: ctx.as_ptr() as u64,
-            flags: if live_batch.is_some() { BPF_F_TEST_XDP_LIVE_FRAMES } else { 0 },
-            batch_size: live_batch.unwrap_or(0),
-            ..Default::default()
-        };
-        sys_bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-        Ok((attr.retval, attr.duration))
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct LinkCreateAttr {
-        prog_fd: u32,
-        target_ifindex: u32,
-        attach_type: u32,
-        flags: u32,
-        _rest: [u64; 2],
     }
 
     /// Attaches `prog` to `ifindex` of the calling thread's namespace (driver mode when the
     /// device has one, as veth does); detached when the link closes or the device goes.
     pub fn attach_xdp(prog: BorrowedFd<'_>, ifindex: u32) -> io::Result<OwnedFd> {
-        let mut attr = LinkCreateAttr {
-            prog_fd: prog.as_raw_fd() as u32,
-            target_ifindex: ifindex,
-            attach_type: BPF_XDP,
-            ..Default::default()
-        };
-        sys_bpf(BPF_LINK_CREATE, &mut attr).map(new_fd)
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct LinkUpdateAttr {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-
-    /// Swaps the program of an XDP link in place (the device keeps its rings and NAPI).
-    pub fn replace_prog(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-        let mut attr = LinkUpdateAttr {
-            link_fd: link.as_raw_fd() as u32,
-            new_prog_fd: prog.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+        sys::link_create(prog, ifindex, BPF_XDP)
     }
 }
 

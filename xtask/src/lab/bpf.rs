@@ -37,90 +37,34 @@
 //! sends tagged frames needs `ethtool -K <if> txvlan off tx-vlan-stag-hw-insert off`, exactly as
 //! a real VLAN device on a veth does.
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsFd as _, OwnedFd};
 
 use anyhow::{Result, bail, ensure};
+use lb_common::sys::{
+    self, BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_XDP, BPF_TCX_EGRESS, BPF_TCX_INGRESS, BPF_XDP, FUNC_SKB_VLAN_POP as BPF_FUNC_SKB_VLAN_POP,
+    FUNC_SKB_VLAN_PUSH as BPF_FUNC_SKB_VLAN_PUSH, Insn, R0, R1, R2, R3, R6, and_imm, call, exit, ldx_w, mov_imm, mov_reg,
+};
 
 /// `ETH_P_8021Q`.
 pub const ETH_P_8021Q: u16 = 0x8100;
 /// `ETH_P_8021AD`.
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
-// bpf(2) commands, program and attach types, helpers and return codes (uapi/linux/bpf.h; checked
-// against the kernel's BTF).
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-const BPF_PROG_TYPE_XDP: u32 = 6;
-const BPF_XDP: u32 = 37;
+// Return codes (uapi/linux/bpf.h) and `struct __sk_buff` offsets.
 const XDP_PASS: i32 = 2;
-const BPF_TCX_INGRESS: u32 = 46;
-const BPF_TCX_EGRESS: u32 = 47;
-const BPF_FUNC_SKB_VLAN_PUSH: i32 = 18;
-const BPF_FUNC_SKB_VLAN_POP: i32 = 19;
 const TCX_PASS: i32 = 0;
 const TCX_DROP: i32 = 2;
-// struct __sk_buff offsets.
 const SKB_VLAN_PRESENT: i16 = 20;
 const SKB_VLAN_TCI: i16 = 24;
 const SKB_VLAN_PROTO: i16 = 28;
 
-/// One eBPF instruction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(C)]
-struct Insn {
-    code: u8,
-    /// dst register in the low nibble, src register in the high one.
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
-
-const R0: u8 = 0;
-const R1: u8 = 1;
-const R2: u8 = 2;
-const R3: u8 = 3;
-const R6: u8 = 6;
-
-const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn {
-        code,
-        regs: dst | (src << 4),
-        off,
-        imm,
-    }
-}
-/// `dst = imm` (BPF_ALU64 | BPF_MOV | BPF_K).
-const fn mov_imm(dst: u8, imm: i32) -> Insn {
-    insn(0xb7, dst, 0, 0, imm)
-}
-/// `dst = src` (BPF_ALU64 | BPF_MOV | BPF_X).
-const fn mov_reg(dst: u8, src: u8) -> Insn {
-    insn(0xbf, dst, src, 0, 0)
-}
-/// `dst = *(u32 *)(src + off)` (BPF_LDX | BPF_MEM | BPF_W).
-const fn ldx_w(dst: u8, src: u8, off: i16) -> Insn {
-    insn(0x61, dst, src, off, 0)
-}
-/// `dst &= imm` (BPF_ALU64 | BPF_AND | BPF_K).
-const fn and_imm(dst: u8, imm: i32) -> Insn {
-    insn(0x57, dst, 0, 0, imm)
-}
-/// `if dst == imm goto +off` (BPF_JMP | BPF_JEQ | BPF_K); the offset is patched later.
+/// `if dst == imm goto` the drop label (the offset is patched once it is known).
 const fn jeq_imm(dst: u8, imm: i32) -> Insn {
-    insn(0x15, dst, 0, 0, imm)
+    sys::jeq_imm(dst, imm, 0)
 }
-/// `if dst != imm goto +off` (BPF_JMP | BPF_JNE | BPF_K); the offset is patched later.
+/// `if dst != imm goto` the drop label (patched as above).
 const fn jne_imm(dst: u8, imm: i32) -> Insn {
-    insn(0x55, dst, 0, 0, imm)
-}
-/// `call helper` (BPF_JMP | BPF_CALL).
-const fn call(helper: i32) -> Insn {
-    insn(0x85, 0, 0, 0, helper)
-}
-/// `exit` (BPF_JMP | BPF_EXIT).
-const fn exit() -> Insn {
-    insn(0x95, 0, 0, 0, 0)
+    sys::jne_imm(dst, imm, 0)
 }
 
 /// A protocol number as the kernel holds a `__be16` in a register (host-order load of the
@@ -178,92 +122,12 @@ fn ingress_program(tags: &[(u16, u16)]) -> Vec<Insn> {
     p
 }
 
-fn bpf(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` points to a live, fully initialised attribute struct of `size` bytes whose
-    // pointers (instructions, license, log buffer) outlive the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size as libc::c_uint) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the call returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
-}
-
-/// `union bpf_attr` for BPF_PROG_LOAD, up to `expected_attach_type`.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
-/// `union bpf_attr` for BPF_LINK_CREATE with its `tcx` member.
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_ifindex: u32,
-    attach_type: u32,
-    flags: u32,
-    relative_fd: u32,
-    _pad: u32,
-    expected_revision: u64,
-}
-
 fn load(name: &str, prog_type: u32, insns: &[Insn]) -> Result<OwnedFd> {
-    let license = c"Dual MIT/GPL";
-    let mut log = vec![0u8; 64 * 1024];
-    let mut prog_name = [0u8; 16];
-    for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
-        *d = s;
-    }
-    let mut attr = ProgLoadAttr {
-        prog_type,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 1,
-        log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
-        prog_name,
-        ..Default::default()
-    };
-    bpf(
-        BPF_PROG_LOAD,
-        (&raw mut attr).cast(),
-        size_of::<ProgLoadAttr>(),
-    )
-    .or_else(|e| {
-        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-        bail!(
-            "loading the lab's program {name}: {e}; verifier log:\n{}",
-            String::from_utf8_lossy(&log[..end])
-        )
-    })
+    sys::load_program(name, prog_type, 0, insns).or_else(|e| bail!("loading the lab's program {name}: {e}"))
 }
 
 fn attach(prog: &OwnedFd, ifindex: u32, attach_type: u32) -> std::io::Result<OwnedFd> {
-    let mut attr = LinkCreateAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        target_ifindex: ifindex,
-        attach_type,
-        ..Default::default()
-    };
-    bpf(
-        BPF_LINK_CREATE,
-        (&raw mut attr).cast(),
-        size_of::<LinkCreateAttr>(),
-    )
+    sys::link_create(prog.as_fd(), ifindex, attach_type)
 }
 
 /// Makes interface `ifname` of the calling thread's network namespace behave like a VLAN device
