@@ -1173,3 +1173,19 @@ pub fn config_without_backend(cfg: &str, addr: &str) -> String {
     }
     kept
 }
+
+/// Waits (up to 20 s) until the lab's HTTP VIP answers, then sends one request from each of its
+/// clients (each gets its pin): the VIP and the clients, for the test to go on with.
+pub fn every_client_once(lab: &xtask::lab::Lab) -> (std::net::SocketAddrV4, Vec<Ipv4Addr>) {
+    use std::time::{Duration, Instant};
+    let vip = std::net::SocketAddrV4::new(lab.vip(), xtask::lab::VIP_HTTP_PORT);
+    let clients = lab.client_addrs();
+    let t = Instant::now();
+    while lab.http_get(clients[0], vip, Duration::from_secs(2)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "the VIP never answered:\n{}", lab.lb_log_tail(20));
+    }
+    for c in &clients {
+        lab.http_get(*c, vip, Duration::from_secs(3)).unwrap_or_else(|e| panic!("{c}: {e:#}"));
+    }
+    (vip, clients)
+}

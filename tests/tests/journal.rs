@@ -5,14 +5,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufRead as _;
-use std::net::SocketAddrV4;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lb::api::{AffinityList, Explanation, MoveRecord, StatusReport};
 use tests::lb_bin;
-use xtask::lab::{Lab, LabSpec, VIP_HTTP_PORT};
+use xtask::lab::{Lab, LabSpec};
 
 fn out(lab: &Lab, bin: &Path, args: &[&str]) -> String {
     let o = lab.lb_cli(bin, args).unwrap_or_else(|e| panic!("{e:#}"));
@@ -35,15 +34,7 @@ fn a_failover_journals_exactly_the_dead_backends_clients() {
     assert!(cfg.contains("journal_max_size"), "the lab's config has a [control] table");
     lab.write_config(&cfg).unwrap();
     lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
-    let vip = SocketAddrV4::new(lab.vip(), VIP_HTTP_PORT);
-    let clients = lab.client_addrs();
-    let t = Instant::now();
-    while lab.http_get(clients[0], vip, Duration::from_secs(2)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "the VIP never answered");
-    }
-    for c in &clients {
-        lab.http_get(*c, vip, Duration::from_secs(3)).unwrap_or_else(|e| panic!("{c}: {e:#}"));
-    }
+    let (vip, clients) = tests::every_client_once(&lab);
     let list: AffinityList = serde_json::from_str(&out(&lab, &bin, &["affinity", "list", "--service", "web", "--output", "json"])).unwrap();
     let before: BTreeMap<String, String> = list.pins.into_iter().map(|p| (p.client, p.backend)).collect();
     let b1 = format!("{}:8080", lab.backend_addr(1));

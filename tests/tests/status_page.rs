@@ -5,7 +5,6 @@
 //! `target/status-page.png`. Run as root by `cargo xtask test`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 use lb::api::{AffinityList, StatusReport};
 use serde_json::Value;
 use tests::{browser::Browser, lb_bin};
-use xtask::lab::{Lab, LabSpec, VIP_HTTP_PORT};
+use xtask::lab::{Lab, LabSpec};
 
 const PAGE: &str = "http://127.0.0.1:9940/";
 
@@ -118,15 +117,7 @@ fn the_status_page_shows_every_backend_and_a_failover_live() {
     let bin = lb_bin();
     let mut lab = Lab::create(LabSpec { clients: 30, backends: 3 }).unwrap_or_else(|e| panic!("{e:#}"));
     lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
-    let vip = SocketAddrV4::new(lab.vip(), VIP_HTTP_PORT);
-    let clients = lab.client_addrs();
-    let t = Instant::now();
-    while lab.http_get(clients[0], vip, Duration::from_secs(2)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "the VIP never answered");
-    }
-    for c in &clients {
-        lab.http_get(*c, vip, Duration::from_secs(3)).unwrap_or_else(|e| panic!("{c}: {e:#}"));
-    }
+    let (vip, clients) = tests::every_client_once(&lab);
     let st: StatusReport = serde_json::from_str(&out(&lab, &bin, &["status", "--output", "json"])).unwrap();
     let backends: BTreeSet<(String, String)> =
         st.services.iter().flat_map(|s| s.backends.iter().map(|b| (s.name.clone(), lb::api::endpoint(&b.address, b.port)))).collect();

@@ -4,13 +4,12 @@
 //! journal names those clients (`backend_removed`). Run as root by `cargo xtask test`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
 use std::path::Path;
 use std::time::Duration;
 
 use lb::api::{AffinityList, MoveRecord, StatusReport, WhatIf};
 use tests::lb_bin;
-use xtask::lab::{Lab, LabSpec, VIP_HTTP_PORT};
+use xtask::lab::{Lab, LabSpec};
 
 fn json<T: serde::de::DeserializeOwned>(lab: &Lab, bin: &Path, args: &[&str]) -> T {
     let out = lab.lb_cli(bin, args).unwrap_or_else(|e| panic!("{e:#}"));
@@ -34,14 +33,7 @@ fn dry_runs_change_nothing_and_predict_the_moves() {
     let bin = lb_bin();
     let mut lab = Lab::create(LabSpec { clients: 30, backends: 3 }).unwrap_or_else(|e| panic!("{e:#}"));
     lab.start_lb(&bin).unwrap_or_else(|e| panic!("{e:#}"));
-    let vip = SocketAddrV4::new(lab.vip(), VIP_HTTP_PORT);
-    let t = std::time::Instant::now();
-    while lab.http_get(lab.client_addrs()[0], vip, Duration::from_secs(2)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "the VIP never answered");
-    }
-    for c in lab.client_addrs() {
-        lab.http_get(c, vip, Duration::from_secs(3)).unwrap_or_else(|e| panic!("{c}: {e:#}"));
-    }
+    tests::every_client_once(&lab);
     let before = pins(&lab, &bin);
     assert!(before.len() >= 30, "{before:?}");
     let tables = fingerprint(&lab, &bin);
