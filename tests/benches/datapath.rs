@@ -24,8 +24,8 @@
 //!   the generator (two threads, so that one sends while the other sleeps in the RCU grace
 //!   period that ends every live-frames run) and the sink share the first CPU, the balancer's
 //!   NAPI thread has the second to itself; its CPU time per packet is printed too, since the
-//!   generator's CPU cannot saturate the baseline. The affinity table is sized as the README
-//!   advises (twice the active clients: 131,072). For information, a third window sends frames
+//!   generator's CPU cannot saturate the baseline. The affinity and connection tables are sized
+//!   as the README advises (twice the active clients and connections: 131,072). For information, a third window sends frames
 //!   from 1,024 of the pinned clients only: their table lines stay in the CPU's caches, which
 //!   shows how much of lb's cost per packet is the memory latency of a large affinity table.
 //!
@@ -915,6 +915,7 @@ const VETH_CONFIG: &str = r#"
 [datapath]
 interfaces = ["DEV"]
 affinity_entries = 131072
+flow_entries = 131072
 max_services = 4
 max_backends = 4
 maglev_table_size = 251
