@@ -1,5 +1,5 @@
-//! Shared helpers for the datapath (`BPF_PROG_TEST_RUN`) and end-to-end tests: a packet builder
-//! with full checksums, a decoder for readable mismatches, and the fixture network namespace.
+//! Shared helpers for the datapath (`BPF_PROG_TEST_RUN`) and end-to-end tests: packet builders
+//! with full checksums, one checksum verifier and one decoder, and the fixture network namespace.
 
 use std::{
     fmt::Write as _,
@@ -130,73 +130,6 @@ impl Pkt {
     }
 }
 
-/// Checks the IPv4 header checksum and (for a whole TCP/UDP packet) the L4 checksum of a frame.
-pub fn checksums_valid(frame: &[u8]) -> Result<(), String> {
-    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
-        return Err("not an IPv4 frame".into());
-    }
-    let ihl = ((frame[14] & 0x0f) as usize) * 4;
-    let ip = &frame[14..14 + ihl];
-    if csum::checksum(ip) != 0 {
-        return Err("bad IPv4 header checksum".into());
-    }
-    let tot = u16::from_be_bytes([frame[16], frame[17]]) as usize;
-    let l4 = &frame[14 + ihl..14 + tot];
-    let proto = frame[23];
-    if proto == PROTO_UDP && l4[6..8] == [0, 0] {
-        return Ok(());
-    }
-    let mut acc = csum::sum(0, &frame[26..30]);
-    acc = csum::sum(acc, &frame[30..34]);
-    acc = csum::sum(acc, &[0, proto]);
-    acc = csum::sum(acc, &(l4.len() as u16).to_be_bytes());
-    acc = csum::sum(acc, l4);
-    if !csum::fold(acc) != 0 {
-        return Err(format!("bad {} checksum", if proto == PROTO_TCP { "TCP" } else { "UDP" }));
-    }
-    Ok(())
-}
-
-/// A one-line decode of a frame, for assertion messages.
-pub fn decode(f: &[u8]) -> String {
-    let mut s = String::new();
-    if f.len() < 14 {
-        return format!("runt frame of {} bytes", f.len());
-    }
-    let mac = |m: &[u8]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-    let _ = write!(s, "eth {} > {} type {:02x}{:02x}", mac(&f[6..12]), mac(&f[0..6]), f[12], f[13]);
-    if f[12..14] != [0x08, 0x00] || f.len() < 34 {
-        return s;
-    }
-    let ihl = ((f[14] & 0x0f) as usize) * 4;
-    let src = Ipv4Addr::new(f[26], f[27], f[28], f[29]);
-    let dst = Ipv4Addr::new(f[30], f[31], f[32], f[33]);
-    let _ = write!(s, " | ipv4 ihl {ihl} ttl {} proto {} {src} > {dst} check {:02x}{:02x}", f[22], f[23], f[24], f[25]);
-    let l4 = 14 + ihl;
-    if f.len() >= l4 + 8 {
-        let sp = u16::from_be_bytes([f[l4], f[l4 + 1]]);
-        let dp = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
-        let c = if f[23] == PROTO_TCP && f.len() >= l4 + 18 { l4 + 16 } else { l4 + 6 };
-        let _ = write!(s, " | ports {sp} > {dp} check {:02x}{:02x}", f[c], f[c + 1]);
-    }
-    let _ = write!(s, " | checksums: {}", checksums_valid(f).err().unwrap_or_else(|| "ok".into()));
-    s
-}
-
-/// Asserts two frames are byte-identical, printing both decoded and the first differing offset.
-#[track_caller]
-pub fn assert_frame_eq(got: &[u8], want: &[u8], what: &str) {
-    if got != want {
-        let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-        panic!(
-            "{what}: output frame differs (first at byte {first}, lengths {} vs {})\n  got:  {}\n  want: {}",
-            got.len(),
-            want.len(),
-            decode(got),
-            decode(want)
-        );
-    }
-}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("running ip");
@@ -294,8 +227,8 @@ pub fn monotonic_ns() -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// IPv6, VLAN tags, fragments and ICMP: builders, a checksum verifier and a decoder that know all
-// of them (the breadth fixtures). The IPv4 helpers above are unchanged.
+// IPv6, VLAN tags, fragments and ICMP: builders, the checksum verifier and the decoder (which
+// know IPv4 and IPv6 alike).
 // ---------------------------------------------------------------------------------------------
 
 pub const PROTO_ICMP: u8 = 1;
@@ -799,10 +732,10 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     }
 }
 
-/// A one-line decode of any frame the breadth fixtures build: VLAN tags, IPv4 or IPv6 with
-/// extension headers, fragments, ports, ICMP (with the quoted packet of an error) and the
-/// checksum verdict of `verify_checksums`.
-pub fn decode_any(f: &[u8]) -> String {
+/// A one-line decode of a frame, for assertion messages: VLAN tags, IPv4 or IPv6 with extension
+/// headers, fragments, ports, ICMP (with the quoted packet of an error) and the checksum verdict
+/// of `verify_checksums`.
+pub fn decode(f: &[u8]) -> String {
     let mut s = String::new();
     if f.len() < 14 {
         return format!("runt frame of {} bytes", f.len());
@@ -902,27 +835,29 @@ fn decode_ip(s: &mut String, ip: &[u8], ty: u16, depth: u32) {
     }
 }
 
-/// Asserts two frames are byte-identical; on a mismatch prints both decoded (`decode_any`), the
-/// first differing offset and a hex dump of both.
+/// A hex dump of `b`, 16 bytes a line, each line indented and led by its offset.
+pub fn hex_dump(b: &[u8]) -> String {
+    b.chunks(16)
+        .enumerate()
+        .map(|(i, c)| format!("      {:04x}: {}", i * 16, c.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Asserts two frames are byte-identical; on a mismatch prints both decoded, the first differing
+/// offset and a hex dump of both.
 #[track_caller]
-pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
+pub fn assert_frame_eq(got: &[u8], want: &[u8], what: &str) {
     if got != want {
         let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
-        let hex = |b: &[u8]| {
-            b.chunks(16)
-                .enumerate()
-                .map(|(i, c)| format!("    {:04x}: {}", i * 16, c.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
         panic!(
             "{what}: output frame differs (first at byte {first}, lengths {} vs {})\n  got:  {}\n  want: {}\n  got bytes:\n{}\n  want bytes:\n{}",
             got.len(),
             want.len(),
-            decode_any(got),
-            decode_any(want),
-            hex(got),
-            hex(want)
+            decode(got),
+            decode(want),
+            hex_dump(got),
+            hex_dump(want)
         );
     }
 }
