@@ -14,10 +14,10 @@ use lb::datapath::addr_words;
 use lb_common::{AffinityKey, AffinityValue};
 use tests::{
     from_backend, from_backend6, to_backend1, to_backend6, to_client, to_client6,
-    INFORMATIONAL, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT,
-    MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, PROTO_ICMP, PROTO_ICMPV6, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT,
-    assert_frame_eq, decode, ether, fragment_v4, fragment_v6, icmp4, icmp6, ipv4_packet,
-    ipv6_packet, monotonic_ns, reassemble_v4, reassemble_v6, verify_checksums, vlan_tag,
+    INFORMATIONAL, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, ETH_P_8021AD, ETH_P_8021Q, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT,
+    MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT,
+    assert_frame_eq, decode, fragment_v4, fragment_v6,
+    monotonic_ns, reassemble_v4, reassemble_v6, verify_checksums, vlan_tag,
 };
 
 
@@ -450,21 +450,11 @@ fn icmp_echo_to_the_vip_is_answered_in_place() {
     in_fixture("echo4", |fx| {
         let rest = [0x12, 0x34, 0x00, 0x07];
         let data = pattern(56);
-        let req = ether(
-            MAC_LB_CLIENT_SIDE,
-            MAC_CLIENT,
-            ETH_P_IPV4,
-            &ipv4_packet(CLIENT, VIP, 61, PROTO_ICMP, 0x7777, 0x4000, &icmp4(8, 0, rest, &data)),
-        );
+        let req = Pkt { ttl: 61, ip_id: 0x7777, ..Pkt::icmp(CLIENT, VIP, 8, 0, rest, &data) }.bytes();
         let (v, out) = fx.run(&req, "cl");
         assert_eq!(v, XDP_TX, "{}", decode(&out));
         fx.counted("icmp_echo", &[]);
-        let want = ether(
-            MAC_CLIENT,
-            MAC_LB_CLIENT_SIDE,
-            ETH_P_IPV4,
-            &ipv4_packet(VIP, CLIENT, 64, PROTO_ICMP, 0x7777, 0x4000, &icmp4(0, 0, rest, &data)),
-        );
+        let want = Pkt { eth_dst: MAC_CLIENT, eth_src: MAC_LB_CLIENT_SIDE, ip_id: 0x7777, ..Pkt::icmp(VIP, CLIENT, 0, 0, rest, &data) }.bytes();
         assert_frame_eq(&out, &want, "echo reply");
         verify_checksums(&out).unwrap();
     });
@@ -475,21 +465,11 @@ fn icmpv6_echo_to_the_vip_is_answered_in_place() {
     in_fixture("echo6", |fx| {
         let rest = [0xbe, 0xef, 0x00, 0x01];
         let data = pattern(40);
-        let req = ether(
-            MAC_LB_CLIENT_SIDE,
-            MAC_CLIENT,
-            ETH_P_IPV6,
-            &ipv6_packet(CLIENT6, VIP6, 57, PROTO_ICMPV6, &icmp6(CLIENT6, VIP6, 128, 0, rest, &data)),
-        );
+        let req = Pkt6 { hop_limit: 57, ..Pkt6::icmp(CLIENT6, VIP6, 128, 0, rest, &data) }.bytes();
         let (v, out) = fx.run(&req, "cl");
         assert_eq!(v, XDP_TX, "{}", decode(&out));
         fx.counted("icmp_echo", &[]);
-        let want = ether(
-            MAC_CLIENT,
-            MAC_LB_CLIENT_SIDE,
-            ETH_P_IPV6,
-            &ipv6_packet(VIP6, CLIENT6, 64, PROTO_ICMPV6, &icmp6(VIP6, CLIENT6, 129, 0, rest, &data)),
-        );
+        let want = Pkt6 { eth_dst: MAC_CLIENT, eth_src: MAC_LB_CLIENT_SIDE, ..Pkt6::icmp(VIP6, CLIENT6, 129, 0, rest, &data) }.bytes();
         assert_frame_eq(&out, &want, "ICMPv6 echo reply");
         verify_checksums(&out).unwrap();
     });
@@ -500,18 +480,8 @@ fn icmp_echo_to_a_non_vip_passes_untouched() {
     in_fixture("echoother", |fx| {
         let rest = [0, 1, 0, 1];
         let frames = [
-            ether(
-                MAC_LB_CLIENT_SIDE,
-                MAC_CLIENT,
-                ETH_P_IPV4,
-                &ipv4_packet(CLIENT, NOT_A_VIP, 64, PROTO_ICMP, 1, 0, &icmp4(8, 0, rest, b"ping")),
-            ),
-            ether(
-                MAC_LB_CLIENT_SIDE,
-                MAC_CLIENT,
-                ETH_P_IPV6,
-                &ipv6_packet(CLIENT6, NOT_A_VIP6, 64, PROTO_ICMPV6, &icmp6(CLIENT6, NOT_A_VIP6, 128, 0, rest, b"ping")),
-            ),
+            Pkt { ip_id: 1, frag: 0, ..Pkt::icmp(CLIENT, NOT_A_VIP, 8, 0, rest, b"ping") }.bytes(),
+            Pkt6::icmp(CLIENT6, NOT_A_VIP6, 128, 0, rest, b"ping").bytes(),
         ];
         for f in &frames {
             let (v, out) = fx.run(f, "cl");
@@ -539,13 +509,23 @@ fn quoted_v6(p: Pkt6) -> Vec<u8> {
 const MTU_1400: [u8; 4] = [0, 0, 0x05, 0x78];
 const MTU_1280: [u8; 4] = [0, 0, 0x05, 0x00];
 
+/// An ICMP error from the router about `quote`, sent to `dst` with Ethernet addresses `macs`.
+fn icmp_error(dst: Ipv4Addr, ttl: u8, macs: ([u8; 6], [u8; 6]), ty: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    Pkt { eth_dst: macs.0, eth_src: macs.1, ttl, ip_id: 0x5555, frag: 0, ..Pkt::icmp(ROUTER, dst, ty, code, rest, quote) }.bytes()
+}
+
+/// An ICMPv6 error (code 0) from the router about `quote`, sent to `dst`.
+fn icmp6_error(dst: Ipv6Addr, hop_limit: u8, macs: ([u8; 6], [u8; 6]), ty: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    Pkt6 { eth_dst: macs.0, eth_src: macs.1, hop_limit, ..Pkt6::icmp(ROUTER6, dst, ty, 0, rest, quote) }.bytes()
+}
+
 /// A fragmentation-needed error from the router about `quote`, sent to `dst`.
 fn frag_needed(dst: Ipv4Addr, ttl: u8, macs: ([u8; 6], [u8; 6]), quote: &[u8]) -> Vec<u8> {
-    ether(macs.0, macs.1, ETH_P_IPV4, &ipv4_packet(ROUTER, dst, ttl, PROTO_ICMP, 0x5555, 0, &icmp4(3, 4, MTU_1400, quote)))
+    icmp_error(dst, ttl, macs, 3, 4, MTU_1400, quote)
 }
 
 fn packet_too_big(dst: Ipv6Addr, hop_limit: u8, macs: ([u8; 6], [u8; 6]), quote: &[u8]) -> Vec<u8> {
-    ether(macs.0, macs.1, ETH_P_IPV6, &ipv6_packet(ROUTER6, dst, hop_limit, PROTO_ICMPV6, &icmp6(ROUTER6, dst, 2, 0, MTU_1280, quote)))
+    icmp6_error(dst, hop_limit, macs, 2, MTU_1280, quote)
 }
 
 const FROM_ROUTER: ([u8; 6], [u8; 6]) = (MAC_LB_CLIENT_SIDE, MAC_CLIENT);
@@ -584,9 +564,7 @@ fn other_icmp_errors_and_short_quotes_are_translated_too() {
     in_fixture("icmperrx", |fx| {
         let quote = quoted_v4(Pkt::tcp(VIP, 80, CLIENT, 40000));
         let want_quote = quoted_v4(Pkt::tcp(BACKEND1, 8080, CLIENT, 40000));
-        let error = |dst, ttl, macs: ([u8; 6], [u8; 6]), ty, code, q: &[u8]| {
-            ether(macs.0, macs.1, ETH_P_IPV4, &ipv4_packet(ROUTER, dst, ttl, PROTO_ICMP, 0x5555, 0, &icmp4(ty, code, [0; 4], q)))
-        };
+        let error = |dst, ttl, macs, ty, code, q: &[u8]| icmp_error(dst, ttl, macs, ty, code, [0; 4], q);
         // Time exceeded and host unreachable, full quotes; and RFC 792's minimal quote (IP header
         // + 8 bytes: the ports and sequence number, no TCP checksum), as many routers send it.
         for (what, ty, code, n) in [("time exceeded", 11, 0, 40), ("host unreachable", 3, 1, 40), ("8-byte quote", 3, 4, 28)] {
@@ -600,9 +578,7 @@ fn other_icmp_errors_and_short_quotes_are_translated_too() {
         // ICMPv6 destination unreachable and time exceeded.
         let quote = quoted_v6(Pkt6::tcp(VIP6, 80, CLIENT6, 40000));
         let want_quote = quoted_v6(Pkt6::tcp(BACKEND6, 8080, CLIENT6, 40000));
-        let error6 = |dst, hl, macs: ([u8; 6], [u8; 6]), ty, q: &[u8]| {
-            ether(macs.0, macs.1, ETH_P_IPV6, &ipv6_packet(ROUTER6, dst, hl, PROTO_ICMPV6, &icmp6(ROUTER6, dst, ty, 0, [0; 4], q)))
-        };
+        let error6 = |dst, hl, macs, ty, q: &[u8]| icmp6_error(dst, hl, macs, ty, [0; 4], q);
         for (what, ty) in [("ICMPv6 destination unreachable", 1), ("ICMPv6 time exceeded", 3)] {
             let (v, out) = fx.run(&error6(VIP6, 64, FROM_ROUTER, ty, &quote), "cl");
             assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode(&out));

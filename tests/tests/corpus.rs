@@ -28,7 +28,7 @@ use tests::{
     INFORMATIONAL, Loaded, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE,
     MAC_LB_CLIENT_SIDE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT, hex_dump,
-    ether, fragment_v4, fragment_v6, icmp4, icmp6, ipv4_packet, ipv6_packet, l3_of, vlan_tag,
+    fragment_v4, fragment_v6, l3_of, vlan_tag,
 };
 
 
@@ -475,23 +475,19 @@ const FROM_ROUTER: ([u8; 6], [u8; 6]) = (MAC_LB_CLIENT_SIDE, MAC_CLIENT);
 const TO_BACKEND1: ([u8; 6], [u8; 6]) = (MAC_BACKEND1, MAC_LB_BACKEND_SIDE);
 
 fn frag_needed(dst: Ipv4Addr, ttl: u8, macs: ([u8; 6], [u8; 6]), quote: &[u8]) -> Vec<u8> {
-    let icmp = icmp4(3, 4, [0, 0, 0x05, 0x78], quote);
-    ether(macs.0, macs.1, ETH_P_IPV4, &ipv4_packet(ROUTER, dst, ttl, PROTO_ICMP, 0x5555, 0, &icmp))
+    Pkt { eth_dst: macs.0, eth_src: macs.1, ttl, ip_id: 0x5555, frag: 0, ..Pkt::icmp(ROUTER, dst, 3, 4, [0, 0, 0x05, 0x78], quote) }.bytes()
 }
 
 fn packet_too_big(dst: Ipv6Addr, hop_limit: u8, macs: ([u8; 6], [u8; 6]), quote: &[u8]) -> Vec<u8> {
-    let icmp = icmp6(ROUTER6, dst, 2, 0, [0, 0, 0x05, 0x00], quote);
-    ether(macs.0, macs.1, ETH_P_IPV6, &ipv6_packet(ROUTER6, dst, hop_limit, PROTO_ICMPV6, &icmp))
+    Pkt6 { eth_dst: macs.0, eth_src: macs.1, hop_limit, ..Pkt6::icmp(ROUTER6, dst, 2, 0, [0, 0, 0x05, 0x00], quote) }.bytes()
 }
 
 fn echo4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, ty: u8, macs: ([u8; 6], [u8; 6])) -> Vec<u8> {
-    let icmp = icmp4(ty, 0, [0x12, 0x34, 0x00, 0x07], &pattern(56));
-    ether(macs.0, macs.1, ETH_P_IPV4, &ipv4_packet(src, dst, ttl, PROTO_ICMP, 0x7777, 0x4000, &icmp))
+    Pkt { eth_dst: macs.0, eth_src: macs.1, ttl, ip_id: 0x7777, ..Pkt::icmp(src, dst, ty, 0, [0x12, 0x34, 0x00, 0x07], &pattern(56)) }.bytes()
 }
 
 fn echo6(src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, ty: u8, macs: ([u8; 6], [u8; 6])) -> Vec<u8> {
-    let icmp = icmp6(src, dst, ty, 0, [0xbe, 0xef, 0x00, 0x01], &pattern(40));
-    ether(macs.0, macs.1, ETH_P_IPV6, &ipv6_packet(src, dst, hop_limit, PROTO_ICMPV6, &icmp))
+    Pkt6 { eth_dst: macs.0, eth_src: macs.1, hop_limit, ..Pkt6::icmp(src, dst, ty, 0, [0xbe, 0xef, 0x00, 0x01], &pattern(40)) }.bytes()
 }
 
 const CUTS: [usize; 2] = [48, 96];
