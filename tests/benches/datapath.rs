@@ -968,9 +968,9 @@ fn veth(s: &Settings, cpus: &[usize]) -> Result<Veth> {
         if v != XDP_TX {
             bail!("the generator returned {v}");
         }
-        tests::verify_checksums(&out).map_err(|e| anyhow!("generator output: {e}: {}", tests::decode_any(&out)))?;
+        tests::verify_checksums(&out).map_err(|e| anyhow!("generator output: {e}: {}", tests::decode(&out)))?;
         if out[26..28] != [100, 64] || out[30..34] != VIP.octets() {
-            bail!("generator output: {}", tests::decode_any(&out));
+            bail!("generator output: {}", tests::decode(&out));
         }
         Ok((idx, link))
     })??;

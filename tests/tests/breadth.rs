@@ -14,10 +14,10 @@ use lb::datapath::addr_words;
 use lb_common::{AffinityKey, AffinityValue};
 use tests::{
     from_backend, from_backend6, to_backend1, to_backend6, to_client, to_client6,
-    INFORMATIONAL, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT,
-    MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, PROTO_ICMP, PROTO_ICMPV6, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT,
-    assert_bytes_eq, checksums_valid, decode_any, ether, fragment_v4, fragment_v6, icmp4, icmp6, ipv4_packet,
-    ipv6_packet, monotonic_ns, reassemble_v4, reassemble_v6, verify_checksums, vlan_tag,
+    INFORMATIONAL, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, ETH_P_8021AD, ETH_P_8021Q, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT,
+    MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT,
+    assert_frame_eq, decode, fragment_v4, fragment_v6,
+    monotonic_ns, reassemble_v4, reassemble_v6, verify_checksums, vlan_tag,
 };
 
 
@@ -74,7 +74,7 @@ impl Fixture {
             verdicts.len() == 1 && *verdicts[0].1 == 1,
             "exactly one verdict counter must count a frame; changed: {:?}\n  frame: {}",
             self.last,
-            decode_any(frame)
+            decode(frame)
         );
         (r.verdict, r.out)
     }
@@ -119,9 +119,9 @@ fn ipv6_tcp_and_udp_to_vip_are_rewritten_and_redirected() {
     in_fixture("v6nat", |fx| {
         for (p, port) in [(Pkt6::tcp(CLIENT6, 40000, VIP6, 80), 8080), (Pkt6::udp(CLIENT6, 40001, VIP6, 53), 5353)] {
             let (v, out) = fx.run(&p.bytes(), "cl");
-            assert_eq!(v, XDP_REDIRECT, "{}", decode_any(&out));
+            assert_eq!(v, XDP_REDIRECT, "{}", decode(&out));
             fx.counted("redirect", &["to_vip"]);
-            assert_bytes_eq(&out, &to_backend6(&p, port).bytes(), "IPv6 to the VIP");
+            assert_frame_eq(&out, &to_backend6(&p, port).bytes(), "IPv6 to the VIP");
             verify_checksums(&out).unwrap();
         }
         let web6 = fx.service("web6").entry.id;
@@ -138,9 +138,9 @@ fn ipv6_reply_from_backend_gets_the_vip_back() {
             (from_backend6(Pkt6::udp(BACKEND6, 5353, CLIENT6, 40001)), 53),
         ] {
             let (v, out) = fx.run(&p.bytes(), "bk");
-            assert_eq!(v, XDP_REDIRECT, "{}", decode_any(&out));
+            assert_eq!(v, XDP_REDIRECT, "{}", decode(&out));
             fx.counted("redirect", &["reply"]);
-            assert_bytes_eq(&out, &to_client6(&p, vport).bytes(), "IPv6 reply");
+            assert_frame_eq(&out, &to_client6(&p, vport).bytes(), "IPv6 reply");
             verify_checksums(&out).unwrap();
         }
         // A backend port that is no service's is not translated.
@@ -148,7 +148,7 @@ fn ipv6_reply_from_backend_gets_the_vip_back() {
         let (v, out) = fx.run(&p.bytes(), "bk");
         assert_eq!(v, XDP_PASS);
         fx.counted("pass_not_ours", &[]);
-        assert_bytes_eq(&out, &p.bytes(), "IPv6 from a backend's other port");
+        assert_frame_eq(&out, &p.bytes(), "IPv6 from a backend's other port");
     });
 }
 
@@ -158,8 +158,8 @@ fn ipv6_affinity_is_per_64_and_clients_spread() {
         let multi6 = fx.service("multi6").entry.id;
         let send = |fx: &mut Fixture, client: Ipv6Addr, sport: u16| -> Ipv6Addr {
             let (_, out) = fx.run(&Pkt6::tcp(client, sport, VIP6_MULTI, 80).bytes(), "cl");
-            assert!(fx.last.contains_key("to_vip"), "{}", decode_any(&out));
-            assert_eq!(u16::from_be_bytes([out[56], out[57]]), 8081, "{}", decode_any(&out));
+            assert!(fx.last.contains_key("to_vip"), "{}", decode(&out));
+            assert_eq!(u16::from_be_bytes([out[56], out[57]]), 8081, "{}", decode(&out));
             verify_checksums(&out).unwrap();
             v6_dst(&out)
         };
@@ -217,9 +217,9 @@ fn ipv6_extension_headers_are_skipped_and_kept() {
                 let p = Pkt6 { ext: ext.clone(), ..p };
                 let what = format!("{} behind {} extension header bytes", if p.proto == 6 { "TCP" } else { "UDP" }, p.ext_len());
                 let (v, out) = fx.run(&p.bytes(), "cl");
-                assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode_any(&out));
+                assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode(&out));
                 fx.counted("redirect", &["to_vip"]);
-                assert_bytes_eq(&out, &to_backend6(&p, port).bytes(), &what);
+                assert_frame_eq(&out, &to_backend6(&p, port).bytes(), &what);
                 verify_checksums(&out).unwrap();
             }
         }
@@ -228,7 +228,7 @@ fn ipv6_extension_headers_are_skipped_and_kept() {
         let (v, out) = fx.run(&p.bytes(), "bk");
         assert_eq!(v, XDP_REDIRECT);
         fx.counted("redirect", &["reply"]);
-        assert_bytes_eq(&out, &to_client6(&p, 80).bytes(), "reply behind destination options");
+        assert_frame_eq(&out, &to_client6(&p, 80).bytes(), "reply behind destination options");
     });
 }
 
@@ -240,13 +240,13 @@ fn ipv6_extension_chain_of_seven_is_dropped_when_ours_and_passed_otherwise() {
         assert_eq!(chain.len(), 7);
         let p = Pkt6 { ext: chain.clone(), ..Pkt6::tcp(CLIENT6, 40000, VIP6, 80) };
         let (v, out) = fx.run(&p.bytes(), "cl");
-        assert_eq!(v, XDP_DROP, "7 extension headers to the VIP: {}", decode_any(&out));
+        assert_eq!(v, XDP_DROP, "7 extension headers to the VIP: {}", decode(&out));
         fx.counted("drop_malformed", &[]);
 
         let q = Pkt6 { dst: NOT_A_VIP6, ..p.clone() };
         let (v, out) = fx.run(&q.bytes(), "cl");
         assert_eq!(v, XDP_PASS, "7 extension headers to a non-VIP");
-        assert_bytes_eq(&out, &q.bytes(), "7 extension headers to a non-VIP");
+        assert_frame_eq(&out, &q.bytes(), "7 extension headers to a non-VIP");
     });
 }
 
@@ -256,7 +256,7 @@ fn ipv6_udp_without_checksum_to_vip_is_dropped() {
         let p = Pkt6 { udp_no_checksum: true, ..Pkt6::udp(CLIENT6, 40001, VIP6, 53) };
         assert_eq!(p.bytes()[54 + 6..54 + 8], [0, 0]);
         let (v, out) = fx.run(&p.bytes(), "cl");
-        assert_eq!(v, XDP_DROP, "{}", decode_any(&out));
+        assert_eq!(v, XDP_DROP, "{}", decode(&out));
         fx.counted("drop_malformed", &[]);
     });
 }
@@ -291,9 +291,9 @@ fn vlan_tagged_frames_are_rewritten_and_passed_with_the_tags_kept() {
             ("802.1ad", &double as &dyn Fn(&[u8]) -> Vec<u8>, 8),
         ] {
             let (v, out) = fx.run(&tag(&p.bytes()), "cl");
-            assert_eq!(v, XDP_PASS, "{what}: {}", decode_any(&out));
+            assert_eq!(v, XDP_PASS, "{what}: {}", decode(&out));
             fx.counted("pass_vlan", &["to_vip"]);
-            assert_bytes_eq(&out, &tag(&rewritten), what);
+            assert_frame_eq(&out, &tag(&rewritten), what);
             verify_checksums(&out).unwrap();
             assert_eq!(l3_without_ttl(&out, 14 + tags), l3_without_ttl(&plain, 14), "{what}: same L3/L4 rewrite as untagged");
             let l4 = 14 + tags + 20;
@@ -302,9 +302,9 @@ fn vlan_tagged_frames_are_rewritten_and_passed_with_the_tags_kept() {
         // IPv6 in a tag.
         let p6 = Pkt6::tcp(CLIENT6, 40000, VIP6, 80);
         let (v, out) = fx.run(&single(&p6.bytes()), "cl");
-        assert_eq!(v, XDP_PASS, "tagged IPv6: {}", decode_any(&out));
+        assert_eq!(v, XDP_PASS, "tagged IPv6: {}", decode(&out));
         fx.counted("pass_vlan", &["to_vip"]);
-        assert_bytes_eq(&out, &single(&Pkt6 { dst: BACKEND6, dport: 8080, ..p6 }.bytes()), "tagged IPv6");
+        assert_frame_eq(&out, &single(&Pkt6 { dst: BACKEND6, dport: 8080, ..p6 }.bytes()), "tagged IPv6");
     });
 }
 
@@ -327,19 +327,19 @@ fn ipv4_fragments_follow_their_first_fragment() {
         // First, then the last, then the middle one: later fragments need not come in order.
         for i in [0, 2, 1] {
             let (v, out) = fx.run(&frags[i], "cl");
-            assert_eq!(v, XDP_REDIRECT, "fragment {i}: {}", decode_any(&out));
+            assert_eq!(v, XDP_REDIRECT, "fragment {i}: {}", decode(&out));
             if i == 0 {
                 fx.counted("redirect", &["to_vip"]);
             } else {
                 fx.counted("redirect", &["fragment"]);
             }
-            assert_bytes_eq(&out, &want[i], &format!("fragment {i}"));
+            assert_frame_eq(&out, &want[i], &format!("fragment {i}"));
             verify_checksums(&out).unwrap();
             outs[i] = out;
         }
         let whole = reassemble_v4(&outs);
-        checksums_valid(&whole).unwrap_or_else(|e| panic!("reassembled output: {e}: {}", decode_any(&whole)));
-        assert_bytes_eq(&whole, &want_full.bytes(), "reassembled output");
+        verify_checksums(&whole).unwrap_or_else(|e| panic!("reassembled output: {e}: {}", decode(&whole)));
+        assert_frame_eq(&whole, &want_full.bytes(), "reassembled output");
         let dns = fx.service("dns").entry.id;
         assert_eq!(fx.dp.service_counters(dns).unwrap().packets, 3);
     });
@@ -355,12 +355,12 @@ fn ipv4_reply_fragments_get_the_vip_as_source() {
         let mut outs = Vec::new();
         for (i, f) in frags.iter().enumerate() {
             let (v, out) = fx.run(f, "bk");
-            assert_eq!(v, XDP_REDIRECT, "reply fragment {i}: {}", decode_any(&out));
+            assert_eq!(v, XDP_REDIRECT, "reply fragment {i}: {}", decode(&out));
             fx.counted("redirect", if i == 0 { &["reply"] } else { &["fragment"] });
-            assert_bytes_eq(&out, &want[i], &format!("reply fragment {i}"));
+            assert_frame_eq(&out, &want[i], &format!("reply fragment {i}"));
             outs.push(out);
         }
-        assert_bytes_eq(&reassemble_v4(&outs), &want_full.bytes(), "reassembled reply");
+        assert_frame_eq(&reassemble_v4(&outs), &want_full.bytes(), "reassembled reply");
     });
 }
 
@@ -374,14 +374,14 @@ fn ipv6_fragments_follow_their_first_fragment() {
         let mut outs = vec![Vec::new(); 3];
         for i in [0, 2, 1] {
             let (v, out) = fx.run(&frags[i], "cl");
-            assert_eq!(v, XDP_REDIRECT, "fragment {i}: {}", decode_any(&out));
+            assert_eq!(v, XDP_REDIRECT, "fragment {i}: {}", decode(&out));
             fx.counted("redirect", if i == 0 { &["to_vip"] } else { &["fragment"] });
-            assert_bytes_eq(&out, &want[i], &format!("IPv6 fragment {i}"));
+            assert_frame_eq(&out, &want[i], &format!("IPv6 fragment {i}"));
             outs[i] = out;
         }
         let whole = reassemble_v6(&outs);
-        verify_checksums(&whole).unwrap_or_else(|e| panic!("reassembled output: {e}: {}", decode_any(&whole)));
-        assert_bytes_eq(&whole, &want_full.bytes(), "reassembled IPv6 output");
+        verify_checksums(&whole).unwrap_or_else(|e| panic!("reassembled output: {e}: {}", decode(&whole)));
+        assert_frame_eq(&whole, &want_full.bytes(), "reassembled IPv6 output");
     });
 }
 
@@ -395,14 +395,14 @@ fn ipv6_reply_fragments_get_the_vip_as_source() {
         let mut outs = Vec::new();
         for (i, f) in frags.iter().enumerate() {
             let (v, out) = fx.run(f, "bk");
-            assert_eq!(v, XDP_REDIRECT, "reply fragment {i}: {}", decode_any(&out));
+            assert_eq!(v, XDP_REDIRECT, "reply fragment {i}: {}", decode(&out));
             fx.counted("redirect", if i == 0 { &["reply"] } else { &["fragment"] });
-            assert_bytes_eq(&out, &want[i], &format!("IPv6 reply fragment {i}"));
+            assert_frame_eq(&out, &want[i], &format!("IPv6 reply fragment {i}"));
             outs.push(out);
         }
         let whole = reassemble_v6(&outs);
         verify_checksums(&whole).unwrap();
-        assert_bytes_eq(&whole, &want_full.bytes(), "reassembled IPv6 reply");
+        assert_frame_eq(&whole, &want_full.bytes(), "reassembled IPv6 reply");
     });
 }
 
@@ -416,28 +416,28 @@ fn later_fragments_without_a_first_are_dropped_when_ours_and_passed_otherwise() 
         let other = fragment_v4(&Pkt { ip_id: 0x4343, ..p.clone() }.bytes(), &CUTS);
         for f in &other[1..] {
             let (v, out) = fx.run(f, "cl");
-            assert_eq!(v, XDP_DROP, "unplaced IPv4 fragment to the VIP: {}", decode_any(&out));
+            assert_eq!(v, XDP_DROP, "unplaced IPv4 fragment to the VIP: {}", decode(&out));
             fx.counted("drop_frag_unplaced", &[]);
         }
         let not_ours = fragment_v4(&Pkt { dst: NOT_A_VIP, ..p.clone() }.bytes(), &CUTS);
         let (v, out) = fx.run(&not_ours[1], "cl");
         assert_eq!(v, XDP_PASS);
         fx.counted("pass_not_ours", &[]);
-        assert_bytes_eq(&out, &not_ours[1], "unplaced IPv4 fragment to a non-VIP");
+        assert_frame_eq(&out, &not_ours[1], "unplaced IPv4 fragment to a non-VIP");
 
         // IPv6 likewise.
         let p6 = Pkt6 { payload: pattern(100), ..Pkt6::udp(CLIENT6, 40001, VIP6, 53) };
         let f6 = fragment_v6(&p6.bytes(), 77, &CUTS);
         for f in &f6[1..] {
             let (v, out) = fx.run(f, "cl");
-            assert_eq!(v, XDP_DROP, "unplaced IPv6 fragment to the VIP: {}", decode_any(&out));
+            assert_eq!(v, XDP_DROP, "unplaced IPv6 fragment to the VIP: {}", decode(&out));
             fx.counted("drop_frag_unplaced", &[]);
         }
         let n6 = fragment_v6(&Pkt6 { dst: NOT_A_VIP6, ..p6 }.bytes(), 77, &CUTS);
         let (v, out) = fx.run(&n6[2], "cl");
         assert_eq!(v, XDP_PASS);
         fx.counted("pass_not_ours", &[]);
-        assert_bytes_eq(&out, &n6[2], "unplaced IPv6 fragment to a non-VIP");
+        assert_frame_eq(&out, &n6[2], "unplaced IPv6 fragment to a non-VIP");
     });
 }
 
@@ -450,22 +450,12 @@ fn icmp_echo_to_the_vip_is_answered_in_place() {
     in_fixture("echo4", |fx| {
         let rest = [0x12, 0x34, 0x00, 0x07];
         let data = pattern(56);
-        let req = ether(
-            MAC_LB_CLIENT_SIDE,
-            MAC_CLIENT,
-            ETH_P_IPV4,
-            &ipv4_packet(CLIENT, VIP, 61, PROTO_ICMP, 0x7777, 0x4000, &icmp4(8, 0, rest, &data)),
-        );
+        let req = Pkt { ttl: 61, ip_id: 0x7777, ..Pkt::icmp(CLIENT, VIP, 8, 0, rest, &data) }.bytes();
         let (v, out) = fx.run(&req, "cl");
-        assert_eq!(v, XDP_TX, "{}", decode_any(&out));
+        assert_eq!(v, XDP_TX, "{}", decode(&out));
         fx.counted("icmp_echo", &[]);
-        let want = ether(
-            MAC_CLIENT,
-            MAC_LB_CLIENT_SIDE,
-            ETH_P_IPV4,
-            &ipv4_packet(VIP, CLIENT, 64, PROTO_ICMP, 0x7777, 0x4000, &icmp4(0, 0, rest, &data)),
-        );
-        assert_bytes_eq(&out, &want, "echo reply");
+        let want = Pkt { eth_dst: MAC_CLIENT, eth_src: MAC_LB_CLIENT_SIDE, ip_id: 0x7777, ..Pkt::icmp(VIP, CLIENT, 0, 0, rest, &data) }.bytes();
+        assert_frame_eq(&out, &want, "echo reply");
         verify_checksums(&out).unwrap();
     });
 }
@@ -475,22 +465,12 @@ fn icmpv6_echo_to_the_vip_is_answered_in_place() {
     in_fixture("echo6", |fx| {
         let rest = [0xbe, 0xef, 0x00, 0x01];
         let data = pattern(40);
-        let req = ether(
-            MAC_LB_CLIENT_SIDE,
-            MAC_CLIENT,
-            ETH_P_IPV6,
-            &ipv6_packet(CLIENT6, VIP6, 57, PROTO_ICMPV6, &icmp6(CLIENT6, VIP6, 128, 0, rest, &data)),
-        );
+        let req = Pkt6 { hop_limit: 57, ..Pkt6::icmp(CLIENT6, VIP6, 128, 0, rest, &data) }.bytes();
         let (v, out) = fx.run(&req, "cl");
-        assert_eq!(v, XDP_TX, "{}", decode_any(&out));
+        assert_eq!(v, XDP_TX, "{}", decode(&out));
         fx.counted("icmp_echo", &[]);
-        let want = ether(
-            MAC_CLIENT,
-            MAC_LB_CLIENT_SIDE,
-            ETH_P_IPV6,
-            &ipv6_packet(VIP6, CLIENT6, 64, PROTO_ICMPV6, &icmp6(VIP6, CLIENT6, 129, 0, rest, &data)),
-        );
-        assert_bytes_eq(&out, &want, "ICMPv6 echo reply");
+        let want = Pkt6 { eth_dst: MAC_CLIENT, eth_src: MAC_LB_CLIENT_SIDE, ..Pkt6::icmp(VIP6, CLIENT6, 129, 0, rest, &data) }.bytes();
+        assert_frame_eq(&out, &want, "ICMPv6 echo reply");
         verify_checksums(&out).unwrap();
     });
 }
@@ -500,24 +480,14 @@ fn icmp_echo_to_a_non_vip_passes_untouched() {
     in_fixture("echoother", |fx| {
         let rest = [0, 1, 0, 1];
         let frames = [
-            ether(
-                MAC_LB_CLIENT_SIDE,
-                MAC_CLIENT,
-                ETH_P_IPV4,
-                &ipv4_packet(CLIENT, NOT_A_VIP, 64, PROTO_ICMP, 1, 0, &icmp4(8, 0, rest, b"ping")),
-            ),
-            ether(
-                MAC_LB_CLIENT_SIDE,
-                MAC_CLIENT,
-                ETH_P_IPV6,
-                &ipv6_packet(CLIENT6, NOT_A_VIP6, 64, PROTO_ICMPV6, &icmp6(CLIENT6, NOT_A_VIP6, 128, 0, rest, b"ping")),
-            ),
+            Pkt { ip_id: 1, frag: 0, ..Pkt::icmp(CLIENT, NOT_A_VIP, 8, 0, rest, b"ping") }.bytes(),
+            Pkt6::icmp(CLIENT6, NOT_A_VIP6, 128, 0, rest, b"ping").bytes(),
         ];
         for f in &frames {
             let (v, out) = fx.run(f, "cl");
-            assert_eq!(v, XDP_PASS, "{}", decode_any(f));
+            assert_eq!(v, XDP_PASS, "{}", decode(f));
             fx.counted("pass_not_ours", &[]);
-            assert_bytes_eq(&out, f, "echo to a non-VIP");
+            assert_frame_eq(&out, f, "echo to a non-VIP");
         }
     });
 }
@@ -539,13 +509,23 @@ fn quoted_v6(p: Pkt6) -> Vec<u8> {
 const MTU_1400: [u8; 4] = [0, 0, 0x05, 0x78];
 const MTU_1280: [u8; 4] = [0, 0, 0x05, 0x00];
 
+/// An ICMP error from the router about `quote`, sent to `dst` with Ethernet addresses `macs`.
+fn icmp_error(dst: Ipv4Addr, ttl: u8, macs: ([u8; 6], [u8; 6]), ty: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    Pkt { eth_dst: macs.0, eth_src: macs.1, ttl, ip_id: 0x5555, frag: 0, ..Pkt::icmp(ROUTER, dst, ty, code, rest, quote) }.bytes()
+}
+
+/// An ICMPv6 error (code 0) from the router about `quote`, sent to `dst`.
+fn icmp6_error(dst: Ipv6Addr, hop_limit: u8, macs: ([u8; 6], [u8; 6]), ty: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    Pkt6 { eth_dst: macs.0, eth_src: macs.1, hop_limit, ..Pkt6::icmp(ROUTER6, dst, ty, 0, rest, quote) }.bytes()
+}
+
 /// A fragmentation-needed error from the router about `quote`, sent to `dst`.
 fn frag_needed(dst: Ipv4Addr, ttl: u8, macs: ([u8; 6], [u8; 6]), quote: &[u8]) -> Vec<u8> {
-    ether(macs.0, macs.1, ETH_P_IPV4, &ipv4_packet(ROUTER, dst, ttl, PROTO_ICMP, 0x5555, 0, &icmp4(3, 4, MTU_1400, quote)))
+    icmp_error(dst, ttl, macs, 3, 4, MTU_1400, quote)
 }
 
 fn packet_too_big(dst: Ipv6Addr, hop_limit: u8, macs: ([u8; 6], [u8; 6]), quote: &[u8]) -> Vec<u8> {
-    ether(macs.0, macs.1, ETH_P_IPV6, &ipv6_packet(ROUTER6, dst, hop_limit, PROTO_ICMPV6, &icmp6(ROUTER6, dst, 2, 0, MTU_1280, quote)))
+    icmp6_error(dst, hop_limit, macs, 2, MTU_1280, quote)
 }
 
 const FROM_ROUTER: ([u8; 6], [u8; 6]) = (MAC_LB_CLIENT_SIDE, MAC_CLIENT);
@@ -571,10 +551,10 @@ fn icmp_frag_needed_about_a_vip_flow_goes_to_the_clients_backend() {
             let f = frag_needed(VIP, 64, FROM_ROUTER, &quote);
             verify_checksums(&f).unwrap();
             let (v, out) = fx.run(&f, "cl");
-            assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode_any(&out));
+            assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode(&out));
             fx.counted("redirect", &["icmp_error"]);
-            assert_bytes_eq(&out, &frag_needed(BACKEND1, 63, TO_BACKEND1, &want_quote), what);
-            verify_checksums(&out).unwrap_or_else(|e| panic!("{what}: {e}: {}", decode_any(&out)));
+            assert_frame_eq(&out, &frag_needed(BACKEND1, 63, TO_BACKEND1, &want_quote), what);
+            verify_checksums(&out).unwrap_or_else(|e| panic!("{what}: {e}: {}", decode(&out)));
         }
     });
 }
@@ -584,30 +564,26 @@ fn other_icmp_errors_and_short_quotes_are_translated_too() {
     in_fixture("icmperrx", |fx| {
         let quote = quoted_v4(Pkt::tcp(VIP, 80, CLIENT, 40000));
         let want_quote = quoted_v4(Pkt::tcp(BACKEND1, 8080, CLIENT, 40000));
-        let error = |dst, ttl, macs: ([u8; 6], [u8; 6]), ty, code, q: &[u8]| {
-            ether(macs.0, macs.1, ETH_P_IPV4, &ipv4_packet(ROUTER, dst, ttl, PROTO_ICMP, 0x5555, 0, &icmp4(ty, code, [0; 4], q)))
-        };
+        let error = |dst, ttl, macs, ty, code, q: &[u8]| icmp_error(dst, ttl, macs, ty, code, [0; 4], q);
         // Time exceeded and host unreachable, full quotes; and RFC 792's minimal quote (IP header
         // + 8 bytes: the ports and sequence number, no TCP checksum), as many routers send it.
         for (what, ty, code, n) in [("time exceeded", 11, 0, 40), ("host unreachable", 3, 1, 40), ("8-byte quote", 3, 4, 28)] {
             let f = error(VIP, 64, FROM_ROUTER, ty, code, &quote[..n]);
             let (v, out) = fx.run(&f, "cl");
-            assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode_any(&out));
+            assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode(&out));
             fx.counted("redirect", &["icmp_error"]);
-            assert_bytes_eq(&out, &error(BACKEND1, 63, TO_BACKEND1, ty, code, &want_quote[..n]), what);
-            verify_checksums(&out).unwrap_or_else(|e| panic!("{what}: {e}: {}", decode_any(&out)));
+            assert_frame_eq(&out, &error(BACKEND1, 63, TO_BACKEND1, ty, code, &want_quote[..n]), what);
+            verify_checksums(&out).unwrap_or_else(|e| panic!("{what}: {e}: {}", decode(&out)));
         }
         // ICMPv6 destination unreachable and time exceeded.
         let quote = quoted_v6(Pkt6::tcp(VIP6, 80, CLIENT6, 40000));
         let want_quote = quoted_v6(Pkt6::tcp(BACKEND6, 8080, CLIENT6, 40000));
-        let error6 = |dst, hl, macs: ([u8; 6], [u8; 6]), ty, q: &[u8]| {
-            ether(macs.0, macs.1, ETH_P_IPV6, &ipv6_packet(ROUTER6, dst, hl, PROTO_ICMPV6, &icmp6(ROUTER6, dst, ty, 0, [0; 4], q)))
-        };
+        let error6 = |dst, hl, macs, ty, q: &[u8]| icmp6_error(dst, hl, macs, ty, [0; 4], q);
         for (what, ty) in [("ICMPv6 destination unreachable", 1), ("ICMPv6 time exceeded", 3)] {
             let (v, out) = fx.run(&error6(VIP6, 64, FROM_ROUTER, ty, &quote), "cl");
-            assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode_any(&out));
+            assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode(&out));
             fx.counted("redirect", &["icmp_error"]);
-            assert_bytes_eq(&out, &error6(BACKEND6, 63, TO_BACKEND1, ty, &want_quote), what);
+            assert_frame_eq(&out, &error6(BACKEND6, 63, TO_BACKEND1, ty, &want_quote), what);
         }
     });
 }
@@ -628,10 +604,10 @@ fn icmp_error_follows_the_clients_pin() {
         fx.dp.write_affinity(key, AffinityValue { backend_id: id, flags: 0, last_seen_ns: now, created_ns: now }).unwrap();
         let quote = quoted_v4(Pkt::tcp(VIP_MULTI, 80, client, 40000));
         let (v, out) = fx.run(&frag_needed(VIP_MULTI, 64, FROM_ROUTER, &quote), "cl");
-        assert_eq!(v, XDP_REDIRECT, "{}", decode_any(&out));
+        assert_eq!(v, XDP_REDIRECT, "{}", decode(&out));
         fx.counted("redirect", &["icmp_error"]);
         let want_quote = quoted_v4(Pkt::tcp(BACKEND1, 8081, client, 40000));
-        assert_bytes_eq(&out, &frag_needed(BACKEND1, 63, TO_BACKEND1, &want_quote), "error about a pinned client");
+        assert_frame_eq(&out, &frag_needed(BACKEND1, 63, TO_BACKEND1, &want_quote), "error about a pinned client");
 
         // Another client, pinned by its own traffic to an unresolved backend: rewritten the same
         // way, passed to the kernel (TTL and MACs are its business then).
@@ -641,15 +617,15 @@ fn icmp_error_follows_the_clients_pin() {
             .find(|c| *c != pinned && fx.maglev_pick("multi", IpAddr::V4(*c)) == IpAddr::V4(Ipv4Addr::new(10, 1, 0, 12)))
             .unwrap();
         let (v, out) = fx.run(&Pkt::tcp(client, 40000, VIP_MULTI, 80).bytes(), "cl");
-        assert_eq!(v, XDP_PASS, "client {client}: {} counted {:?}", decode_any(&out), fx.last);
+        assert_eq!(v, XDP_PASS, "client {client}: {} counted {:?}", decode(&out), fx.last);
         fx.counted("pass_fib", &["to_vip"]);
         let b12 = Ipv4Addr::new(10, 1, 0, 12);
         let quote = quoted_v4(Pkt::tcp(VIP_MULTI, 80, client, 40000));
         let (v, out) = fx.run(&frag_needed(VIP_MULTI, 64, FROM_ROUTER, &quote), "cl");
-        assert_eq!(v, XDP_PASS, "{}", decode_any(&out));
+        assert_eq!(v, XDP_PASS, "{}", decode(&out));
         fx.counted("pass_fib", &["icmp_error"]);
         let want_quote = quoted_v4(Pkt::tcp(b12, 8081, client, 40000));
-        assert_bytes_eq(&out, &frag_needed(b12, 64, FROM_ROUTER, &want_quote), "error about a client of 10.1.0.12");
+        assert_frame_eq(&out, &frag_needed(b12, 64, FROM_ROUTER, &want_quote), "error about a client of 10.1.0.12");
     });
 }
 
@@ -672,10 +648,10 @@ fn icmpv6_packet_too_big_about_a_vip_flow_goes_to_the_clients_backend() {
             let f = packet_too_big(VIP6, 64, FROM_ROUTER, &quote);
             verify_checksums(&f).unwrap();
             let (v, out) = fx.run(&f, "cl");
-            assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode_any(&out));
+            assert_eq!(v, XDP_REDIRECT, "{what}: {}", decode(&out));
             fx.counted("redirect", &["icmp_error"]);
-            assert_bytes_eq(&out, &packet_too_big(BACKEND6, 63, TO_BACKEND1, &want_quote), what);
-            verify_checksums(&out).unwrap_or_else(|e| panic!("{what}: {e}: {}", decode_any(&out)));
+            assert_frame_eq(&out, &packet_too_big(BACKEND6, 63, TO_BACKEND1, &want_quote), what);
+            verify_checksums(&out).unwrap_or_else(|e| panic!("{what}: {e}: {}", decode(&out)));
         }
     });
 }
@@ -690,9 +666,9 @@ fn icmp_error_naming_no_service_passes_untouched() {
         ];
         for (what, f) in &frames {
             let (v, out) = fx.run(f, "cl");
-            assert_eq!(v, XDP_PASS, "{what}: {}", decode_any(&out));
+            assert_eq!(v, XDP_PASS, "{what}: {}", decode(&out));
             fx.counted("pass_not_ours", &[]);
-            assert_bytes_eq(&out, f, what);
+            assert_frame_eq(&out, f, what);
         }
         assert_eq!(fx.dp.stats().unwrap()["icmp_error"], 0);
     });
@@ -732,7 +708,7 @@ fn checksum_verifier_catches_corruption() {
         for i in ranges.into_iter().flatten() {
             let mut f = frame.clone();
             f[i] ^= 0x40;
-            assert!(verify_checksums(&f).is_err(), "byte {i} flipped unnoticed: {}", decode_any(&f));
+            assert!(verify_checksums(&f).is_err(), "byte {i} flipped unnoticed: {}", decode(&f));
         }
     }
     for p in [Pkt6::tcp(CLIENT6, 1, VIP6, 80), Pkt6::udp(CLIENT6, 1, VIP6, 53)] {

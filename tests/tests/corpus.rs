@@ -27,8 +27,8 @@ use tests::{
     from_backend, from_backend6, to_backend1, to_backend6, to_client,
     INFORMATIONAL, Loaded, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, Ext, FixtureNs, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE,
-    MAC_LB_CLIENT_SIDE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT, decode_any,
-    ether, fragment_v4, fragment_v6, icmp4, icmp6, ipv4_packet, ipv6_packet, l3_of, vlan_tag,
+    MAC_LB_CLIENT_SIDE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Pkt, Pkt6, V6_BACKEND1, V6_CLIENT, hex_dump,
+    fragment_v4, fragment_v6, l3_of, vlan_tag,
 };
 
 
@@ -123,7 +123,7 @@ impl Fixture {
     }
 
     fn run(&mut self, frame: &[u8], ingress: &str) -> Outcome {
-        self.try_run(frame, ingress).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN refused {}: {e}", decode(frame)))
+        self.try_run(frame, ingress).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN refused {}: {e}", decode_caught(frame)))
     }
 
     fn maglev_pick(&self, name: &str, client: IpAddr) -> IpAddr {
@@ -155,18 +155,10 @@ fn in_fixture(tag: &str, f: impl FnOnce(&mut Fixture) -> Findings + Send) {
 // Reporting
 // ------------------------------------------------------------------------------------------
 
-fn hex(b: &[u8]) -> String {
-    b.chunks(16)
-        .enumerate()
-        .map(|(i, c)| format!("      {:04x}: {}", i * 16, c.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// `decode_any`, which may panic on some malformed quotes: a panic is reported, not raised.
-fn decode(f: &[u8]) -> String {
+/// `tests::decode`, with a panic on some malformed frame reported, not raised.
+fn decode_caught(f: &[u8]) -> String {
     let f = f.to_vec();
-    std::panic::catch_unwind(move || decode_any(&f)).unwrap_or_else(|_| "(decode_any panicked)".into())
+    std::panic::catch_unwind(move || tests::decode(&f)).unwrap_or_else(|_| "(decode panicked)".into())
 }
 
 /// Violations of one test, reported together at its end.
@@ -186,11 +178,11 @@ impl Findings {
         if *n > 4 {
             return;
         }
-        let mut s = format!("{case}: {kind}\n    input:  {}\n{}", decode(input), hex(input));
+        let mut s = format!("{case}: {kind}\n    input:  {}\n{}", decode_caught(input), hex_dump(input));
         if let Some(o) = o {
             let _ = write!(s, "\n    result: {}", o.describe());
             if o.out != input {
-                let _ = write!(s, "\n    output: {}\n{}", decode(&o.out), hex(&o.out));
+                let _ = write!(s, "\n    output: {}\n{}", decode_caught(&o.out), hex_dump(&o.out));
             }
         }
         self.list.push(s);
@@ -483,23 +475,19 @@ const FROM_ROUTER: ([u8; 6], [u8; 6]) = (MAC_LB_CLIENT_SIDE, MAC_CLIENT);
 const TO_BACKEND1: ([u8; 6], [u8; 6]) = (MAC_BACKEND1, MAC_LB_BACKEND_SIDE);
 
 fn frag_needed(dst: Ipv4Addr, ttl: u8, macs: ([u8; 6], [u8; 6]), quote: &[u8]) -> Vec<u8> {
-    let icmp = icmp4(3, 4, [0, 0, 0x05, 0x78], quote);
-    ether(macs.0, macs.1, ETH_P_IPV4, &ipv4_packet(ROUTER, dst, ttl, PROTO_ICMP, 0x5555, 0, &icmp))
+    Pkt { eth_dst: macs.0, eth_src: macs.1, ttl, ip_id: 0x5555, frag: 0, ..Pkt::icmp(ROUTER, dst, 3, 4, [0, 0, 0x05, 0x78], quote) }.bytes()
 }
 
 fn packet_too_big(dst: Ipv6Addr, hop_limit: u8, macs: ([u8; 6], [u8; 6]), quote: &[u8]) -> Vec<u8> {
-    let icmp = icmp6(ROUTER6, dst, 2, 0, [0, 0, 0x05, 0x00], quote);
-    ether(macs.0, macs.1, ETH_P_IPV6, &ipv6_packet(ROUTER6, dst, hop_limit, PROTO_ICMPV6, &icmp))
+    Pkt6 { eth_dst: macs.0, eth_src: macs.1, hop_limit, ..Pkt6::icmp(ROUTER6, dst, 2, 0, [0, 0, 0x05, 0x00], quote) }.bytes()
 }
 
 fn echo4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, ty: u8, macs: ([u8; 6], [u8; 6])) -> Vec<u8> {
-    let icmp = icmp4(ty, 0, [0x12, 0x34, 0x00, 0x07], &pattern(56));
-    ether(macs.0, macs.1, ETH_P_IPV4, &ipv4_packet(src, dst, ttl, PROTO_ICMP, 0x7777, 0x4000, &icmp))
+    Pkt { eth_dst: macs.0, eth_src: macs.1, ttl, ip_id: 0x7777, ..Pkt::icmp(src, dst, ty, 0, [0x12, 0x34, 0x00, 0x07], &pattern(56)) }.bytes()
 }
 
 fn echo6(src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, ty: u8, macs: ([u8; 6], [u8; 6])) -> Vec<u8> {
-    let icmp = icmp6(src, dst, ty, 0, [0xbe, 0xef, 0x00, 0x01], &pattern(40));
-    ether(macs.0, macs.1, ETH_P_IPV6, &ipv6_packet(src, dst, hop_limit, PROTO_ICMPV6, &icmp))
+    Pkt6 { eth_dst: macs.0, eth_src: macs.1, hop_limit, ..Pkt6::icmp(src, dst, ty, 0, [0xbe, 0xef, 0x00, 0x01], &pattern(40)) }.bytes()
 }
 
 const CUTS: [usize; 2] = [48, 96];
@@ -600,7 +588,7 @@ fn checked_templates(fx: &mut Fixture) -> Vec<Template> {
         let sums = checksum_states(&t.frame);
         assert!(sums.iter().all(|s| s.1), "template {}: checksums {sums:?}", t.name);
         let o = fx.run(&t.frame, t.ingress);
-        assert_eq!(o.verdict, t.verdict, "template {}: {}: {}", t.name, o.describe(), decode(&o.out));
+        assert_eq!(o.verdict, t.verdict, "template {}: {}: {}", t.name, o.describe(), decode_caught(&o.out));
         let mut want: BTreeMap<&str, u64> = t.also.iter().map(|c| (*c, 1)).collect();
         want.insert(t.counter, 1);
         // Whether a TCP template writes a connection entry depends on which template used its
@@ -608,7 +596,7 @@ fn checked_templates(fx: &mut Fixture) -> Vec<Template> {
         let mut got = o.changed.clone();
         got.remove("conn_new");
         assert_eq!(got, want, "template {}: counters", t.name);
-        tests::assert_bytes_eq(&o.out, &t.want, &format!("template {}", t.name));
+        tests::assert_frame_eq(&o.out, &t.want, &format!("template {}", t.name));
         let out = checksum_states(&o.out);
         assert!(out.iter().all(|s| s.1) && out.len() == sums.len(), "template {}: output checksums {out:?}", t.name);
     }
@@ -1119,7 +1107,7 @@ fn checksum_sites_see_every_checksum_and_repair_them() {
     let tagged = double(&Pkt6 { ext: vec![Ext::options(0, 0)], ..Pkt6::tcp(CLIENT6, 1, VIP6, 80) }.bytes());
     assert_eq!(checksum_states(&tagged), [("TCP", true)]);
     for frame in [f, f6, tagged, Pkt::udp(CLIENT, 1, VIP, 53).bytes(), echo4(CLIENT, VIP, 64, 8, FROM_ROUTER)] {
-        assert!(checksum_states(&frame).iter().all(|s| s.1), "{}", decode(&frame));
+        assert!(checksum_states(&frame).iter().all(|s| s.1), "{}", decode_caught(&frame));
         // Any one byte flipped in a covered range breaks some checksum; repairing mends all.
         for i in 14..frame.len() {
             let mut g = frame.clone();
@@ -1128,10 +1116,10 @@ fn checksum_sites_see_every_checksum_and_repair_them() {
             let pseudo = if ty == ETH_P_IPV6 { l3 + 8..l3 + 40 } else { l3 + 12..l3 + 20 };
             let covered = sites(&frame).iter().any(|s| s.range.contains(&i)) || pseudo.contains(&i);
             if covered && sites(&g).len() == sites(&frame).len() {
-                assert!(checksum_states(&g).iter().any(|s| !s.1), "byte {i} of {}", decode(&frame));
+                assert!(checksum_states(&g).iter().any(|s| !s.1), "byte {i} of {}", decode_caught(&frame));
             }
             fix_checksums(&mut g);
-            assert!(checksum_states(&g).iter().all(|s| s.1), "repaired byte {i}: {}", decode(&g));
+            assert!(checksum_states(&g).iter().all(|s| s.1), "repaired byte {i}: {}", decode_caught(&g));
         }
     }
 }

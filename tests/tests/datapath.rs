@@ -9,7 +9,7 @@ use lb::config::Config;
 use lb_common::{AffinityKey, AffinityValue};
 use tests::{
     FixtureNs, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, Pkt, assert_frame_eq, to_backend1,
-    checksums_valid, decode, monotonic_ns,
+    verify_checksums, decode, monotonic_ns,
 };
 
 
@@ -142,7 +142,7 @@ fn tcp_to_vip_is_rewritten_and_redirected() {
         let (v, out) = fx.run(&p.bytes(), "cl");
         assert_eq!(v, XDP_REDIRECT, "{}", decode(&out));
         assert_frame_eq(&out, &expected_to_backend1(&p, 8080), "TCP to VIP");
-        checksums_valid(&out).unwrap();
+        verify_checksums(&out).unwrap();
         assert_eq!(fx.stat("redirect"), 1);
         assert_eq!(fx.stat("to_vip"), 1);
         let web = fx.service("web").entry.id;

@@ -428,9 +428,8 @@ fn an_icmp_error_follows_the_connection_not_the_pin() {
         fx.write_pin(CLIENT, other, 0);
         // "Fragmentation needed" about VIP:80 -> client:40000, from a router on the way.
         let quoted = Pkt { payload: Vec::new(), ttl: 63, ..Pkt::tcp(VIP_MULTI, 80, CLIENT, 40000) };
-        let icmp = tests::icmp4(3, 4, [0, 0, 0x05, 0x78], &quoted.bytes()[14..]);
-        let ip = tests::ipv4_packet(Ipv4Addr::new(10, 0, 0, 254), VIP_MULTI, 64, tests::PROTO_ICMP, 0x5555, 0, &icmp);
-        let frame = tests::ether(tests::MAC_LB_CLIENT_SIDE, tests::MAC_CLIENT, tests::ETH_P_IPV4, &ip);
+        let router = Ipv4Addr::new(10, 0, 0, 254);
+        let frame = Pkt { ip_id: 0x5555, frag: 0, ..Pkt::icmp(router, VIP_MULTI, 3, 4, [0, 0, 0x05, 0x78], &quoted.bytes()[14..]) }.bytes();
         let (v, out, changed) = fx.run(&frame, "cl");
         assert!(v == XDP_REDIRECT || v == XDP_PASS, "{}", decode(&out));
         assert_eq!(changed.get("icmp_error"), Some(&1), "{changed:?}");
