@@ -42,6 +42,14 @@
 //! (`ip netns exec` would also give it a private mount namespace and `/sys`, and its pins would
 //! die with it). The lab's config pins to `/run/lb-lab/<p>/bpf`, where `lb` mounts a bpffs itself,
 //! so a restarted `lb` finds the pins of the one before ([`Lab::restart_lb`]).
+//!
+//! The parts, in `lab/`: `topology.rs` (size and options, the namespaces, veths, addresses and
+//! routes [`Lab::create`] builds and dropping removes), `config.rs` (the balancer config),
+//! `backends.rs` (the backend servers), `process.rs` (the `lb` process: run, CLI, signals, log),
+//! `client.rs` (requests and traffic from the client namespace), `system.rs` (command,
+//! namespace, mount and interface counter helpers), `http.rs` (the servers and clients
+//! themselves), `traffic.rs` (background traffic and its summaries), `bpf.rs` (the lab's own
+//! eBPF programs) and `cluster.rs` (the two-node cluster lab).
 
 mod backends;
 mod bpf;
