@@ -204,7 +204,8 @@ impl Lab {
     /// file is not touched: write it (e.g. [`Lab::rewrite_config`]) and reload when the test
     /// wants lb to know. A running lb has no XDP program on the new interface, so in NAT mode
     /// replies from the new backend are translated only once lb attaches there too; a lab
-    /// started with spare backends (see [`LabOptions::backends`]) avoids that.
+    /// started with spare backends (see [`LabOptions::backends`](super::LabOptions::backends))
+    /// avoids that.
     ///
     /// In the DSR topology the new backend is port `b<N+1>` of the switch instead, and the
     /// balancer gets no new interface.

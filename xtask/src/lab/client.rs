@@ -149,7 +149,7 @@ impl Lab {
 
     /// Continuous traffic from the client namespace: per client, one new HTTP connection
     /// (`GET /`) after another, `pause` apart, until [`TrafficHandle::stop`]. Every request
-    /// becomes a [`Record`]; see [`summarize`].
+    /// becomes a [`Record`](super::Record); see [`summarize`](super::summarize).
     pub fn spawn_traffic(
         &self,
         clients: Vec<Ipv4Addr>,
@@ -160,7 +160,8 @@ impl Lab {
     }
 
     /// [`Lab::spawn_traffic`] over one persistent connection per client: proof that an
-    /// established connection survives (the [`Record::conn`] of a client never changes).
+    /// established connection survives (the [`Record::conn`](super::Record::conn) of a client
+    /// never changes).
     pub fn spawn_keepalive_traffic(
         &self,
         clients: Vec<Ipv4Addr>,
