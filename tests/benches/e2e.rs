@@ -25,10 +25,11 @@
 //! Load: `wrk --latency -H "Connection: close"` in the client namespace. wrk then opens a new TCP
 //! connection for every request (checked: the client namespace's `Tcp: ActiveOpens` grows by
 //! about one per request, shown as `conn/req`). wrk binds no source address, so a tiny
-//! `LD_PRELOAD` shim (C, compiled with `cc` at start) binds every new IPv4 socket before
-//! `connect` to the next of the lab's client addresses (10.200.1.10.., round robin, with
-//! `IP_BIND_ADDRESS_NO_PORT`), so the load comes from many clients as affinity sees them. Without
-//! `cc` the bench falls back to the namespace's one default source (10.200.1.2) and says so.
+//! `LD_PRELOAD` shim (`e2e/bind-shim.c`, compiled with `cc` at start) binds every new IPv4
+//! socket before `connect` to the next of the lab's client addresses (10.200.1.10.., round
+//! robin, with `IP_BIND_ADDRESS_NO_PORT`), so the load comes from many clients as affinity sees
+//! them. Without `cc` the bench falls back to the namespace's one default source (10.200.1.2)
+//! and says so.
 //! wrk's latency is from the request's first byte to the full response (the TCP handshake is not
 //! in it); `p99` is wrk's `--latency` 99th percentile.
 //!
@@ -38,7 +39,8 @@
 //! `LB_BIN` (else `<workspace>/target/release/lb`; build it first with
 //! `cargo build --release -p lb-userspace --bin lb`).
 //!
-//! Missing tools (`wrk`, `haproxy`, `nginx`, `libnginx-mod-stream`) are installed with apt-get.
+//! The tools (`wrk`, `haproxy`, `nginx`, `libnginx-mod-stream`) come from `cargo xtask setup`
+//! (also run by `cargo xtask bench`); the bench fails naming it when one is missing.
 //! Results: medians of the repetitions, printed as a table with the ratios against the targets
 //! (lb >= 0.9 x direct, above HAProxy and nginx, p99 no worse than theirs) and written to
 //! `<target>/bench/e2e.json`. Nothing is asserted about the figures. Every process the bench
@@ -75,71 +77,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 const LB_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const WARMUP_SECS: u64 = 2;
 
-/// Binds each new IPv4 socket to the next address of `$LB_BENCH_SOURCES` before `connect`.
-const SHIM_C: &str = r#"
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <dlfcn.h>
-#include <netinet/in.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-
-#ifndef IP_BIND_ADDRESS_NO_PORT
-#define IP_BIND_ADDRESS_NO_PORT 24
-#endif
-#define MAX_SOURCES 256
-
-static int (*real_connect)(int, const struct sockaddr *, socklen_t);
-static struct in_addr sources[MAX_SOURCES];
-static unsigned long used[MAX_SOURCES];
-static unsigned long failed;
-static int nsources;
-static unsigned long next_source;
-
-__attribute__((constructor)) static void shim_init(void) {
-    real_connect = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "connect");
-    const char *env = getenv("LB_BENCH_SOURCES");
-    if (!env) return;
-    char buf[8192];
-    strncpy(buf, env, sizeof buf - 1);
-    buf[sizeof buf - 1] = 0;
-    char *save = NULL;
-    for (char *t = strtok_r(buf, ",", &save); t && nsources < MAX_SOURCES; t = strtok_r(NULL, ",", &save))
-        if (inet_pton(AF_INET, t, &sources[nsources]) == 1) nsources++;
-}
-
-int connect(int fd, const struct sockaddr *addr, socklen_t len) {
-    if (addr && addr->sa_family == AF_INET && nsources > 0) {
-        unsigned long k = __atomic_fetch_add(&next_source, 1, __ATOMIC_RELAXED) % nsources;
-        struct sockaddr_in src;
-        memset(&src, 0, sizeof src);
-        src.sin_family = AF_INET;
-        src.sin_addr = sources[k];
-        int one = 1;
-        setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
-        if (bind(fd, (const struct sockaddr *)&src, sizeof src) == 0)
-            __atomic_fetch_add(&used[k], 1, __ATOMIC_RELAXED);
-        else
-            __atomic_fetch_add(&failed, 1, __ATOMIC_RELAXED);
-    }
-    return real_connect(fd, addr, len);
-}
-
-__attribute__((destructor)) static void shim_report(void) {
-    const char *path = getenv("LB_BENCH_SHIM_REPORT");
-    if (!path || nsources == 0) return;
-    FILE *f = fopen(path, "w");
-    if (!f) return;
-    char text[INET_ADDRSTRLEN];
-    for (int k = 0; k < nsources; k++)
-        if (inet_ntop(AF_INET, &sources[k], text, sizeof text))
-            fprintf(f, "%s %lu\n", text, used[k]);
-    fprintf(f, "failed %lu\n", failed);
-    fclose(f);
-}
-"#;
+/// Binds each new IPv4 socket to the next address of `$LB_BENCH_SOURCES` before `connect`
+/// (the `LD_PRELOAD` shim's source, `e2e/bind-shim.c`).
+const SHIM_C: &str = include_str!("e2e/bind-shim.c");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Case {
@@ -270,11 +210,11 @@ fn lb_bin() -> Result<PathBuf> {
 fn run() -> Result<()> {
     ensure!(
         lab::is_root(),
-        "the e2e bench needs root (network namespaces, veth, XDP, apt-get)"
+        "the e2e bench needs root (network namespaces, veth, XDP)"
     );
     let settings = Settings::from_env()?;
     let lb_bin = lb_bin()?;
-    ensure_tools()?;
+    check_tools()?;
     let work = WorkDir::new()?;
     let shim = match build_shim(&work.path) {
         Ok(p) => Some(p),
@@ -408,69 +348,23 @@ fn run() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Tools
 
-/// Installs whatever of wrk, haproxy, nginx and its stream module is missing.
-fn ensure_tools() -> Result<()> {
+/// Fails, naming `cargo xtask setup`, unless wrk, haproxy, nginx and its stream module are
+/// installed (the bench installs nothing itself).
+fn check_tools() -> Result<()> {
     let mut missing = Vec::new();
-    for (bin, pkg) in [("wrk", "wrk"), ("haproxy", "haproxy"), ("nginx", "nginx")] {
+    for bin in ["wrk", "haproxy", "nginx"] {
         if !on_path(bin) {
-            missing.push(pkg);
+            missing.push(bin.to_owned());
         }
     }
     if !Path::new(NGINX_STREAM_MODULE).is_file() {
-        missing.push("libnginx-mod-stream");
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("e2e bench: installing {}", missing.join(" "));
-    // Debian starts the services of packages it installs unless policy-rc.d says no: keep a
-    // system nginx/haproxy from starting in the root namespace.
-    let policy = Path::new("/usr/sbin/policy-rc.d");
-    let placed_policy = if policy.exists() {
-        false
-    } else {
-        fs::write(policy, "#!/bin/sh\nexit 101\n")
-            .and_then(|_| {
-                use std::os::unix::fs::PermissionsExt;
-                fs::set_permissions(policy, fs::Permissions::from_mode(0o755))
-            })
-            .is_ok()
-    };
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .status()
-    };
-    let mut status = install();
-    if !matches!(status, Ok(s) if s.success()) {
-        let _ = Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .status();
-        status = install();
-    }
-    if placed_policy {
-        let _ = fs::remove_file(policy);
-    }
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => bail!(
-            "`apt-get install -y {}` failed ({s}); install them by hand (Debian packages: wrk, \
-             haproxy, nginx, libnginx-mod-stream)",
-            missing.join(" ")
-        ),
-        Err(e) => bail!("running apt-get to install {}: {e}", missing.join(" ")),
-    }
-    for bin in ["wrk", "haproxy", "nginx"] {
-        ensure!(on_path(bin), "{bin} is still missing after apt-get install");
+        missing.push(format!("nginx's stream module ({NGINX_STREAM_MODULE})"));
     }
     ensure!(
-        Path::new(NGINX_STREAM_MODULE).is_file(),
-        "{NGINX_STREAM_MODULE} is still missing after apt-get install libnginx-mod-stream"
+        missing.is_empty(),
+        "the e2e bench needs {} (missing): run `cargo xtask setup` as root, which installs \
+         them (Debian packages wrk, haproxy, nginx-light, libnginx-mod-stream)",
+        missing.join(", ")
     );
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! Every step installs what it is missing first, so a bare machine needs nothing by hand:
 //! nightly `rust-src` (for `-Z build-std=core`), `llvm-22-dev` and `bpf-linker` (to link the eBPF
 //! object with BTF), and the Debian tools the lab and the tests use (`iproute2`, `ethtool`, BIRD,
-//! `systemd-analyze`, ...). Then, run as root, only the container test can still be skipped: setup
+//! `systemd-analyze`, ...); `setup` and `bench` also the benchmarks' tools (wrk, HAProxy, nginx's
+//! stream module). Then, run as root, only the container test can still be skipped: setup
 //! does not install a Docker engine.
 
 use std::{
@@ -35,6 +36,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // tests/status_page.rs: the status page in a real headless browser (DevTools over a pipe).
     ("chromium", "/usr/bin/chromium"),
 ];
+/// Debian packages only the benchmarks need (`cargo xtask setup` and `cargo xtask bench` install
+/// them, `cargo xtask test` does not), as in [`APT_PACKAGES`]: tests/benches/e2e.rs runs wrk
+/// through lb, HAProxy and nginx's `stream` module (nginx itself is `nginx-light` above).
+const BENCH_APT_PACKAGES: &[(&str, &str)] = &[
+    ("wrk", "/usr/bin/wrk"),
+    ("haproxy", "/usr/sbin/haproxy"),
+    ("libnginx-mod-stream", "/usr/lib/nginx/modules/ngx_stream_module.so"),
+];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -45,7 +54,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what building and testing need (idempotent, quick when all is there).
+    /// Install what building, testing and benchmarks need (idempotent, quick when all is there).
     Setup,
     /// Build the release binary at target/release/lb.
     Build,
@@ -80,7 +89,7 @@ fn workspace_root() -> PathBuf {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
-        Cmd::Setup => setup(),
+        Cmd::Setup => setup().and_then(|_| setup_bench()),
         Cmd::Build => setup().and_then(|_| build_release()).map(|lb| println!("built {}", lb.display())),
         Cmd::Run { args } => run(args),
         // The summary line stays the last one printed: a failed layer only sets the exit code.
@@ -127,6 +136,11 @@ fn setup() -> Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
     Ok(())
+}
+
+/// What the benchmarks need besides [`setup`].
+fn setup_bench() -> Result<()> {
+    ensure_apt(BENCH_APT_PACKAGES)
 }
 
 fn apt_install(pkgs: &[&str]) -> Result<()> {
@@ -249,6 +263,7 @@ fn run(args: Vec<String>) -> Result<()> {
 
 fn bench(quick: bool) -> Result<()> {
     setup()?;
+    setup_bench()?;
     if !xtask::lab::is_root() {
         bail!("the benchmarks load XDP programs and create namespaces: run as root");
     }
