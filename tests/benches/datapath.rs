@@ -2,9 +2,9 @@
 //! datapath`): figures printed and written to `target/bench/datapath.json`, never asserted.
 //!
 //! - **per packet**: BPF_PROG_TEST_RUN of the loaded XDP program (the `tests` fixture: namespace,
-//!   `FIXTURE_CONFIG`) on one pinned CPU, against a trivial XDP_PASS program in the same harness:
+//!   `fixture_config()`) on one pinned CPU, against a trivial XDP_PASS program in the same harness:
 //!   a hit (IPv4, IPv6: one client, pinned by its first packet), a miss (a new client each run,
-//!   100.64.0.0 + n: Maglev pick + affinity insert; `FIXTURE_CONFIG`'s 1024-entry table is full
+//!   100.64.0.0 + n: Maglev pick + affinity insert; the fixture's 1024-entry table is full
 //!   after the first batch, so every insert evicts, as in a long-running balancer whose LRU is
 //!   always full; a miss into a 2M-entry table with room is printed for information), and traffic
 //!   that is not for a VIP. The service counters check that every hit run was a hit and every
@@ -68,7 +68,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use lb_common::{AffinityKey, AffinityValue};
-use tests::{FIXTURE_CONFIG, FixtureNs, Loaded, Pkt, Pkt6, TCP_ACK, V6_CLIENT, XDP_PASS, XDP_REDIRECT, XDP_TX, monotonic_ns};
+use tests::{FixtureNs, Loaded, Pkt, Pkt6, TCP_ACK, V6_CLIENT, XDP_PASS, XDP_REDIRECT, XDP_TX, monotonic_ns};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
@@ -555,23 +555,19 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
         pin_to(0, cpu).expect("pinning the benchmark thread");
         let mut r = PerPacket { cpu, ..Default::default() };
         let cl = FixtureNs::ifindex("cl");
-        let big = FIXTURE_CONFIG.replace("affinity_entries = 1024", &format!("affinity_entries = {BIG_AFFINITY}"));
-        assert_ne!(big, FIXTURE_CONFIG, "FIXTURE_CONFIG changed: affinity_entries not found");
+        let mut big = tests::fixture_config();
+        big.datapath.affinity_entries = BIG_AFFINITY;
         // The tests' fixture (1024-entry affinity table: full after the first misses, so every
         // later miss evicts, as in a long-running balancer) ...
-        let mut fx = Loaded::new(FIXTURE_CONFIG);
+        let mut fx = Loaded::from_config(tests::fixture_config());
         // ... and the same with room for every miss of the run (no eviction), for information.
-        let mut roomy = Loaded::new(&big);
+        let mut roomy = Loaded::from_config(big.clone());
         // The tests' fixture with bounded loads on service `multi` and two of its three backends
         // over the bound (out of its table: new clients take their next choice, 10.1.0.11, the
         // one backend with a neighbour in the fixture, so every run is redirected as miss_v4's).
-        let balanced_cfg = FIXTURE_CONFIG.replacen(
-            "vip = \"10.0.0.101\"\nport = 80\n",
-            "vip = \"10.0.0.101\"\nport = 80\n[services.balance]\nload_bound = 1.25\n",
-            1,
-        );
-        assert_ne!(balanced_cfg, FIXTURE_CONFIG, "FIXTURE_CONFIG changed: service multi not found");
-        let mut bounded = Loaded::new(&balanced_cfg);
+        let mut balanced_cfg = tests::fixture_config();
+        tests::service_mut(&mut balanced_cfg, "multi").balance.load_bound = Some(1.25);
+        let mut bounded = Loaded::from_config(balanced_cfg);
         {
             let i = bounded.rt.services.iter().position(|s| s.config.name == "multi").expect("multi");
             for b in bounded.rt.services[i].backends.iter_mut().filter(|b| b.config.address != IpAddr::V4(BACKEND1)) {
@@ -584,11 +580,10 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
         // entry, in tables of 131,072), visited in a fixed shuffled cycle (seeded Fisher-Yates)
         // that continues across batches: the tables are no longer in the CPU's caches. As the
         // peer's hit_65k (Katran's flow LRU holding 65,536 flows).
-        let many_cfg = FIXTURE_CONFIG.replace(
-            "affinity_entries = 1024",
-            &format!("affinity_entries = {MANY_AFFINITY}\nflow_entries = {MANY_AFFINITY}"),
-        );
-        let mut many = Loaded::new(&many_cfg);
+        let mut many_cfg = tests::fixture_config();
+        many_cfg.datapath.affinity_entries = MANY_AFFINITY;
+        many_cfg.datapath.flow_entries = MANY_AFFINITY;
+        let mut many = Loaded::from_config(many_cfg);
         let many_clients: Vec<Ipv4Addr> = {
             let web_many = many.service("web").entry.id;
             let b1 = many.backend_id("web", IpAddr::V4(BACKEND1));
@@ -611,8 +606,8 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
             order
         };
         // The scale fixtures: the big table filled to 1,000 and to 1,000,000 pins.
-        let mut s1k = Loaded::new(&big);
-        let mut s1m = Loaded::new(&big);
+        let mut s1k = Loaded::from_config(big.clone());
+        let mut s1m = Loaded::from_config(big);
         let base = raw::load_xdp("bench_pass", &trivial(XDP_PASS)).expect("loading the baseline program");
 
         let hit4 = vec![tcp4(CLIENT, VIP)];
@@ -911,26 +906,20 @@ fn generator_template() -> Vec<u8> {
     f
 }
 
-const VETH_CONFIG: &str = r#"
-[datapath]
-interfaces = ["DEV"]
-affinity_entries = 131072
-flow_entries = 131072
-max_services = 4
-max_backends = 4
-maglev_table_size = 251
-hash_seed = 7
-
-[[services]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-[services.health]
-kind = "none"
-[[services.backends]]
-address = "10.1.0.11"
-port = 8080
-"#;
+/// The veth balancer's config: service web's one backend, no health checks, tables for the
+/// whole population (twice its connections).
+fn veth_config(dev: &str) -> lb::config::Config {
+    let mut dp = tests::datapath_config(&[dev]);
+    dp.affinity_entries = 131_072;
+    dp.flow_entries = 131_072;
+    dp.max_services = 4;
+    dp.max_backends = 4;
+    dp.maglev_table_size = 251;
+    dp.hash_seed = 7;
+    let mut web = tests::service("web", "10.0.0.100", 80, vec![tests::backend("10.1.0.11", 8080)]);
+    web.health.kind = lb::config::HealthKind::None;
+    tests::config(dp, vec![web])
+}
 
 /// Clients of the veth population (all pinned) and of the informational small one (a subset).
 const POPULATION: u32 = 65536;
@@ -976,8 +965,7 @@ fn veth(s: &Settings, cpus: &[usize]) -> Result<Veth> {
     })??;
 
     xtask::lab::in_netns(&lab.bal_ns, || -> Result<Veth> {
-        let cfg = lb::config::Config::parse(&VETH_CONFIG.replace("DEV", &lab.bal_dev))
-            .map_err(|e| anyhow!("veth config: {e}"))?;
+        let cfg = tests::validated(veth_config(&lab.bal_dev));
         let mut dp = lb::datapath::Datapath::load(lb::datapath::Capacity::from_config(&cfg.datapath), None)?;
         let mut rt = lb::state::Runtime::new(&cfg);
         rt.reconcile(&cfg, &mut dp).context("writing the maps")?;

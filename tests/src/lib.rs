@@ -850,13 +850,22 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// From a config text (parsed and validated).
     pub fn new(config: &str) -> Self {
+        Self::load(&lb::config::Config::parse(config).unwrap_or_else(|e| panic!("fixture config: {e}")))
+    }
+
+    /// From a typed config, checked first as the daemon would check it (`validated`).
+    pub fn from_config(cfg: lb::config::Config) -> Self {
+        Self::load(&validated(cfg))
+    }
+
+    fn load(cfg: &lb::config::Config) -> Self {
         assert!(nix::unistd::geteuid().is_root(), "datapath tests need root (BPF_PROG_TEST_RUN)");
-        let cfg = lb::config::Config::parse(config).unwrap_or_else(|e| panic!("fixture config: {e}"));
         let mut dp = lb::datapath::Datapath::load(lb::datapath::Capacity::from_config(&cfg.datapath), None)
             .expect("loading the XDP program");
-        let mut rt = lb::state::Runtime::new(&cfg);
-        rt.reconcile(&cfg, &mut dp).expect("writing the maps");
+        let mut rt = lb::state::Runtime::new(cfg);
+        rt.reconcile(cfg, &mut dp).expect("writing the maps");
         // As if attached to the fixture namespace's interfaces: redirect targets.
         for dev in ["cl", "bk"] {
             dp.set_tx_port(dev, true).expect("writing TX_PORTS");
@@ -912,80 +921,123 @@ impl Loaded {
     }
 }
 
-/// The fixture config of the breadth and corpus tests: the IPv4 services of `datapath.rs` (web,
-/// dns, multi) plus their IPv6 twins: web6 and dns6 with one resolved backend (exact-bytes cases),
-/// multi6 with three backends (affinity cases; only ::11 has a neighbour entry).
-pub const FIXTURE_CONFIG: &str = r#"
-[datapath]
-interfaces = ["cl", "bk"]
-affinity_entries = 1024
-max_services = 16
-max_backends = 32
-maglev_table_size = 251
-hash_seed = 7
+/// Fixture configs are built as typed values: `datapath_config`, `service` and `backend` give
+/// what `Config::parse` gives for a file naming only their arguments (every other field at its
+/// default); a test changes a field by assignment. `validated` checks one as a file would be.
+pub fn config(datapath: lb::config::DatapathConfig, services: Vec<lb::config::ServiceConfig>) -> lb::config::Config {
+    lb::config::Config {
+        datapath,
+        control: lb::config::ControlConfig {
+            socket: lb::config::DEFAULT_SOCKET.into(),
+            metrics: Some(lb::config::DEFAULT_METRICS.parse().expect("the default metrics address")),
+            journal: lb::config::JournalConfig::default(),
+        },
+        services,
+        announce: None,
+    }
+}
 
-[[services]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-[[services.backends]]
-address = "10.1.0.11"
-port = 8080
+/// `[datapath]` with only `interfaces` given.
+pub fn datapath_config(interfaces: &[&str]) -> lb::config::DatapathConfig {
+    lb::config::DatapathConfig {
+        interfaces: interfaces.iter().map(|i| i.to_string()).collect(),
+        mode: lb::config::Mode::Nat,
+        xdp_mode: lb::config::XdpMode::Auto,
+        affinity_entries: lb_common::DEFAULT_AFFINITY_ENTRIES,
+        flow_entries: lb_common::DEFAULT_FLOW_ENTRIES,
+        max_new_pins_per_cpu: lb_common::DEFAULT_NEW_PINS_PER_CPU,
+        pin_path: lb::config::DEFAULT_PIN_PATH.into(),
+        max_services: lb_common::DEFAULT_MAX_SERVICES,
+        max_backends: lb_common::DEFAULT_MAX_BACKENDS,
+        maglev_table_size: lb_common::DEFAULT_MAGLEV_M,
+        hash_seed: 0,
+    }
+}
 
-[[services]]
-name = "dns"
-vip = "10.0.0.100"
-port = 53
-protocol = "udp"
-[[services.backends]]
-address = "10.1.0.11"
-port = 5353
+/// A TCP service with only its name, VIP, port and backends given.
+pub fn service(name: &str, vip: &str, port: u16, backends: Vec<lb::config::BackendConfig>) -> lb::config::ServiceConfig {
+    lb::config::ServiceConfig {
+        name: name.to_owned(),
+        vip: vip.parse().expect("a VIP address"),
+        port,
+        protocol: lb::config::Protocol::Tcp,
+        affinity: lb::config::AffinityConfig::default(),
+        health: lb::config::HealthConfig::default(),
+        balance: lb::config::BalanceConfig::default(),
+        backends,
+    }
+}
 
-[[services]]
-name = "multi"
-vip = "10.0.0.101"
-port = 80
-[[services.backends]]
-address = "10.1.0.11"
-port = 8081
-[[services.backends]]
-address = "10.1.0.12"
-port = 8081
-[[services.backends]]
-address = "10.1.0.13"
-port = 8081
+/// `service` over UDP.
+pub fn udp_service(name: &str, vip: &str, port: u16, backends: Vec<lb::config::BackendConfig>) -> lb::config::ServiceConfig {
+    lb::config::ServiceConfig { protocol: lb::config::Protocol::Udp, ..service(name, vip, port, backends) }
+}
 
-[[services]]
-name = "web6"
-vip = "2001:db8::100"
-port = 80
-[[services.backends]]
-address = "2001:db8:1::11"
-port = 8080
+/// A backend with only its address and port given (weight 100, active).
+pub fn backend(address: &str, port: u16) -> lb::config::BackendConfig {
+    lb::config::BackendConfig {
+        address: address.parse().expect("a backend address"),
+        port,
+        weight: 100,
+        state: lb::config::BackendState::Active,
+    }
+}
 
-[[services]]
-name = "dns6"
-vip = "2001:db8::100"
-port = 53
-protocol = "udp"
-[[services.backends]]
-address = "2001:db8:1::11"
-port = 5353
+/// `backend` at each of `addresses`, all on `port`.
+pub fn backends(addresses: &[&str], port: u16) -> Vec<lb::config::BackendConfig> {
+    addresses.iter().map(|a| backend(a, port)).collect()
+}
 
-[[services]]
-name = "multi6"
-vip = "2001:db8::101"
-port = 80
-[[services.backends]]
-address = "2001:db8:1::11"
-port = 8081
-[[services.backends]]
-address = "2001:db8:1::12"
-port = 8081
-[[services.backends]]
-address = "2001:db8:1::13"
-port = 8081
-"#;
+/// The service `name` of `cfg`, to change.
+pub fn service_mut<'a>(cfg: &'a mut lb::config::Config, name: &str) -> &'a mut lb::config::ServiceConfig {
+    cfg.services.iter_mut().find(|s| s.name == name).unwrap_or_else(|| panic!("no service {name} in the fixture config"))
+}
+
+/// `cfg` as a config file would give it: written out as TOML (`config_toml`) and parsed back,
+/// which must give `cfg` again; panics naming every problem validation finds.
+pub fn validated(cfg: lb::config::Config) -> lb::config::Config {
+    let text = config_toml(&cfg);
+    let parsed = lb::config::Config::parse(&text).unwrap_or_else(|e| panic!("fixture config: {e}\n{text}"));
+    assert_eq!(parsed, cfg, "the fixture config does not read back as itself:\n{text}");
+    parsed
+}
+
+/// A config file that parses to `cfg`: its `Serialize` form, but for the journal, which the file
+/// spells as `control.journal` (the path), `control.journal_max_size` and `control.journal_events`.
+pub fn config_toml(cfg: &lb::config::Config) -> String {
+    let mut doc = toml::Table::try_from(cfg).expect("a config serialises to TOML");
+    let control = doc.get_mut("control").and_then(|c| c.as_table_mut()).expect("control");
+    let journal = control.remove("journal").expect("control.journal");
+    for (key, value) in journal.as_table().expect("journal").clone() {
+        let key = if key == "path" { "journal".to_owned() } else { format!("journal_{key}") };
+        control.insert(key, value);
+    }
+    toml::to_string(&doc).expect("TOML text")
+}
+
+/// The fixture config of the breadth and corpus tests (and the datapath bench): the IPv4
+/// services of `datapath.rs` (web, dns, multi) plus their IPv6 twins: web6 and dns6 with one
+/// resolved backend (exact-bytes cases), multi6 with three backends (affinity cases; only ::11
+/// has a neighbour entry).
+pub fn fixture_config() -> lb::config::Config {
+    let mut dp = datapath_config(&["cl", "bk"]);
+    dp.affinity_entries = 1024;
+    dp.max_services = 16;
+    dp.max_backends = 32;
+    dp.maglev_table_size = 251;
+    dp.hash_seed = 7;
+    config(
+        dp,
+        vec![
+            service("web", "10.0.0.100", 80, vec![backend("10.1.0.11", 8080)]),
+            udp_service("dns", "10.0.0.100", 53, vec![backend("10.1.0.11", 5353)]),
+            service("multi", "10.0.0.101", 80, backends(&["10.1.0.11", "10.1.0.12", "10.1.0.13"], 8081)),
+            service("web6", "2001:db8::100", 80, vec![backend("2001:db8:1::11", 8080)]),
+            udp_service("dns6", "2001:db8::100", 53, vec![backend("2001:db8:1::11", 5353)]),
+            service("multi6", "2001:db8::101", 80, backends(&["2001:db8:1::11", "2001:db8:1::12", "2001:db8:1::13"], 8081)),
+        ],
+    )
+}
 
 /// The `lb` binary under test (`LB_BIN`, else `target/release/lb`); panics with a clear message
 /// when it or root is missing.
@@ -1005,7 +1057,7 @@ pub fn lb_bin() -> std::path::PathBuf {
     bin
 }
 
-/// The VIPs and backend 1 of `FIXTURE_CONFIG` (the fixture namespace resolves backend 1).
+/// The VIPs and backend 1 of `fixture_config()` (the fixture namespace resolves backend 1).
 const FX_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const FX_BACKEND1: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 11);
 const FX_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
@@ -1086,6 +1138,24 @@ pub fn every_client_once(lab: &xtask::lab::Lab) -> (std::net::SocketAddrV4, Vec<
         lab.http_get(*c, vip, Duration::from_secs(3)).unwrap_or_else(|e| panic!("{c}: {e:#}"));
     }
     (vip, clients)
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    #[test]
+    fn fixture_config_reads_back_as_itself() {
+        validated(fixture_config());
+    }
+
+    #[test]
+    #[should_panic(expected = "must be prime")]
+    fn validated_rejects_what_a_file_could_not_say() {
+        let mut cfg = fixture_config();
+        cfg.datapath.maglev_table_size = 250;
+        validated(cfg);
+    }
 }
 
 #[cfg(test)]

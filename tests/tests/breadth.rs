@@ -37,9 +37,6 @@ const BACKEND6: Ipv6Addr = V6_BACKEND1;
 const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
 const NOT_A_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50);
 
-use tests::FIXTURE_CONFIG as CONFIG;
-
-
 struct Fixture {
     l: Loaded,
     /// The counters the last `run` changed, with their increments.
@@ -61,7 +58,7 @@ impl std::ops::DerefMut for Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        Self { l: Loaded::new(CONFIG), last: BTreeMap::new() }
+        Self { l: Loaded::from_config(tests::fixture_config()), last: BTreeMap::new() }
     }
 
     /// Runs one frame arriving on `ingress`; returns the verdict and the output frame. Asserts

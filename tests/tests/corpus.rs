@@ -49,9 +49,6 @@ const BACKEND6_12: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x12);
 const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
 const NOT_A_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50);
 
-use tests::FIXTURE_CONFIG as CONFIG;
-
-
 /// The verdict counters each XDP action may be counted under.
 fn counters_of(verdict: u32) -> &'static [&'static str] {
     match verdict {
@@ -108,7 +105,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let ifindex = ["cl", "bk"].into_iter().map(|d| (d, FixtureNs::ifindex(d))).collect();
-        Self { l: Loaded::new(CONFIG), ifindex, frames: 0 }
+        Self { l: Loaded::from_config(tests::fixture_config()), ifindex, frames: 0 }
     }
 
     /// Runs one frame arriving on `ingress`; Err is the kernel refusing to run it.

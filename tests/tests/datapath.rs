@@ -5,11 +5,13 @@
 
 use std::net::Ipv4Addr;
 
+use std::time::Duration;
+
 use lb::config::Config;
 use lb_common::{AffinityKey, AffinityValue};
 use tests::{
     FixtureNs, Loaded, XDP_DROP, XDP_PASS, XDP_REDIRECT, MAC_BACKEND1, MAC_CLIENT, MAC_LB_BACKEND_SIDE, MAC_LB_CLIENT_SIDE, Pkt, assert_frame_eq, to_backend1,
-    verify_checksums, decode, monotonic_ns,
+    verify_checksums, decode, monotonic_ns, backend, backends, service, service_mut, udp_service, validated,
 };
 
 
@@ -21,56 +23,32 @@ const BACKEND_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 12);
 
 /// web: one backend with a resolved neighbour (exact-bytes cases); multi: three backends for
 /// the affinity cases; dns: UDP; noarp: a backend without a neighbour entry; short: 2s timeout.
-const CONFIG: &str = r#"
-[datapath]
-interfaces = ["cl", "bk"]
-affinity_entries = 1024
-max_services = 8
-max_backends = 32
-maglev_table_size = 251
-hash_seed = 7
+fn config() -> Config {
+    let mut dp = tests::datapath_config(&["cl", "bk"]);
+    dp.affinity_entries = 1024;
+    dp.max_services = 8;
+    dp.max_backends = 32;
+    dp.maglev_table_size = 251;
+    dp.hash_seed = 7;
+    let mut multi = service("multi", "10.0.0.101", 80, backends(&["10.1.0.11", "10.1.0.12", "10.1.0.13"], 8081));
+    multi.affinity.timeout = Duration::from_secs(2);
+    tests::config(
+        dp,
+        vec![
+            service("web", "10.0.0.100", 80, vec![backend("10.1.0.11", 8080)]),
+            udp_service("dns", "10.0.0.100", 53, vec![backend("10.1.0.11", 5353)]),
+            multi,
+            service("noarp", "10.0.0.102", 80, vec![backend("10.1.0.12", 9000)]),
+        ],
+    )
+}
 
-[[services]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-[[services.backends]]
-address = "10.1.0.11"
-port = 8080
-
-[[services]]
-name = "dns"
-vip = "10.0.0.100"
-port = 53
-protocol = "udp"
-[[services.backends]]
-address = "10.1.0.11"
-port = 5353
-
-[[services]]
-name = "multi"
-vip = "10.0.0.101"
-port = 80
-[services.affinity]
-timeout = "2s"
-[[services.backends]]
-address = "10.1.0.11"
-port = 8081
-[[services.backends]]
-address = "10.1.0.12"
-port = 8081
-[[services.backends]]
-address = "10.1.0.13"
-port = 8081
-
-[[services]]
-name = "noarp"
-vip = "10.0.0.102"
-port = 80
-[[services.backends]]
-address = "10.1.0.12"
-port = 9000
-"#;
+/// `config()` without the services after dns (multi and noarp).
+fn config_web_and_dns() -> Config {
+    let mut cfg = config();
+    cfg.services.retain(|s| s.name == "web" || s.name == "dns");
+    cfg
+}
 
 fn v4(a: std::net::IpAddr) -> Ipv4Addr {
     match a {
@@ -96,7 +74,7 @@ impl std::ops::DerefMut for Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        Self(Loaded::new(CONFIG))
+        Self(Loaded::from_config(config()))
     }
 
     /// Runs one frame arriving on `ingress`; returns the verdict and the output frame.
@@ -440,9 +418,9 @@ fn a_service_change_is_seen_at_the_next_packet() {
         assert_eq!(v, XDP_REDIRECT);
         assert_frame_eq(&out, &expected_to_backend1(&p, 8080), "before the change");
         // web's only backend moves to port 9090: a new backend (new id, new table half).
-        let moved = CONFIG.replacen("address = \"10.1.0.11\"\nport = 8080", "address = \"10.1.0.11\"\nport = 9090", 1);
-        assert_ne!(moved, CONFIG);
-        fx.0.rt.reconcile(&Config::parse(&moved).unwrap(), &mut fx.0.dp).unwrap();
+        let mut moved = config();
+        service_mut(&mut moved, "web").backends[0].port = 9090;
+        fx.0.rt.reconcile(&validated(moved), &mut fx.0.dp).unwrap();
         let (v, out) = fx.run(&p.bytes(), "cl");
         assert_eq!(v, XDP_REDIRECT);
         assert_frame_eq(&out, &expected_to_backend1(&p, 9090), "the next packet");
@@ -464,10 +442,9 @@ fn address_filter_holds_exactly_the_vips_and_backends() {
             }
             w
         };
-        let full = Config::parse(CONFIG).unwrap();
+        let full = validated(config());
         assert_eq!(fx.dp.addr_filter().unwrap(), expected(&full));
-        let without = CONFIG.split("[[services]]\nname = \"multi\"").next().unwrap().to_string();
-        let fewer = Config::parse(&without).unwrap();
+        let fewer = validated(config_web_and_dns());
         fx.0.rt.reconcile(&fewer, &mut fx.0.dp).unwrap();
         assert_eq!(fx.dp.addr_filter().unwrap(), expected(&fewer));
         assert_ne!(expected(&fewer), expected(&full));
@@ -667,10 +644,11 @@ fn every_backend_down_fails_open() {
 
 #[test]
 fn a_pin_past_max_age_is_reselected_even_when_busy() {
-    let cfg = CONFIG.replace("timeout = \"2s\"", "timeout = \"2s\"\nmax_age = \"5s\"");
+    let mut cfg = config();
+    service_mut(&mut cfg, "multi").affinity.max_age = Some(Duration::from_secs(5));
     let ns = FixtureNs::new("maxage");
     ns.run(move || {
-        let mut fx = Fixture(Loaded::new(&cfg));
+        let mut fx = Fixture(Loaded::from_config(cfg));
         let client = Ipv4Addr::new(10, 0, 0, 2);
         let multi = fx.service("multi").entry.id;
         let pick = fx.maglev_pick("multi", client);
@@ -698,11 +676,9 @@ fn reconcile_keeps_ids_and_pins_and_flushes_removed_backends() {
         let pins = pin_clients(fx);
         let ids: Vec<(Ipv4Addr, u32)> = fx.service("multi").backends.iter().map(|b| (v4(b.config.address), b.id)).collect();
         // Add a backend: ids stay, no pin moves.
-        let added = CONFIG.replace(
-            "[[services]]\nname = \"noarp\"",
-            "[[services.backends]]\naddress = \"10.1.0.14\"\nport = 8081\n\n[[services]]\nname = \"noarp\"",
-        );
-        let cfg = Config::parse(&added).unwrap();
+        let mut added = config();
+        service_mut(&mut added, "multi").backends.push(backend("10.1.0.14", 8081));
+        let cfg = validated(added.clone());
         let ch = fx.0.rt.reconcile(&cfg, &mut fx.0.dp).unwrap();
         assert_eq!(ch.backends_added, ["multi/10.1.0.14:8081"]);
         for (a, id) in &ids {
@@ -712,8 +688,10 @@ fn reconcile_keeps_ids_and_pins_and_flushes_removed_backends() {
             assert_eq!(send_multi(fx, *c, 40001), *before, "client {c} moved on a reload that added a backend");
         }
         // Remove 10.1.0.13: its pins are deleted, the others stay.
-        let removed = added.replace("address = \"10.1.0.13\"\nport = 8081\n", "address = \"10.1.0.15\"\nport = 8081\n");
-        let cfg = Config::parse(&removed).unwrap();
+        let mut removed = added;
+        let b13 = service_mut(&mut removed, "multi").backends.iter_mut().find(|b| b.address.to_string() == "10.1.0.13").unwrap();
+        *b13 = backend("10.1.0.15", 8081);
+        let cfg = validated(removed);
         let gone = Ipv4Addr::new(10, 1, 0, 13);
         let n_gone = pins.iter().filter(|(_, b)| *b == gone).count();
         let ch = fx.0.rt.reconcile(&cfg, &mut fx.0.dp).unwrap();
@@ -728,8 +706,7 @@ fn reconcile_keeps_ids_and_pins_and_flushes_removed_backends() {
             }
         }
         // A service removed: its SERVICES entry and pins go.
-        let without = CONFIG.split("[[services]]\nname = \"multi\"").next().unwrap().to_string();
-        let cfg = Config::parse(&without).unwrap();
+        let cfg = validated(config_web_and_dns());
         let ch = fx.0.rt.reconcile(&cfg, &mut fx.0.dp).unwrap();
         assert_eq!(ch.services_removed, ["noarp", "multi"]);
         let (v, out) = fx.run(&Pkt::tcp(Ipv4Addr::new(10, 0, 0, 10), 1, VIP_MULTI, 80).bytes(), "cl");

@@ -3,13 +3,17 @@
 //! guard, replies only from the backend side, and the review fixes of the same area (Maglev picks
 //! validated, IPv6 routing headers, martian sources, backends' own fragments). Needs root.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use lb_common::{AffinityKey, AffinityValue, FlowKey, FlowValue};
 
 use tests::{
     Ext, FixtureNs, Loaded, MAC_BACKEND1, MAC_LB_BACKEND_SIDE, Pkt, Pkt6, TCP_ACK, TCP_RST, XDP_DROP, XDP_PASS,
-    XDP_REDIRECT, assert_frame_eq, decode, monotonic_ns, pin_to_one_cpu, to_backend1,
+    XDP_REDIRECT, assert_frame_eq, backend, backends, decode, monotonic_ns, pin_to_one_cpu, service, to_backend1,
+    udp_service,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -19,56 +23,27 @@ const BACKEND1: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 11);
 
 /// web: one resolved backend (exact bytes); multi: three backends, 2 s timeout; dns: UDP on the
 /// multi backends; no new-pin guard (its test sets one).
-const CONFIG: &str = r#"
-[datapath]
-interfaces = ["cl", "bk"]
-affinity_entries = 1024
-flow_entries = 1024
-max_new_pins_per_cpu = 0
-max_services = 8
-max_backends = 32
-maglev_table_size = 251
-hash_seed = 7
-
-[[services]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-[[services.backends]]
-address = "10.1.0.11"
-port = 8080
-
-[[services]]
-name = "multi"
-vip = "10.0.0.101"
-port = 80
-[services.affinity]
-timeout = "2s"
-[[services.backends]]
-address = "10.1.0.11"
-port = 8081
-[[services.backends]]
-address = "10.1.0.12"
-port = 8081
-[[services.backends]]
-address = "10.1.0.13"
-port = 8081
-
-[[services]]
-name = "dns"
-vip = "10.0.0.101"
-port = 53
-protocol = "udp"
-[[services.backends]]
-address = "10.1.0.11"
-port = 5353
-[[services.backends]]
-address = "10.1.0.12"
-port = 5353
-[[services.backends]]
-address = "10.1.0.13"
-port = 5353
-"#;
+fn config() -> lb::config::Config {
+    let mut dp = tests::datapath_config(&["cl", "bk"]);
+    dp.affinity_entries = 1024;
+    dp.flow_entries = 1024;
+    dp.max_new_pins_per_cpu = 0;
+    dp.max_services = 8;
+    dp.max_backends = 32;
+    dp.maglev_table_size = 251;
+    dp.hash_seed = 7;
+    let multi_backends = ["10.1.0.11", "10.1.0.12", "10.1.0.13"];
+    let mut multi = service("multi", "10.0.0.101", 80, backends(&multi_backends, 8081));
+    multi.affinity.timeout = Duration::from_secs(2);
+    tests::config(
+        dp,
+        vec![
+            service("web", "10.0.0.100", 80, vec![backend("10.1.0.11", 8080)]),
+            multi,
+            udp_service("dns", "10.0.0.101", 53, backends(&multi_backends, 5353)),
+        ],
+    )
+}
 
 struct Fx {
     l: Loaded,
@@ -148,15 +123,15 @@ fn flow_key(service_id: u32, client: Ipv4Addr, port: u16) -> FlowKey {
 }
 
 fn in_fixture(tag: &str, f: impl FnOnce(&mut Fx) + Send) {
-    in_fixture_with(tag, CONFIG, f)
+    in_fixture_with(tag, config(), f)
 }
 
-fn in_fixture_with(tag: &str, config: &str, f: impl FnOnce(&mut Fx) + Send) {
+fn in_fixture_with(tag: &str, config: lb::config::Config, f: impl FnOnce(&mut Fx) + Send) {
     let ns = FixtureNs::new(tag);
     ns.run(|| {
         // One CPU: the per-CPU guard and caches see every run.
         pin_to_one_cpu();
-        let mut fx = Fx { l: Loaded::new(config) };
+        let mut fx = Fx { l: Loaded::from_config(config) };
         f(&mut fx);
     });
 }
@@ -300,8 +275,9 @@ fn a_reset_without_a_connection_writes_nothing() {
 
 #[test]
 fn the_new_pin_guard_places_new_clients_without_remembering_them() {
-    let cfg = CONFIG.replace("max_new_pins_per_cpu = 0", "max_new_pins_per_cpu = 10");
-    in_fixture_with("guard", &cfg, |fx| {
+    let mut cfg = config();
+    cfg.datapath.max_new_pins_per_cpu = 10;
+    in_fixture_with("guard", cfg, |fx| {
         let start = monotonic_ns();
         // 40 new UDP clients against a guard of 10 per CPU per second (about 1.07 s windows).
         for i in 0..40u8 {
@@ -396,9 +372,9 @@ fn ipv6_routing_headers_with_segments_left_are_dropped_when_ours() {
     in_fixture("srh", |fx| {
         let vip6: Ipv6Addr = "2001:db8::100".parse().unwrap();
         let client6: Ipv6Addr = "2001:db8::2".parse().unwrap();
-        let cfg = CONFIG.to_owned()
-            + "\n[[services]]\nname = \"web6\"\nvip = \"2001:db8::100\"\nport = 80\n[[services.backends]]\naddress = \"2001:db8:1::11\"\nport = 8080\n";
-        let cfg = lb::config::Config::parse(&cfg).unwrap();
+        let mut cfg = config();
+        cfg.services.push(service("web6", "2001:db8::100", 80, vec![backend("2001:db8:1::11", 8080)]));
+        let cfg = tests::validated(cfg);
         let Loaded { dp, rt } = &mut fx.l;
         rt.reconcile(&cfg, dp).unwrap();
         // Type 0 routing header, one more address to visit (segments left 1): dropped.
