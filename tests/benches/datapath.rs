@@ -577,9 +577,9 @@ fn per_packet_and_scale(s: &Settings, cpu: usize) -> PerPacket {
             assert!(rt.rebalance(dp, i).expect("rebalancing multi"), "the bounded table differs from the plain one");
         }
         // hit_many: 65,536 clients with an established connection each (a pin and a connection
-        // entry, in tables of 131,072), visited in a fixed shuffled cycle (seeded Fisher-Yates)
-        // that continues across batches: the tables are no longer in the CPU's caches. As the
-        // peer's hit_65k (Katran's flow LRU holding 65,536 flows).
+        // entry, in tables of 131,072), visited in a fixed shuffled order (seeded Fisher-Yates),
+        // the whole cycle per batch: the tables are no longer in the CPU's caches. As the peer's
+        // hit_65k (Katran's flow LRU holding 65,536 flows).
         let mut many_cfg = tests::fixture_config();
         many_cfg.datapath.affinity_entries = MANY_AFFINITY;
         many_cfg.datapath.flow_entries = MANY_AFFINITY;

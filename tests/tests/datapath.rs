@@ -22,7 +22,8 @@ const BACKEND1: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 11);
 const BACKEND_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 12);
 
 /// web: one backend with a resolved neighbour (exact-bytes cases); multi: three backends for
-/// the affinity cases; dns: UDP; noarp: a backend without a neighbour entry; short: 2s timeout.
+/// the affinity cases, with a 2 s affinity timeout; dns: UDP; noarp: a backend without a
+/// neighbour entry.
 fn config() -> Config {
     let mut dp = tests::datapath_config(&["cl", "bk"]);
     dp.affinity_entries = 1024;
