@@ -349,7 +349,7 @@ fn test(filter: Option<&str>) -> Result<ExitCode> {
         (
             "datapath",
             "datapath tests (BPF_PROG_TEST_RUN)",
-            &["-p", "tests", "--test", "datapath", "--test", "breadth", "--test", "corpus", "--test", "flows", "--test", "packaging", "--"],
+            &["-p", "tests", "--lib", "--test", "datapath", "--test", "breadth", "--test", "corpus", "--test", "flows", "--test", "packaging", "--"],
         ),
         (
             "e2e",
