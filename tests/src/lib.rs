@@ -474,8 +474,10 @@ fn walk_v6(ip: &[u8]) -> Result<(u8, usize, Option<FragInfo>), String> {
         match next {
             EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS | EXT_AUTH => {
                 let h = ip.get(off..off + 2).ok_or("extension header truncated")?;
-                next = h[0];
+                // This header's length: AH in 4-byte words less two, the others in 8-byte words
+                // less one.
                 off += if next == EXT_AUTH { (h[1] as usize + 2) * 4 } else { (h[1] as usize + 1) * 8 };
+                next = h[0];
             }
             EXT_FRAGMENT => {
                 let h = ip.get(off..off + 8).ok_or("fragment header truncated")?;
@@ -1161,6 +1163,24 @@ mod config_tests {
 #[cfg(test)]
 mod kit_tests {
     use super::*;
+
+    #[test]
+    fn extension_headers_are_walked_by_their_own_length() {
+        // IPv6 -> AH (12 bytes: length field 1, in 4-byte words less two) -> UDP.
+        let mut ip = vec![0u8; 40];
+        ip[0] = 0x60;
+        ip[6] = EXT_AUTH;
+        ip.extend_from_slice(&[PROTO_UDP, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]);
+        ip.extend_from_slice(&[0, 53, 0, 53, 0, 8, 0, 0]);
+        assert_eq!(walk_v6(&ip), Ok((PROTO_UDP, 52, None)));
+        // IPv6 -> destination options (8 bytes: length field 0, in 8-byte words less one) -> AH.
+        let mut ip2 = vec![0u8; 40];
+        ip2[0] = 0x60;
+        ip2[6] = EXT_DEST_OPTS;
+        ip2.extend_from_slice(&[EXT_AUTH, 0, 1, 4, 0, 0, 0, 0]);
+        ip2.extend_from_slice(&ip[40..]);
+        assert_eq!(walk_v6(&ip2), Ok((PROTO_UDP, 60, None)));
+    }
 
     const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
     const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);

@@ -330,9 +330,10 @@ fn ip_sites(f: &[u8], l3: usize, v6: bool, limit: usize, depth: u32, out: &mut V
                 if off + 2 > end {
                     return;
                 }
-                let n = f[off + 1] as usize;
+                let (n, here) = (f[off + 1] as usize, next);
                 next = f[off];
-                off += if next == 51 { (n + 2) * 4 } else { (n + 1) * 8 };
+                // This header's length: AH in 4-byte words less two, the others 8-byte words less one.
+                off += if here == 51 { (n + 2) * 4 } else { (n + 1) * 8 };
             }
             44 => {
                 if off + 8 > end || be16(f, off + 2) & 0xfff9 != 0 {
