@@ -62,19 +62,33 @@ enum Stale {
 /// Whether service `s`'s datapath would not use pin `v` at `now` (CLOCK_MONOTONIC_COARSE ns),
 /// and why (the rules of `select_inner` in the XDP program).
 fn staleness(s: &ServiceRt, v: &AffinityValue, now: u64) -> Option<Stale> {
-    let idle = now.saturating_sub(v.last_seen_ns);
-    let age = now.saturating_sub(v.created_ns);
-    if idle > s.entry.timeout_ns {
-        return Some(Stale::Idle(idle));
-    }
-    if s.entry.max_age_ns != 0 && age > s.entry.max_age_ns {
-        return Some(Stale::Old(age));
+    if let Some(st) = by_age(&s.entry, v, now) {
+        return Some(st);
     }
     match s.backends.iter().find(|b| b.id == v.backend_id) {
         None => Some(Stale::Removed),
         Some(b) if b.flags() & BACKEND_F_UP == 0 && !s.fail_open => Some(Stale::Backend(b.state_name())),
         Some(_) => None,
     }
+}
+
+/// Whether a pin of the service with datapath entry `entry` is past its age at `now`: idle past
+/// the timeout, or older than `max_age`.
+fn by_age(entry: &lb_common::Service, v: &AffinityValue, now: u64) -> Option<Stale> {
+    let idle = now.saturating_sub(v.last_seen_ns);
+    let age = now.saturating_sub(v.created_ns);
+    if idle > entry.timeout_ns {
+        return Some(Stale::Idle(idle));
+    }
+    if entry.max_age_ns != 0 && age > entry.max_age_ns {
+        return Some(Stale::Old(age));
+    }
+    None
+}
+
+/// Whether the datapath would re-place this pin for its age alone (see [`by_age`]).
+pub fn aged_out(entry: &lb_common::Service, v: &AffinityValue, now: u64) -> bool {
+    by_age(entry, v, now).is_some()
 }
 
 /// Judges a pin of service `s` at `now` (CLOCK_MONOTONIC_COARSE ns) as the datapath would.

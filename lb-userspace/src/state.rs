@@ -325,10 +325,10 @@ pub struct Retired {
     services: Vec<(u32, Vec<u32>)>,
     backends: Vec<(u32, Vec<u32>)>,
     /// The removed backends of services that stay, for the journal: (service id, backend id)
-    /// to `address:port`, and each such service's (timeout, max_age) in ns, to tell the live
-    /// pins (clients that move) from the stale ones.
+    /// to `address:port`, and each such service's datapath entry, to tell the live pins
+    /// (clients that move) from the stale ones.
     names: BTreeMap<(u32, u32), String>,
-    limits: BTreeMap<u32, (u64, u64)>,
+    entries: BTreeMap<u32, Service>,
 }
 
 impl Retired {
@@ -347,9 +347,8 @@ impl Retired {
     /// that client (`backend_removed`).
     pub fn moved_from(&self, k: &lb_common::AffinityKey, v: &lb_common::AffinityValue, now: u64) -> Option<&str> {
         let name = self.names.get(&(k.service_id, v.backend_id))?;
-        let &(timeout, max_age) = self.limits.get(&k.service_id)?;
-        let live = now.saturating_sub(v.last_seen_ns) <= timeout && (max_age == 0 || now.saturating_sub(v.created_ns) <= max_age);
-        live.then_some(name.as_str())
+        let entry = self.entries.get(&k.service_id)?;
+        (!crate::affinity::aged_out(entry, v, now)).then_some(name.as_str())
     }
 }
 
@@ -585,7 +584,7 @@ impl Runtime {
                 for b in &removed {
                     retired.names.insert((s.entry.id, b.id), std::net::SocketAddr::new(b.config.address, b.config.port).to_string());
                 }
-                retired.limits.insert(s.entry.id, (s.entry.timeout_ns, s.entry.max_age_ns));
+                retired.entries.insert(s.entry.id, s.entry);
             }
         }
         self.services = ordered;
