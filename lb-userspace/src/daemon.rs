@@ -391,13 +391,18 @@ impl Daemon {
         }
     }
 
-    /// Takes a sample of the new-pin counters, for the rates `status` reports, and of the NAT
-    /// backends' packet and reply counters (logging a backend that just went silent).
+    /// Takes a sample of the new-pin counters, for the rates `status` reports, of the NAT
+    /// backends' packet and reply counters (logging a backend that just went silent), and a
+    /// point of the status page's charts ([`crate::trend`]).
     pub fn sample_rates(&mut self) {
         let mut counts = BTreeMap::new();
         let now = Instant::now();
         let nat = self.config.datapath.mode == crate::config::Mode::Nat;
         let mut live = std::collections::BTreeSet::new();
+        // The same counters make a point of the status page's charts.
+        let snap = self.pins.snapshot();
+        let pinned = snap.latest.as_ref().map(|c| &c.counts);
+        let mut seen = Vec::new();
         for s in &self.rt.services {
             if let Ok(c) = self.dp.service_counters(s.entry.id) {
                 counts.insert((s.entry.id, None), c.new_pins);
@@ -411,36 +416,23 @@ impl Daemon {
                         let silent = self.replies.silent(key, now).unwrap_or(NO_REPLY_AFTER);
                         tracing::warn!("{}", no_reply_warning(&s.config.name, b, silent, c.packets));
                     }
+                    seen.push(crate::trend::Seen {
+                        service_id: s.entry.id,
+                        backend_id: b.id,
+                        service: s.config.name.clone(),
+                        backend: SocketAddr::new(b.config.address, b.config.port).to_string(),
+                        state: b.state_name().into(),
+                        pinned: pinned.and_then(|p| p.by_backend.get(&key).copied()).unwrap_or(0),
+                        new_pins: c.new_pins,
+                        packets: c.packets,
+                    });
                 }
             }
         }
         self.replies.retain(&live);
         self.rates.add(now, counts);
-        self.sample_trend(now);
-    }
-
-    /// A point of the status page's charts.
-    fn sample_trend(&mut self, now: Instant) {
-        let snap = self.pins.snapshot();
-        let counts = snap.latest.as_ref().map(|c| &c.counts);
-        let mut seen = Vec::new();
-        for s in &self.rt.services {
-            for b in &s.backends {
-                let Ok(c) = self.dp.backend_counters(b.id) else { continue };
-                seen.push(crate::trend::Seen {
-                    service_id: s.entry.id,
-                    backend_id: b.id,
-                    service: s.config.name.clone(),
-                    backend: SocketAddr::new(b.config.address, b.config.port).to_string(),
-                    state: b.state_name().into(),
-                    pinned: counts.and_then(|c| c.by_backend.get(&(s.entry.id, b.id)).copied()).unwrap_or(0),
-                    new_pins: c.new_pins,
-                    packets: c.packets,
-                });
-            }
-        }
-        let moves = self.journal.after(self.trend.last_seq.saturating_sub(1));
-        self.trend.last_seq = self.journal.next_seq();
+        let moves = self.journal.after(self.trend.last_seq);
+        self.trend.last_seq = self.journal.last_seq();
         self.trend.add(now, SystemTime::now(), seen, moves);
     }
 

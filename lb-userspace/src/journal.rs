@@ -164,9 +164,9 @@ impl Journal {
         m
     }
 
-    /// The number the next move gets.
-    pub fn next_seq(&self) -> u64 {
-        self.next
+    /// The number of the last move pushed (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.next - 1
     }
 
     /// The last `n` moves of `client` (its key string) in `service`.

@@ -32,7 +32,7 @@ pub struct Trend {
     points: VecDeque<TrendPoint>,
     /// Counters by (service id, backend id) at the sample before, and when it was.
     last: Option<(Instant, Counts)>,
-    /// The journal's next sequence number at the sample before.
+    /// The journal's last move at the sample before.
     pub last_seq: u64,
     every_secs: f64,
 }
