@@ -1155,7 +1155,8 @@ fn katran_peer(cpu: usize, quick: bool) -> serde_json::Value {
         Err(e) => return fail(format!("running {}: {e}", script.display())),
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail: Vec<&str> = stderr.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
+    let lines: Vec<&str> = stderr.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(6)..];
     if !out.status.success() {
         return fail(format!("{} exited with {}: {}", script.display(), out.status, tail.join(" | ")));
     }
